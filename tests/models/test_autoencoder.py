@@ -1,0 +1,110 @@
+"""VQ-f4 autoencoder: fixture parity, released-config structure, shapes, quantiser."""
+from __future__ import annotations
+
+import torch
+
+from bimacosr.fixtures import check_file
+from bimacosr.models.autoencoder import AttnBlock, VQAutoencoder
+from bimacosr.models.first_stage import decode_first_stage, encode_first_stage
+from tests.conftest import FIXTURES
+
+RELEASED = dict(embed_dim=3, n_embed=8192, ddconfig=dict(
+    double_z=False, z_channels=3, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4],
+    num_res_blocks=2, attn_resolutions=[], dropout=0.0, padding_mode="zeros"))
+
+SMALL = dict(embed_dim=3, n_embed=16, ddconfig=dict(
+    double_z=False, z_channels=3, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1, 2],
+    num_res_blocks=1, attn_resolutions=[], dropout=0.0))
+
+
+def test_fixture_a_passes() -> None:
+    checks = check_file(FIXTURES / "pipeline" / "a_vq_autoencoder.pt")
+    assert len(checks) == 9
+    assert all(c.passed for c in checks), "\n".join(c.line() for c in checks)
+
+
+def test_released_config_structure() -> None:
+    with torch.device("meta"):
+        vq = VQAutoencoder(**RELEASED)
+    n_params = sum(p.numel() for p in vq.parameters())
+    assert abs(n_params / 1e6 - 55.3) <= 0.05, n_params
+    keys = set(vq.state_dict())
+    assert {"quantize.embedding.weight", "quant_conv.weight", "quant_conv.bias",
+            "post_quant_conv.weight", "post_quant_conv.bias", "encoder.conv_in.weight",
+            "encoder.mid.attn_1.proj_out.weight", "decoder.conv_out.weight",
+            "encoder.down.0.downsample.conv.weight", "decoder.up.2.upsample.conv.weight"} <= keys
+    assert tuple(vq.state_dict()["quantize.embedding.weight"].shape) == (8192, 3)
+    assert all(k.split(".")[0] in {"encoder", "decoder", "quantize", "quant_conv", "post_quant_conv"}
+               for k in keys)
+    assert not any("temb_proj" in k or "conv_shortcut" in k for k in keys)
+    assert not any(k.startswith("encoder.down.2.downsample") or k.startswith("decoder.up.0.upsample")
+                   for k in keys)
+    shortcuts = {k.rsplit(".nin_shortcut.", 1)[0] for k in keys if ".nin_shortcut." in k}
+    assert shortcuts == {"encoder.down.1.block.0", "encoder.down.2.block.0",
+                         "decoder.up.1.block.0", "decoder.up.0.block.0"}
+    assert {k for k in keys if k.startswith("decoder.up.0.block.")} >= {
+        f"decoder.up.0.block.{j}.conv1.weight" for j in range(3)}
+
+
+def test_shapes_and_first_stage() -> None:
+    torch.manual_seed(0)
+    vq = VQAutoencoder(**SMALL).eval()
+    x = torch.rand(1, 3, 64, 48) * 2 - 1
+    with torch.no_grad():
+        h = vq.encode(x)
+        assert h.shape == (1, 3, 16, 12)
+        assert vq.decode(h).shape == (1, 3, 64, 48)
+        assert vq.decode(h, force_not_quantize=True).shape == (1, 3, 64, 48)
+        lr = torch.rand(1, 3, 10, 14) * 2 - 1
+        z = encode_first_stage(vq, lr, up_sample=True)
+        assert z.shape == (1, 3, 10, 14) and z.dtype == torch.float32
+        torch.testing.assert_close(encode_first_stage(vq, x, up_sample=False, scale_factor=2.0),
+                                   2 * h, rtol=0, atol=0)
+        torch.testing.assert_close(decode_first_stage(vq, 2 * h, scale_factor=2.0), vq.decode(h))
+        # a float64 caller gets float64 back; the model stays float32
+        assert encode_first_stage(vq, lr.double(), up_sample=True).dtype == torch.float64
+
+
+def test_quantiser_picks_nearest_code() -> None:
+    torch.manual_seed(1)
+    vq = VQAutoencoder(**SMALL).eval()
+    with torch.no_grad():
+        vq.quantize.embedding.weight.normal_()
+    codes = vq.quantize.embedding.weight.detach()
+    z = torch.randn(2, 3, 5, 7)
+    zq, idx = vq.quantize_latent(z)
+    assert idx.shape == (2, 5, 7) and idx.dtype == torch.int64
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 3).double()
+    brute = torch.stack([((codes.double() - p) ** 2).sum(1).argmin() for p in flat]).reshape(2, 5, 7)
+    assert torch.equal(idx, brute)
+    torch.testing.assert_close(zq, codes[idx].permute(0, 3, 1, 2), rtol=0, atol=1e-6)
+    # chunked distance computation gives the same answer; ties go to the first index
+    vq.quantize.chunk = 4
+    assert torch.equal(vq.quantize_latent(z)[1], idx)
+    with torch.no_grad():
+        vq.quantize.embedding.weight[5] = vq.quantize.embedding.weight[2]
+    z_tie = codes[2].reshape(1, 3, 1, 1).clone()
+    assert vq.quantize_latent(z_tie)[1].item() == 2
+
+
+def test_straight_through_gradient() -> None:
+    vq = VQAutoencoder(**SMALL)
+    z = torch.randn(1, 3, 4, 4, requires_grad=True)
+    zq, _ = vq.quantize_latent(z)
+    zq.sum().backward()
+    torch.testing.assert_close(z.grad, torch.ones_like(z))
+
+
+def test_attention_blocks_match_unblocked() -> None:
+    torch.manual_seed(2)
+    attn = AttnBlock(32).eval()
+    x = torch.randn(1, 32, 9, 11)
+    with torch.no_grad():
+        full = attn(x)
+        attn.max_weights = 99 * 10  # 10 queries per block
+        blocked = attn(x)
+        ref = x + attn.proj_out(torch.nn.functional.scaled_dot_product_attention(
+            *(m(attn.norm(x)).flatten(2).transpose(1, 2) for m in (attn.q, attn.k, attn.v))
+        ).transpose(1, 2).reshape(x.shape))
+    torch.testing.assert_close(blocked, full, rtol=0, atol=1e-6)
+    torch.testing.assert_close(full, ref, rtol=0, atol=1e-5)
