@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, overload
+from typing import Any, Union
 
 import torch
 from safetensors.torch import load_file as _safetensors_load
@@ -269,21 +269,14 @@ def _bare_module(model: nn.Module) -> nn.Module:
             return model
 
 
-@overload
 def load_state_dict_into(model: nn.Module, source: PathLike | Mapping[str, Any], *,
-                         strict: Literal[True] = ..., what: str = ...) -> nn.Module: ...
-@overload
-def load_state_dict_into(model: nn.Module, source: PathLike | Mapping[str, Any], *,
-                         strict: Literal[False], what: str = ...) -> LoadReport: ...
-def load_state_dict_into(model: nn.Module, source: PathLike | Mapping[str, Any], *,
-                         strict: bool = True, what: str = "checkpoint") -> nn.Module | LoadReport:
+                         strict: bool = True, what: str = "checkpoint") -> LoadReport:
     """Load weights from a file path or a (possibly wrapped) dict into ``model``, in place.
 
     Values are cast to the model's dtypes as ``nn.Module.load_state_dict`` does. With
     ``strict=True`` any missing, unexpected or shape-mismatched key raises a ``CheckpointError``
-    that lists them and says what the file is instead; on success the model is returned.
-    With ``strict=False`` the matching keys are loaded and a ``LoadReport`` of the rest is
-    returned (and logged as a warning when not empty).
+    that lists them and says what the file is instead. With ``strict=False`` the matching keys
+    are loaded and the rest is logged as a warning. Returns the ``LoadReport`` either way.
     """
     if isinstance(source, Mapping):
         name = f"in-memory {what}"
@@ -321,8 +314,6 @@ def load_state_dict_into(model: nn.Module, source: PathLike | Mapping[str, Any],
         lines.append("  (strict=False loads only the matching keys and returns a report)")
         raise CheckpointError("\n".join(lines))
     target.load_state_dict(matching, strict=False)
-    if strict:
-        return model
     if not report.ok:
         log.warning("%s", report)
     return report
