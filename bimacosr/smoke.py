@@ -1,0 +1,95 @@
+"""Tiny random checkpoints and real photographs for smoke runs and tests on any machine.
+
+``write_smoke_assets(cfg)`` writes, at the paths ``configs/smoke.yaml`` names: a random FP teacher,
+a random FP "SinSR" student init, the BiMaCo student converted from it, a random VQ-f4 autoencoder,
+and HR/LR images cut from ``skimage.data`` photographs (training HR set and a validation pair set).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from torch import nn
+
+from bimacosr.checkpoint import save_state_dict
+from bimacosr.config import to_plain
+from bimacosr.models import build_denoiser, split_params
+from bimacosr.models.autoencoder import VQAutoencoder
+from bimacosr.quant import binarize
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "cat")
+STUDENT_NAME = "bimacosr.pth"
+
+
+def photo(name: str) -> np.ndarray:
+    """An RGB uint8 photograph ``[H, W, 3]`` shipped with scikit-image."""
+    import skimage.data
+
+    image = getattr(skimage.data, name)()
+    return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
+
+
+def photo_crops(size: int, count: int, seed: int = 0) -> list[np.ndarray]:
+    """``count`` random ``size x size`` crops of the bundled photographs (cycled)."""
+    rng = np.random.default_rng(seed)
+    crops = []
+    for i in range(count):
+        image = photo(PHOTOS[i % len(PHOTOS)])
+        top = rng.integers(0, image.shape[0] - size + 1)
+        left = rng.integers(0, image.shape[1] - size + 1)
+        crops.append(np.ascontiguousarray(image[top: top + size, left: left + size]))
+    return crops
+
+
+def downscale(image: np.ndarray, factor: int) -> np.ndarray:
+    """Bicubic ``1/factor`` resize with Pillow (what an LR test input looks like)."""
+    h, w = image.shape[:2]
+    return np.asarray(Image.fromarray(image).resize((w // factor, h // factor), Image.BICUBIC))
+
+
+def randomize(model: nn.Module, std: float = 0.02) -> nn.Module:
+    """Give the zero-initialised output convs small random weights, so outputs are not constant."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1 and p.abs().max() == 0:
+                p.normal_(0.0, std)
+    return model
+
+
+def write_smoke_assets(cfg: DictConfig, root: str | Path = ".", n_train: int = 8, n_val: int = 2,
+                       seed: int = 0) -> dict[str, Path]:
+    """Write the tiny weights and images ``cfg`` (``configs/smoke.yaml``) points to, under
+    ``root``; returns the written weight paths by role."""
+    root = Path(root)
+    torch.manual_seed(seed)
+    teacher = randomize(build_denoiser(to_plain(cfg.model_teacher.params)))
+    fp_params, quant = split_params(to_plain(cfg.model.params))
+    sinsr = randomize(build_denoiser(fp_params))
+    sinsr_state = {k: v.clone() for k, v in sinsr.state_dict().items()}
+    student = binarize(sinsr, quant)
+    vq = VQAutoencoder(**to_plain(cfg.autoencoder.params))
+    weights = {
+        "teacher": root / cfg.model.teacher_ckpt_path,
+        "sinsr": root / cfg.quantparameter.train.pretained_model,
+        "autoencoder": root / cfg.autoencoder.ckpt_path,
+    }
+    weights["student"] = weights["teacher"].with_name(STUDENT_NAME)
+    for role, state in (("teacher", teacher.state_dict()), ("sinsr", sinsr_state),
+                        ("student", student.state_dict()), ("autoencoder", vq.state_dict())):
+        save_state_dict(state, weights[role])
+    sf = int(cfg.degradation.sf)
+    gt_size = int(cfg.degradation.gt_size)
+    train_dir = root / cfg.data.train.params.dir_paths[0]
+    train_dir.mkdir(parents=True, exist_ok=True)
+    for i, crop in enumerate(photo_crops(gt_size + gt_size // 2, n_train, seed)):
+        Image.fromarray(crop).save(train_dir / f"train_{i:03d}.png")
+    lr_dir, hr_dir = root / cfg.data.val.params.dir_path, root / cfg.data.val.params.dir_path_extra
+    lr_dir.mkdir(parents=True, exist_ok=True)
+    hr_dir.mkdir(parents=True, exist_ok=True)
+    for i, crop in enumerate(photo_crops(gt_size, n_val, seed + 1)):
+        Image.fromarray(crop).save(hr_dir / f"val_{i:03d}.png")
+        Image.fromarray(downscale(crop, sf)).save(lr_dir / f"val_{i:03d}.png")
+    return weights
