@@ -1,0 +1,105 @@
+"""Comparison panels: geometry, the pixels in each tile, the detail crop, and the written file."""
+import numpy as np
+import pytest
+import torch
+
+from bimacosr.imageio import read_image
+from bimacosr.visualize import LABEL_H, SEP, ZOOM, compare_panel, detail_window, save_compare
+
+
+def cubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+    """[n_out, n_in] Keys cubic resampling (half-pixel centres, edge-clamped taps)."""
+    def w(d: float) -> float:
+        d = abs(d)
+        if d <= 1:
+            return (a + 2) * d**3 - (a + 3) * d**2 + 1
+        return a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a if d < 2 else 0.0
+
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = (i + 0.5) * n_in / n_out - 0.5
+        i0 = int(np.floor(src))
+        for off in (-1, 0, 1, 2):
+            m[i, min(max(i0 + off, 0), n_in - 1)] += w(src - (i0 + off))
+    return m
+
+
+def panel_shape(h: int, w: int, crop: int | None, s: int = 4) -> tuple[int, int, int]:
+    ch, cw = (max(1, s * h // 2), max(1, s * w // 2)) if crop is None else (
+        min(crop, s * h), min(crop, s * w))
+    height = LABEL_H + s * h + SEP + LABEL_H + ZOOM * ch
+    width = max(3 * s * w, 3 * ZOOM * cw) + 2 * SEP
+    return 3, height, width
+
+
+@pytest.mark.parametrize("h,w", [(1, 1), (1, 3), (3, 1), (2, 2), (8, 8), (5, 8), (8, 3), (16, 12)])
+@pytest.mark.parametrize("crop", [None, 1, 3, 1000])
+def test_geometry_and_range(h, w, crop):
+    g = torch.Generator().manual_seed(h * 100 + w)
+    lr, sr = torch.rand(1, 3, h, w, generator=g), torch.rand(1, 3, 4 * h, 4 * w, generator=g)
+    panel = compare_panel(lr, sr, crop=crop)
+    assert tuple(panel.shape) == panel_shape(h, w, crop)
+    assert panel.dtype == torch.float32 and panel.min() >= 0 and panel.max() <= 1
+
+
+def test_tiles_hold_nearest_bicubic_sr_and_the_zoomed_crop():
+    g = torch.Generator().manual_seed(0)
+    h, w = 6, 5
+    lr, sr = torch.rand(1, 3, h, w, generator=g), torch.rand(1, 3, 4 * h, 4 * w, generator=g)
+    panel = compare_panel(lr, sr).numpy()
+    big_h, big_w = 4 * h, 4 * w
+    low = lr[0].numpy().astype(np.float64)
+    expected = [
+        low.repeat(4, axis=1).repeat(4, axis=2),
+        np.clip(np.einsum("Hh,chw,Ww->cHW", cubic_matrix(h, big_h), low, cubic_matrix(w, big_w)),
+                0, 1),
+        sr[0].numpy(),
+    ]
+    ch, cw = big_h // 2, big_w // 2
+    y, x = detail_window(sr[0], (ch, cw))
+    top, bottom = LABEL_H, LABEL_H + big_h + SEP + LABEL_H
+    for k, tile in enumerate(expected):
+        x0 = k * (big_w + SEP)
+        np.testing.assert_allclose(panel[:, top:top + big_h, x0:x0 + big_w], tile, atol=1e-5)
+        crop = np.kron(tile[:, y:y + ch, x:x + cw], np.ones((1, ZOOM, ZOOM)))
+        x0 = k * (ZOOM * cw + SEP)
+        np.testing.assert_allclose(panel[:, bottom:bottom + ZOOM * ch, x0:x0 + ZOOM * cw], crop,
+                                   atol=1e-5)
+        label = panel[:, :LABEL_H, k * (big_w + SEP):k * (big_w + SEP) + big_w]
+        assert label.max() == 1 and label.min() < 0.5  # black text on white
+    assert (panel[:, :, big_w:big_w + SEP] == 1).all()  # column separator, both rows
+    assert (panel[:, LABEL_H + big_h:LABEL_H + big_h + SEP] == 1).all()  # row separator
+
+
+def test_crop_lands_on_the_detailed_region():
+    sr = torch.full((1, 3, 64, 48), 0.5)
+    yy, xx = torch.meshgrid(torch.arange(12), torch.arange(10), indexing="ij")
+    sr[..., 40:52, 6:16] = ((yy + xx) % 2).float()  # checkerboard patch, flat elsewhere
+    y, x = detail_window(sr[0], (32, 24))
+    assert y <= 40 and y + 32 >= 52 and x <= 6 and x + 24 >= 16
+    panel = compare_panel(sr[..., ::4, ::4], sr)
+    bottom = LABEL_H + 64 + SEP + LABEL_H
+    sr_crop = panel[:, bottom:bottom + 64, 2 * (48 + SEP):2 * (48 + SEP) + 48]
+    assert torch.equal(sr_crop, sr[0, :, y:y + 32, x:x + 24].repeat_interleave(2, 1)
+                       .repeat_interleave(2, 2))
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="integer upscale"):
+        compare_panel(torch.rand(1, 3, 4, 4), torch.rand(1, 3, 16, 15))
+    with pytest.raises(ValueError, match=r"\[1, 3, H, W\]"):
+        compare_panel(torch.rand(3, 4, 4), torch.rand(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="crop"):
+        compare_panel(torch.rand(1, 3, 4, 4), torch.rand(1, 3, 16, 16), crop=0)
+
+
+def test_save_compare_writes_a_readable_png(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    lr, sr = torch.rand(1, 3, 3, 7, generator=g), torch.rand(1, 3, 12, 28, generator=g)
+    path = save_compare(tmp_path / "out" / "cmp.png", lr, sr)
+    assert path == tmp_path / "out" / "cmp.png"
+    assert [p.name for p in path.parent.iterdir()] == ["cmp.png"]  # no temp file left
+    image = read_image(path)
+    panel = compare_panel(lr, sr)
+    assert image.mode == "rgb" and image.rgb.shape[1:] == panel.shape
+    assert (image.rgb[0] - panel).abs().max() <= 0.5 / 255 + 1e-6
