@@ -26,12 +26,15 @@ def show(dest: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", help=f"files to fetch ({', '.join(RELEASED)}) or 'all'")
-    parser.add_argument("--dest", type=Path, default=WEIGHTS_DIR, help="target folder (default: weights)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help=f"files ({', '.join(RELEASED)}) or 'all'")
+    parser.add_argument("--dest", type=Path, default=WEIGHTS_DIR,
+                        help="target folder (default: weights)")
     parser.add_argument("--force", action="store_true", help="download again even if present")
-    parser.add_argument("--drive_id", help="Google Drive file id to fetch the one named file from (gdown)")
-    parser.add_argument("--list", action="store_true", help="list the files and whether they are present")
+    parser.add_argument("--drive_id", help="Google Drive file id of the one named file (gdown)")
+    parser.add_argument("--list", action="store_true",
+                        help="list the files and whether they are present")
     args = parser.parse_args()
     if args.list or not args.names:
         show(args.dest)

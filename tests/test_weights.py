@@ -139,7 +139,7 @@ def test_truncated_stream_is_a_download_error(tmp_path, monkeypatch):
 
 
 def test_bimacosr_needs_a_drive_id_and_gdown(tmp_path, monkeypatch):
-    with pytest.raises(DownloadError, match="no direct URL.*README of https://github.com/Kai-Liu001"):
+    with pytest.raises(DownloadError, match="no direct URL.*README of https://github.com/Kai-Liu"):
         weights.download("BiMaCoSR.pth", tmp_path)
     monkeypatch.setitem(sys.modules, "gdown", None)  # import fails
     with pytest.raises(DownloadError, match=r"pip install gdown\); or download it from"):
