@@ -1,0 +1,118 @@
+"""inference_quant.py end to end, as a user runs it: tiny random checkpoints, real photographs."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bimacosr.config import load_config
+from bimacosr.imageio import read_image, write_image
+from bimacosr.smoke import downscale, photo, write_smoke_assets
+from tests.conftest import REPO
+
+SCRIPT = REPO / "inference_quant.py"
+CONFIG = REPO / "configs/smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    write_smoke_assets(load_config(CONFIG), root)
+    lr = root / "lr"
+    lr.mkdir()
+    rgb = downscale(photo("astronaut"), 8)[:48, :40]
+    Image.fromarray(rgb).save(lr / "astronaut.png")
+    Image.fromarray(downscale(photo("coffee"), 8)[:30, :50]).save(lr / "coffee.JPG", quality=90)
+    Image.fromarray(downscale(photo("camera"), 8)[:32, :32, 0]).save(lr / "camera_gray.png")
+    rgba = np.concatenate([rgb[:20, :20], np.full((20, 20, 1), 128, np.uint8)], axis=2)
+    Image.fromarray(rgba, "RGBA").save(lr / "logo_rgba.png")
+    (lr / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return root
+
+
+def run(workdir, *args, env=None):
+    return subprocess.run([sys.executable, str(SCRIPT), "--config", str(CONFIG),
+                           "--ckpt", "data/smoke/weights/bimacosr.pth", *map(str, args)],
+                          cwd=workdir, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_folder_with_every_kind_of_input(workdir):
+    result = run(workdir, "-i", "lr", "-o", "out", "--compare")
+    assert result.returncode == 1  # one file is corrupt: reported, skipped, non-zero exit
+    assert "broken.png" in result.stdout + result.stderr and "4 image(s) written" in result.stdout
+    assert "Traceback" not in result.stderr
+    out = workdir / "out"
+    expected = {"astronaut.png": ("RGB", (160, 192)), "coffee.png": ("RGB", (200, 120)),
+                "camera_gray.png": ("L", (128, 128)), "logo_rgba.png": ("RGBA", (80, 80))}
+    for name, (mode, size) in expected.items():
+        with Image.open(out / name) as im:
+            assert (im.mode, im.size) == (mode, size), name
+        assert (out / name.replace(".png", "_compare.png")).exists()
+    alpha = read_image(out / "logo_rgba.png").alpha
+    assert alpha is not None and abs(float(alpha.mean()) - 128 / 255) < 0.01
+
+
+def test_single_file_16_bit_and_tiny(workdir, tmp_path):
+    ramp = (np.arange(20 * 24 * 3).reshape(20, 24, 3) * 37 % 65536).astype(np.float32) / 65535
+    import torch
+    write_image(tmp_path / "deep.png", torch.from_numpy(ramp).permute(2, 0, 1), bit_depth=16)
+    Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(tmp_path / "dot.png")
+    for name, size, depth in (("deep.png", (80, 96), 16), ("dot.png", (4, 4), 8)):
+        result = run(workdir, "-i", tmp_path / name, "-o", tmp_path / "res", "--suffix", "_x4")
+        assert result.returncode == 0, result.stderr[-2000:]
+        image = read_image(tmp_path / "res" / name.replace(".png", "_x4.png"))
+        assert image.rgb.shape[-2:] == size and image.bit_depth == depth
+
+
+def test_tiled_run_matches_the_pipeline_and_is_seed_stable(workdir):
+    args = ["-i", "lr/astronaut.png", "--chop_size", "32", "--chop_stride", "24"]
+    a, b = run(workdir, *args, "-o", "tiled_a"), run(workdir, *args, "-o", "tiled_b", "--blend", "gaussian")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:] + b.stderr[-2000:]
+    img_a = np.asarray(Image.open(workdir / "tiled_a/astronaut.png"))
+    img_b = np.asarray(Image.open(workdir / "tiled_b/astronaut.png"))
+    assert img_a.shape == img_b.shape == (192, 160, 3) and not np.array_equal(img_a, img_b)
+    again = run(workdir, *args, "-o", "tiled_c")
+    assert np.array_equal(img_a, np.asarray(Image.open(workdir / "tiled_c/astronaut.png")))
+
+
+def test_missing_weights_name_the_file_and_the_fix(workdir):
+    result = run(workdir, "-i", "lr/astronaut.png", "-o", "x", "--ckpt", "weights/BiMaCoSR.pth")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "BiMaCoSR.pth" in result.stderr and "put it at" in result.stderr
+    assert "download_weights.py" in result.stderr
+
+
+def test_wrong_checkpoint_kind_is_explained(workdir):
+    result = run(workdir, "-i", "lr/astronaut.png", "-o", "x", "--ckpt", "data/smoke/weights/sinsr.pth")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "FP SinSR/ResShift checkpoint" in result.stderr and "student init" in result.stderr
+
+
+def test_never_overwrites_an_input(workdir, tmp_path):
+    shutil.copy(workdir / "lr/astronaut.png", tmp_path / "a.png")
+    result = run(workdir, "-i", tmp_path, "-o", tmp_path)
+    assert result.returncode != 0 and "would overwrite input" in result.stderr
+    result = run(workdir, "-i", tmp_path, "-o", tmp_path, "--suffix", "_sr")
+    assert result.returncode == 0 and (tmp_path / "a_sr.png").exists()
+
+
+def test_torchrun_splits_files_across_processes(workdir):
+    inputs = workdir / "lr_ok"
+    inputs.mkdir(exist_ok=True)
+    for name in ("astronaut.png", "camera_gray.png", "coffee.JPG"):
+        shutil.copy(workdir / "lr" / name, inputs / name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default per worker
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(SCRIPT), "--config", str(CONFIG), "--ckpt", "data/smoke/weights/bimacosr.pth",
+                             "-i", "lr_ok", "-o", "dist"], cwd=workdir, capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[rank 0]" in result.stdout and "[rank 1]" in result.stdout
+    single = run(workdir, "-i", "lr_ok", "-o", "single", env=env)  # same thread count: same kernels
+    assert single.returncode == 0
+    for name in ("astronaut.png", "camera_gray.png", "coffee.png"):
+        assert np.array_equal(np.asarray(Image.open(workdir / "dist" / name)),
+                              np.asarray(Image.open(workdir / "single" / name))), name
