@@ -1,0 +1,417 @@
+"""Evaluation of SR folders with the paper's Table 1 metrics through pyiqa (PIPELINE.md §7).
+
+Differences from the original ``metric.py``, all deliberate: SR and GT files are paired by file
+stem (not by position in two sorted lists) and every unpaired file is named; only the requested
+metrics are built; a learned metric whose weight files are not on disk is reported as
+:class:`Skipped` with the exact paths it needs (checked before pyiqa is asked to build it, so
+nothing is downloaded and nothing crashes); no-reference metrics run without a GT folder.
+NIQE falls back to the parameters bundled in ``bimacosr/assets`` (from basicsr 1.4.2) when
+pyiqa's ``niqe_modelparameters.mat`` is not cached. MANIQA's ViT backbone is built without timm's
+ImageNet download: the MANIQA checkpoint is loaded strictly and overwrites all of its weights.
+FID (pyiqa, clean mode) compares whole folders, unpaired files included.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bimacosr.imageio import IMAGE_EXTENSIONS, read_image
+
+Kind = Literal["fr", "nr", "folder"]
+_NIQE_FALLBACK = Path(__file__).with_name("assets") / "niqe_pris_params.npz"
+_CLIP_MODULES = {"clip": "pip install openai-clip",
+                 "pkg_resources": "openai-clip imports it: pip install 'setuptools<81'"}
+
+
+class EvaluationError(Exception):
+    """A problem with the inputs (missing folder, nothing paired, size mismatch, ...)."""
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One Table 1 metric: pyiqa id and options, kind, weight files ``(location, file name)``
+    (locations: see :func:`cache_dirs`), Python modules it needs (name -> install hint)."""
+
+    pyiqa_id: str
+    kind: Kind
+    label: str
+    lower_better: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+    weights: tuple[tuple[str, str], ...] = ()
+    modules: dict[str, str] = field(default_factory=dict)
+
+
+_Y = {"test_y_channel": True, "color_space": "ycbcr"}
+# Weight file names are those of pyiqa 0.1.x (PIPELINE.md §7.4).
+METRICS: dict[str, MetricSpec] = {
+    "psnr": MetricSpec("psnr", "fr", "PSNR", options=_Y),
+    "ssim": MetricSpec("ssim", "fr", "SSIM", options=_Y),
+    "lpips": MetricSpec("lpips", "fr", "LPIPS", True, weights=(
+        ("torchvision", "alexnet-owt-7be5be79.pth"), ("pyiqa", "LPIPS_v0.1_alex-df73285e.pth"))),
+    "dists": MetricSpec("dists", "fr", "DISTS", True, weights=(
+        ("torchvision", "vgg16-397923af.pth"), ("pyiqa", "DISTS_weights-f5e65c96.pth"))),
+    "fid": MetricSpec("fid", "folder", "FID", True, weights=(
+        ("pyiqa", "pt_inception-2015-12-05-6726825d.pth"),)),
+    "niqe": MetricSpec("niqe", "nr", "NIQE", True, weights=(
+        ("pyiqa", "niqe_modelparameters.mat"),)),
+    "musiq": MetricSpec("musiq", "nr", "MUSIQ", weights=(
+        ("pyiqa", "musiq_koniq_ckpt-e95806b9.pth"),)),
+    "maniqa-pipal": MetricSpec("maniqa-pipal", "nr", "MANIQA", weights=(
+        ("pyiqa", "MANIQA_PIPAL-ae6d356b.pth"),), modules={"timm": "pip install timm"}),
+    "clipiqa": MetricSpec("clipiqa", "nr", "CLIP-IQA", weights=(("clip", "RN50.pt"),),
+                          modules=_CLIP_MODULES),
+    "clipiqa+": MetricSpec("clipiqa+", "nr", "CLIP-IQA+", weights=(
+        ("clip", "RN50.pt"), ("pyiqa", "CLIP-IQA+_learned_prompts-603f3273.pth")),
+        modules=_CLIP_MODULES),
+}
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A requested metric that was not computed: why, and the missing files (full paths)."""
+
+    metric: str
+    reason: str
+    needed_files: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """SR/GT files matched by stem (``gt`` is None for every pair when there is no GT folder)."""
+
+    pairs: list[tuple[Path, Path | None]]
+    unpaired_sr: list[str]
+    unpaired_gt: list[str]
+
+
+@dataclass
+class FolderResult:
+    """Scores of one SR folder: per image ``{metric: value}`` rows, folder means and FID."""
+
+    sr_dir: str
+    pairing: Pairing
+    rows: list[dict[str, Any]]
+    scores: dict[str, float]
+
+
+@dataclass
+class Evaluation:
+    """Everything :func:`evaluate` found, in the requested metric order."""
+
+    metrics: list[str]
+    gt_dir: str | None
+    folders: list[FolderResult]
+    skipped: list[Skipped]
+    notes: dict[str, str]
+    device: str
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready summary (means per folder, unpaired files, skipped metrics, notes)."""
+        return {
+            "metrics": self.metrics, "gt_dir": self.gt_dir, "device": self.device,
+            "pyiqa_version": _pyiqa_version(), "notes": self.notes,
+            "skipped": [asdict(s) for s in self.skipped],
+            "folders": [{"sr_dir": f.sr_dir, "images": len(f.pairing.pairs), "scores": f.scores,
+                         "unpaired_sr": f.pairing.unpaired_sr,
+                         "unpaired_gt": f.pairing.unpaired_gt} for f in self.folders],
+        }
+
+    def markdown(self) -> str:
+        """Markdown table: one row per SR folder, one column per metric (4 decimals)."""
+        skipped = {s.metric for s in self.skipped}
+        head = [f"{METRICS[m].label} {'↓' if METRICS[m].lower_better else '↑'}"
+                for m in self.metrics]
+        lines = ["| SR folder | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+        for f in self.folders:
+            cells = ["skipped" if m in skipped else f"{f.scores[m]:.4f}" for m in self.metrics]
+            lines.append(f"| {f.sr_dir} | " + " | ".join(cells) + " |")
+        lines += [""] + [f"* {s.metric} skipped: {s.reason}" for s in self.skipped]
+        lines += [f"* {m}: {note}" for m, note in self.notes.items()]
+        return "\n".join(lines).rstrip() + "\n"
+
+
+def cache_dirs() -> dict[str, Path]:
+    """Where each library looks for its weights (all under ``torch.hub.get_dir()``)."""
+    hub = Path(torch.hub.get_dir())
+    return {"pyiqa": hub / "pyiqa", "torchvision": hub / "checkpoints", "clip": hub / "clip"}
+
+
+def trainer_psnr_per_image(sr: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """The trainer's validation PSNR per image (PIPELINE.md §7.3), float64 [B].
+
+    sr, gt: RGB [B, 3, H, W] in [0, 1]. Y = BT.601 luma + 16/255 (float32), clamped to [0, 1],
+    rounded to uint8 like skimage ``img_as_ubyte``; PSNR = 20·log10(255 / sqrt(MSE)).
+    """
+    def y_uint8(x: torch.Tensor) -> torch.Tensor:
+        w = torch.tensor([65.481, 128.553, 24.966], dtype=torch.float32, device=x.device)
+        y = (x.float().permute(0, 2, 3, 1) @ w) / 255.0 + 16.0 / 255.0
+        return torch.round(y.clamp(0, 1) * 255.0).to(torch.float64)
+
+    mse = (y_uint8(sr) - y_uint8(gt)).pow(2).mean(dim=(1, 2))
+    return 20 * torch.log10(255.0 / mse.sqrt())
+
+
+def trainer_psnr(sr: torch.Tensor, gt: torch.Tensor) -> float:
+    """The trainer's validation PSNR, summed over the batch (as the original returns it)."""
+    return float(trainer_psnr_per_image(sr, gt).sum())
+
+
+def list_images(folder: Path) -> dict[str, Path]:
+    """Image files directly in ``folder`` by stem (sorted); two files with one stem are an error."""
+    if not folder.is_dir():
+        raise EvaluationError(f"folder not found: {folder}")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            if path.stem in found:
+                raise EvaluationError(f"ambiguous name in {folder}: {found[path.stem].name} and "
+                                      f"{path.name} have the same stem")
+            found[path.stem] = path
+    return found
+
+
+def pair_by_name(sr_dir: Path, gt_dir: Path | None) -> Pairing:
+    """Match SR and GT images by file stem; raise EvaluationError when nothing pairs."""
+    sr = list_images(sr_dir)
+    if not sr:
+        raise EvaluationError(f"no images in {sr_dir}")
+    if gt_dir is None:
+        return Pairing([(p, None) for p in sr.values()], [], [])
+    gt = list_images(gt_dir)
+    pairs = [(p, gt[s]) for s, p in sr.items() if s in gt]
+    unpaired_sr = [p.name for s, p in sr.items() if s not in gt]
+    unpaired_gt = [p.name for s, p in gt.items() if s not in sr]
+    if not pairs:
+        raise EvaluationError(f"no SR image in {sr_dir} has a GT of the same name in {gt_dir} "
+                              f"(SR: {', '.join(p.name for p in sr.values())[:200]})")
+    return Pairing(pairs, unpaired_sr, unpaired_gt)
+
+
+def _place(source: Path, target: Path) -> None:
+    """Make ``target`` a symlink to ``source`` (a copy where links are not possible)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink():
+        target.unlink()
+    try:
+        target.symlink_to(source.resolve())
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def missing_weights(name: str, weights_dir: Path | None = None) -> list[Path]:
+    """Weight files of metric ``name`` not in their cache; files found by name in ``weights_dir``
+    are linked into the cache first. NIQE counts as complete (bundled fallback)."""
+    dirs, missing = cache_dirs(), []
+    for where, file_name in METRICS[name].weights:
+        target = dirs[where] / file_name
+        if not target.is_file() and weights_dir is not None and (weights_dir / file_name).is_file():
+            _place(weights_dir / file_name, target)
+        if not target.is_file():
+            missing.append(target)
+    return [] if name == "niqe" and _NIQE_FALLBACK.is_file() else missing
+
+
+def preflight(names: list[str], has_gt: bool, weights_dir: Path | None) -> list[Skipped]:
+    """The requested metrics that cannot run, decided without building anything."""
+    skipped = []
+    for name in names:
+        spec = METRICS[name]
+        if spec.kind in ("fr", "folder") and not has_gt:
+            skipped.append(Skipped(name, "needs a GT folder (--gt_imgs)"))
+            continue
+        missing = missing_weights(name, weights_dir)
+        reasons = [f"Python module '{m}' missing ({hint})" for m, hint in spec.modules.items()
+                   if importlib.util.find_spec(m) is None]
+        if missing:
+            reasons.insert(0, f"weights not found: {'; '.join(map(str, missing))} (copy them "
+                              "there, or pass --weights_dir DIR holding them by file name)")
+        if reasons:
+            skipped.append(Skipped(name, "; ".join(reasons), [str(p) for p in missing]))
+    return skipped
+
+
+@contextlib.contextmanager
+def _timm_without_download() -> Iterator[None]:
+    """Let ``timm.create_model`` build architectures only (no pretrained download)."""
+    import timm
+
+    create = timm.create_model
+
+    def offline(*args: Any, **kwargs: Any) -> Any:
+        return create(*args, **{**kwargs, "pretrained": False})
+
+    timm.create_model = offline
+    try:
+        yield
+    finally:
+        timm.create_model = create
+
+
+def _build(name: str, device: torch.device, notes: dict[str, str]) -> torch.nn.Module:
+    """Create one pyiqa metric whose files are known to be present."""
+    import pyiqa
+
+    spec, options = METRICS[name], dict(METRICS[name].options)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(contextlib.redirect_stdout(sys.stderr))  # pyiqa prints load messages
+        if name == "maniqa-pipal":
+            stack.enter_context(_timm_without_download())
+        if name == "niqe" and not (cache_dirs()["pyiqa"] / spec.weights[0][1]).is_file():
+            import scipy.io
+
+            params = np.load(_NIQE_FALLBACK)
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            scipy.io.savemat(tmp / "niqe.mat", {"mu_prisparam": params["mu_pris_param"],
+                                                "cov_prisparam": params["cov_pris_param"]})
+            options["pretrained_model_path"] = str(tmp / "niqe.mat")
+            notes[name] = (f"pyiqa's {spec.weights[0][1]} not cached; used basicsr 1.4.2 "
+                           f"niqe_pris_params.npz ({_NIQE_FALLBACK})")
+        return pyiqa.create_metric(spec.pyiqa_id, device=device, **options).eval()
+
+
+def build_metrics(names: list[str], has_gt: bool, weights_dir: Path | None, device: torch.device
+                  ) -> tuple[dict[str, torch.nn.Module], list[Skipped], dict[str, str]]:
+    """Build every requested metric that can run; the rest become :class:`Skipped`
+    (a build failure too: never a crash). Returns (metrics, skipped, notes)."""
+    skipped = preflight(names, has_gt, weights_dir)
+    gone, built, notes = {s.metric for s in skipped}, {}, {}
+    for name in names:
+        if name not in gone:
+            try:
+                built[name] = _build(name, device, notes)
+            except Exception as exc:  # reported, not raised: one bad metric must not stop the rest
+                skipped.append(Skipped(name, f"could not be built: {type(exc).__name__}: {exc}"))
+    return built, skipped, notes
+
+
+def _score_folder(sr_dir: Path, gt_dir: Path | None, pairing: Pairing,
+                  metrics: dict[str, torch.nn.Module], device: torch.device) -> FolderResult:
+    """Per-image FR/NR scores, their means, and FID for one SR folder."""
+    rows = []
+    for sr_path, gt_path in tqdm(pairing.pairs, desc=str(sr_dir), unit="img", file=sys.stderr,
+                                 disable=None):
+        sr = read_image(sr_path).rgb.to(device)
+        gt = read_image(gt_path).rgb.to(device) if gt_path is not None else None
+        if gt is not None and sr.shape != gt.shape:
+            raise EvaluationError(f"size mismatch: {sr_path} is {sr.shape[3]}x{sr.shape[2]}, "
+                                  f"{gt_path} is {gt.shape[3]}x{gt.shape[2]}")
+        row: dict[str, Any] = {"folder": str(sr_dir), "image": sr_path.stem,
+                               "sr_file": sr_path.name,
+                               "gt_file": gt_path.name if gt_path is not None else ""}
+        with torch.no_grad():
+            for name, metric in metrics.items():
+                if METRICS[name].kind == "fr":
+                    row[name] = float(metric(sr, gt).item())
+                elif METRICS[name].kind == "nr":
+                    row[name] = float(metric(sr).item())
+        rows.append(row)
+    scores = {m: float(np.mean([r[m] for r in rows]))
+              for m in metrics if METRICS[m].kind != "folder"}
+    if "fid" in metrics:
+        with contextlib.redirect_stdout(sys.stderr):
+            scores["fid"] = float(metrics["fid"](str(sr_dir), str(gt_dir), num_workers=0,
+                                                 verbose=False))
+    return FolderResult(str(sr_dir), pairing, rows, scores)
+
+
+def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
+             metrics: list[str] | None = None, weights_dir: str | Path | None = None,
+             device: str | None = None) -> Evaluation:
+    """Score every SR folder (paired with ``gt_dir`` by file stem when given).
+
+    With a GT folder only paired images are scored (no-reference metrics included), so every
+    row has every metric; unpaired files are reported (stderr and ``Pairing``).
+    metrics: names from :data:`METRICS` (default all). Raises EvaluationError for input problems
+    (missing folder, nothing paired, size mismatch); metrics that cannot run are skipped.
+    """
+    names = [m for m in METRICS if metrics is None or m in metrics]
+    unknown = sorted(set(metrics or []) - set(METRICS))
+    if unknown:
+        raise EvaluationError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
+    gt = Path(gt_dir) if gt_dir is not None else None
+    wdir = Path(weights_dir) if weights_dir is not None else None
+    if wdir is not None and not wdir.is_dir():
+        raise EvaluationError(f"weights folder not found: {wdir}")
+    pairings = [(Path(d), pair_by_name(Path(d), gt)) for d in sr_dirs]
+    for d, p in pairings:
+        for side, files in (("SR", p.unpaired_sr), ("GT", p.unpaired_gt)):
+            if files:
+                print(f"warning: {d}: {len(files)} {side} file(s) without a partner: "
+                      f"{', '.join(files)}", file=sys.stderr)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    built, skipped, notes = build_metrics(names, gt is not None, wdir, dev)
+    folders = [_score_folder(d, gt, p, built, dev) for d, p in pairings]
+    order = {m: i for i, m in enumerate(names)}
+    skipped.sort(key=lambda s: order[s.metric])
+    return Evaluation(names, str(gt) if gt else None, folders, skipped, notes, str(dev))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write text via a temp file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(result: Evaluation, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``metrics_per_image.csv``, ``metrics_summary.json`` and ``metrics_table.md``."""
+    out = Path(out_dir)
+    per_image = [m for m in result.metrics if METRICS[m].kind != "folder"
+                 and m not in {s.metric for s in result.skipped}]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, ["folder", "image", "sr_file", "gt_file", *per_image],
+                            lineterminator="\n")
+    writer.writeheader()
+    for folder in result.folders:
+        writer.writerows({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()}
+                         for row in folder.rows)
+    summary = json.dumps(_json_safe(result.summary()), indent=2, allow_nan=False)
+    paths = {"csv": out / "metrics_per_image.csv", "json": out / "metrics_summary.json",
+             "markdown": out / "metrics_table.md"}
+    for key, text in (("csv", buf.getvalue()), ("json", summary + "\n"),
+                      ("markdown", result.markdown())):
+        _write_atomic(paths[key], text)
+    return paths
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats (PSNR of identical images is inf) as the strings 'inf'/'-inf'/'nan'."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _pyiqa_version() -> str | None:
+    """Installed pyiqa version (None when pyiqa is absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pyiqa")
+    except PackageNotFoundError:
+        return None

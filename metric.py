@@ -1,0 +1,52 @@
+"""Score SR folders with the paper's Table 1 metrics (PIPELINE.md §7.2), through pyiqa.
+
+    python metric.py --inp_imgs results/sr [more SR folders] --gt_imgs data/test/HR --log logs/eval
+
+SR and GT images are paired by file name (stem); unpaired files are named. Without ``--gt_imgs``
+only the no-reference metrics run. A learned metric whose weights are not on disk is reported as
+skipped with the files it needs (``--weights_dir`` points at local copies). Writes
+``metrics_per_image.csv``, ``metrics_summary.json`` and ``metrics_table.md`` to ``--out``
+(default: the ``--log`` folder) and prints the Markdown table. Exit status 2 on input errors.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bimacosr.evaluation import METRICS, EvaluationError, evaluate, write_results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The original flags plus ``--weights_dir``, ``--device`` and ``--out``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--inp_imgs", nargs="+", required=True, metavar="DIR",
+                        help="SR folder(s); each becomes one row of the table")
+    parser.add_argument("--gt_imgs", metavar="DIR", help="GT folder (full-reference metrics, FID)")
+    parser.add_argument("--log", required=True, metavar="DIR", help="folder for the results")
+    parser.add_argument("--metrics", nargs="+", type=str.lower, choices=list(METRICS),
+                        default=list(METRICS), metavar="NAME",
+                        help=f"subset of: {' '.join(METRICS)} (default: all)")
+    parser.add_argument("--weights_dir", metavar="DIR",
+                        help="folder holding metric weight files by their file names")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--out", metavar="DIR", help="results folder (default: --log)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the evaluation; print the table and the written paths; 2 on input errors."""
+    args = parse_args(argv)
+    try:
+        result = evaluate(args.inp_imgs, args.gt_imgs, args.metrics, args.weights_dir,
+                          args.device)
+        paths = write_results(result, args.out or args.log)
+    except (EvaluationError, OSError) as exc:  # OSError: unreadable image, unwritable output
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result.markdown(), end="")
+    print("\n" + "\n".join(f"wrote {p}" for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

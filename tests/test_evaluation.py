@@ -1,0 +1,170 @@
+"""Evaluation: fixture g, metric.py's PSNR/SSIM against an independent computation on real
+photos, pairing by name, offline learned metrics reported as skipped, written results."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+from skimage import data
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from bimacosr.evaluation import EvaluationError, evaluate, missing_weights, pair_by_name
+from bimacosr.fixtures import check_file
+
+REPO = Path(__file__).resolve().parents[1]
+G_METRICS = REPO.parent / "shared/reference/fixtures/pipeline/g_metrics.pt"
+LEARNED = ["lpips", "dists", "fid", "musiq", "maniqa-pipal", "clipiqa", "clipiqa+"]
+
+
+def test_fixture_g_metrics():
+    checks = check_file(G_METRICS)
+    assert len(checks) == 5
+    assert all(c.passed for c in checks), "\n".join(c.line() for c in checks)
+
+
+def _jpeg(img: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return Image.open(buf).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """gt/ (astronaut, coffee, gt_only), sr_jpeg/ (JPEG q20 copies + sr_only),
+    sr_blur/ (blurred copies, coffee as .bmp: pairing is by stem); 192x192 crops."""
+    root = tmp_path_factory.mktemp("photos")
+    crops = {"astronaut": Image.fromarray(data.astronaut()[:192, 96:288]),
+             "coffee": Image.fromarray(data.coffee()[100:292, 200:392])}
+    for sub in ("gt", "sr_jpeg", "sr_blur", "home"):
+        (root / sub).mkdir()
+    for name, img in crops.items():
+        img.save(root / "gt" / f"{name}.png")
+        _jpeg(img, 20).save(root / "sr_jpeg" / f"{name}.png")
+        ext = "bmp" if name == "coffee" else "png"
+        img.filter(ImageFilter.GaussianBlur(1.2)).save(root / "sr_blur" / f"{name}.{ext}")
+    crops["coffee"].save(root / "gt" / "gt_only.png")
+    crops["astronaut"].save(root / "sr_jpeg" / "sr_only.png")
+    return root
+
+
+def _metric_py(*args: str, home: Path) -> subprocess.CompletedProcess:
+    """Run metric.py with an empty torch hub (TORCH_HOME), as on a machine without weights."""
+    env = {**os.environ, "TORCH_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(REPO / "metric.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run(photos):
+    """metric.py on both SR folders, all metrics (default), results in out/."""
+    proc = _metric_py("--inp_imgs", str(photos / "sr_jpeg"), str(photos / "sr_blur"),
+                      "--gt_imgs", str(photos / "gt"), "--log", str(photos / "out"),
+                      home=photos / "home")
+    assert proc.returncode == 0, proc.stderr
+    out = photos / "out"
+    rows = list(csv.DictReader((out / "metrics_per_image.csv").open()))
+    summary = json.loads((out / "metrics_summary.json").read_text())
+    return proc, rows, summary, (out / "metrics_table.md").read_text()
+
+
+def _y(path: Path, dtype: type = np.float64) -> np.ndarray:
+    """BT.601 Y (16..235 scale / 255) of an image file, independent of pyiqa."""
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=dtype) / dtype(255)
+    return (dtype(16) + rgb @ np.array([65.481, 128.553, 24.966], dtype=dtype)) / dtype(255)
+
+
+def test_psnr_ssim_match_independent_computation(run, photos):
+    _, rows, _, _ = run
+    assert len(rows) == 4
+    for row in rows:
+        sr_file, gt_file = Path(row["folder"]) / row["sr_file"], photos / "gt" / row["gt_file"]
+        psnr = peak_signal_noise_ratio(_y(gt_file), _y(sr_file), data_range=1.0)
+        # pyiqa adds eps 1e-8 to the MSE (PIPELINE.md §7.2) and works in float32 (~1e-5 dB).
+        want_psnr = -10 * np.log10(10 ** (-psnr / 10) + 1e-8)
+        # pyiqa SSIM: Y (computed in float32) rounded at range 255; 11x11 Gaussian (sigma 1.5),
+        # population statistics, valid region only (skimage crops the same 5-pixel border), no
+        # downsampling. pyiqa stores the window in float32, hence ~1e-7 differences.
+        gt_y, sr_y = (np.round(_y(f, np.float32) * np.float32(255)).astype(np.float64)
+                      for f in (gt_file, sr_file))
+        want_ssim = structural_similarity(gt_y, sr_y, data_range=255, gaussian_weights=True,
+                                          sigma=1.5, use_sample_covariance=False)
+        assert float(row["psnr"]) == pytest.approx(want_psnr, abs=2e-5)
+        assert float(row["ssim"]) == pytest.approx(want_ssim, abs=1e-6)
+        assert 20 < psnr < 40 and 0.5 < want_ssim < 0.99
+
+
+def test_unpaired_files_named(run):
+    proc, rows, summary, _ = run
+    jpeg, blur = summary["folders"]
+    assert (jpeg["unpaired_sr"], jpeg["unpaired_gt"]) == (["sr_only.png"], ["gt_only.png"])
+    assert (blur["unpaired_sr"], blur["unpaired_gt"]) == ([], ["gt_only.png"])
+    assert "sr_only.png" in proc.stderr and "gt_only.png" in proc.stderr
+    assert {r["sr_file"] for r in rows if r["folder"].endswith("sr_blur")} == {
+        "astronaut.png", "coffee.bmp"}
+
+
+def test_learned_metrics_skipped_with_their_files(run, photos):
+    _, rows, summary, table = run
+    skipped = {s["metric"]: s for s in summary["skipped"]}
+    assert sorted(skipped) == sorted(LEARNED)
+    home = photos / "home" / "hub"
+    assert skipped["lpips"]["needed_files"] == [
+        str(home / "checkpoints/alexnet-owt-7be5be79.pth"),
+        str(home / "pyiqa/LPIPS_v0.1_alex-df73285e.pth")]
+    assert skipped["fid"]["needed_files"] == [
+        str(home / "pyiqa/pt_inception-2015-12-05-6726825d.pth")]
+    assert all(skipped[m]["needed_files"] for m in LEARNED)
+    assert "niqe" in summary["notes"] and "basicsr" in summary["notes"]["niqe"]
+    for folder in summary["folders"]:
+        assert set(folder["scores"]) == {"psnr", "ssim", "niqe"}
+    assert set(rows[0]) == {"folder", "image", "sr_file", "gt_file", "psnr", "ssim", "niqe"}
+    lines = table.splitlines()
+    assert lines[0].startswith("| SR folder | PSNR ↑ | SSIM ↑ | LPIPS ↓")
+    assert len([ln for ln in lines if ln.startswith(f"| {photos}")]) == 2
+    assert lines[2].count("skipped") == len(LEARNED)
+
+
+def test_no_reference_metrics_without_gt(photos, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(photos / "home"))
+    result = evaluate([photos / "sr_jpeg"], None, ["psnr", "niqe"], device="cpu")
+    assert [(s.metric, s.needed_files) for s in result.skipped] == [("psnr", [])]
+    assert [r["image"] for r in result.folders[0].rows] == ["astronaut", "coffee", "sr_only"]
+    assert all(np.isfinite(r["niqe"]) for r in result.folders[0].rows)
+
+
+def test_pairing_errors(photos, tmp_path):
+    (tmp_path / "other").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "other" / "unrelated.png")
+    with pytest.raises(EvaluationError, match="no SR image"):
+        pair_by_name(photos / "sr_jpeg", tmp_path / "other")
+    Image.new("RGB", (8, 8)).save(tmp_path / "other" / "unrelated.jpg")
+    with pytest.raises(EvaluationError, match="same stem"):
+        pair_by_name(tmp_path / "other", None)
+    with pytest.raises(EvaluationError, match="folder not found"):
+        pair_by_name(tmp_path / "missing", None)
+
+
+def test_metric_py_clean_error_for_missing_folder(photos, tmp_path):
+    proc = _metric_py("--inp_imgs", str(tmp_path / "nope"), "--gt_imgs", str(photos / "gt"),
+                      "--log", str(tmp_path / "out"), home=photos / "home")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: folder not found: {tmp_path / 'nope'}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_dir_links_files_into_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "musiq_koniq_ckpt-e95806b9.pth").write_bytes(b"x")
+    assert missing_weights("musiq") == [tmp_path / "home/hub/pyiqa/musiq_koniq_ckpt-e95806b9.pth"]
+    assert missing_weights("musiq", local) == []
+    assert (tmp_path / "home/hub/pyiqa/musiq_koniq_ckpt-e95806b9.pth").read_bytes() == b"x"
