@@ -19,6 +19,9 @@ from bimacosr.data.transforms import area_resize, augment, pad_to_square, random
 from bimacosr.imageio import read_image
 
 TRAIN_TYPES, VAL_TYPES = ("realesrgan",), ("folder",)
+# The released config's kernels of the first and the second degradation order.
+BLUR1 = BlurKernelOptions()
+BLUR2 = BlurKernelOptions(pad_size=15, blur_sigma=(0.2, 1.5))
 
 
 _SAME_FORMAT = {".jpg": (".jpg", ".jpeg"), ".jpeg": (".jpg", ".jpeg"), ".tif": (".tif", ".tiff"),
@@ -66,8 +69,7 @@ class RealESRGANDataset(Dataset):
 
     def __init__(self, dir_paths: Sequence[str | os.PathLike], im_exts: str | Sequence[str], gt_size: int = 256,
                  use_hflip: bool = True, use_rot: bool = False, rescale_gt: bool = True, crop_pad_size: int = 300,
-                 blur1: BlurKernelOptions = BlurKernelOptions(),
-                 blur2: BlurKernelOptions = BlurKernelOptions(pad_size=15, blur_sigma=(0.2, 1.5)),
+                 blur1: BlurKernelOptions = BLUR1, blur2: BlurKernelOptions = BLUR2,
                  final_sinc_prob: float = 0.8, txt_file_paths: Sequence[str | os.PathLike] = (),
                  seed: int = 0) -> None:
         self.paths: list[Path] = []

@@ -13,7 +13,12 @@ from omegaconf import OmegaConf
 from skimage import data as skdata
 
 from bimacosr.data.datasets import (
-    PairedFolderDataset, RealESRGANDataset, build_train_dataset, build_val_dataset, find_images)
+    PairedFolderDataset,
+    RealESRGANDataset,
+    build_train_dataset,
+    build_val_dataset,
+    find_images,
+)
 from bimacosr.data.transforms import area_matrix, area_resize, augment, pad_to_square, random_crop
 from bimacosr.imageio import ImageReadError, read_image, write_image
 from tests.conftest import REPO

@@ -9,12 +9,23 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from bimacosr.data.datasets import BLUR1, BLUR2
 from bimacosr.data.degradation import (
-    degrade, filter2d, gaussian_kernel_1d, paired_random_crop, random_add_gaussian_noise_pt,
-    random_add_poisson_noise_pt, usm_sharp)
+    degrade,
+    filter2d,
+    gaussian_kernel_1d,
+    paired_random_crop,
+    random_add_gaussian_noise_pt,
+    random_add_poisson_noise_pt,
+    usm_sharp,
+)
 from bimacosr.data.jpeg import jpeg, quality_to_factor
 from bimacosr.data.kernels import (
-    KERNEL_TYPES, BlurKernelOptions, circular_lowpass_kernel, kernel_from_params, sample_final_sinc)
+    KERNEL_TYPES,
+    circular_lowpass_kernel,
+    kernel_from_params,
+    sample_final_sinc,
+)
 from bimacosr.fixtures import check_file
 from tests.conftest import FIXTURES, REPO
 
@@ -30,8 +41,8 @@ def smooth_images(b: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
 
 def batch_kernels(b: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     np_rng, rng = np.random.default_rng(seed), random.Random(seed)
-    k1 = [BlurKernelOptions().sample(np_rng, rng) for _ in range(b)]
-    k2 = [BlurKernelOptions(pad_size=15, blur_sigma=(0.2, 1.5)).sample(np_rng, rng) for _ in range(b)]
+    k1 = [BLUR1.sample(np_rng, rng) for _ in range(b)]
+    k2 = [BLUR2.sample(np_rng, rng) for _ in range(b)]
     sinc = [sample_final_sinc(0.8, 15, np_rng, rng) for _ in range(b)]
     return tuple(torch.from_numpy(np.stack(k)).float() for k in (k1, k2, sinc))
 
