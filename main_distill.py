@@ -1,8 +1,33 @@
-"""Distill a binary one-step BiMaCoSR student from the ResShift teacher (torchrun entry point).
+"""Distill a binary one-step BiMaCoSR student from the full-precision ResShift teacher.
 
-Not implemented yet: tracked by the distillation-training issue.
+    python main_distill.py --cfg_path configs/BiMaCoSR.yaml --save_dir experiments/bimacosr
+    torchrun --standalone --nproc_per_node=8 main_distill.py --cfg_path configs/BiMaCoSR.yaml --save_dir experiments/bimacosr
+    python main_distill.py --cfg_path configs/BiMaCoSR.yaml --save_dir experiments/bimacosr --resume   # latest checkpoint
 """
+import argparse
 import sys
+from pathlib import Path
+
+from bimacosr.checkpoint import CheckpointError
+from bimacosr.config import ConfigError
+from bimacosr.train.trainer import TrainOptions, train
+from bimacosr.weights import MissingWeightsError
+
+
+def parse_args() -> TrainOptions:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg_path", type=Path, required=True, help="original YAML training config")
+    p.add_argument("--save_dir", type=Path, required=True, help="run folder: checkpoints, logs, validation grids")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue a run: alone = latest checkpoint in --save_dir, or a checkpoints/step_* folder")
+    p.add_argument("--steps", type=int, default=None, help="override diffusion.params.steps (teacher steps)")
+    p.add_argument("--iterations", type=int, default=None, help="override train.iterations")
+    return TrainOptions(**vars(p.parse_args()))
+
 
 if __name__ == "__main__":
-    sys.exit("main_distill.py: not implemented yet (see the distillation-training issue)")
+    options = parse_args()
+    try:
+        sys.exit(train(options))
+    except (ConfigError, CheckpointError, MissingWeightsError, FileNotFoundError, ValueError) as exc:
+        sys.exit(f"error: {exc}")

@@ -1,0 +1,102 @@
+"""Checkpoints of a training run: atomic, resumable, pruned.
+
+A checkpoint is a folder ``<run>/checkpoints/step_<NNNNNNN>/`` holding
+
+* ``model.pth``  -- the student's bare state_dict (loads straight into ``inference_quant.py --ckpt``),
+* ``ema.pth``    -- the EMA state_dict (same keys; also an inference checkpoint),
+* ``trainer.pth`` -- optimizer state, step, best validation PSNR and every rank's training-pair
+  pool (everything else random in a step is derived from ``(seed, step)``, so nothing more is
+  needed to continue bit-identically).
+
+It is written into a hidden temporary folder and renamed into place, so an interruption at any
+moment leaves the previous checkpoints intact and no half-written one under a real name. The last
+``keep_last`` step folders are kept; ``best_psnr/`` holds model + EMA of the best validation PSNR.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bimacosr.checkpoint import CheckpointError, save_state_dict
+
+STEP_PREFIX = "step_"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"{STEP_PREFIX}{step:07d}"
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished ``tmp`` folder to ``final`` (replacing an older one of the same name)."""
+    if final.exists():
+        old = final.with_name(f".old_{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: Mapping[str, torch.Tensor], ema: Mapping[str, torch.Tensor],
+                    trainer: dict[str, Any], keep_last: int) -> Path:
+    """Write checkpoint ``step`` atomically, then prune to the newest ``keep_last`` folders."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f".tmp_{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_state_dict(model, tmp / "model.pth")
+    save_state_dict(ema, tmp / "ema.pth")
+    save_state_dict({**trainer, "step": step}, tmp / "trainer.pth")
+    _replace_dir(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_best(run_dir: Path, step: int, psnr: float, model: Mapping[str, torch.Tensor],
+              ema: Mapping[str, torch.Tensor]) -> Path:
+    """Replace ``checkpoints/best_psnr/`` (model, EMA, ``info.json``) atomically."""
+    final = run_dir / "checkpoints" / "best_psnr"
+    tmp = final.with_name(".tmp_best_psnr")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_state_dict(model, tmp / "model.pth")
+    save_state_dict(ema, tmp / "ema.pth")
+    (tmp / "info.json").write_text(json.dumps({"step": step, "psnr": psnr}))
+    _replace_dir(tmp, final)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete step folders, oldest first (temporary folders are ignored)."""
+    root = run_dir / "checkpoints"
+    found = [p for p in root.glob(f"{STEP_PREFIX}*") if (p / "trainer.pth").is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: p.name)
+
+
+def find_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint folder to resume from: ``resume`` = ``"latest"`` (newest in ``run_dir``),
+    a step folder, or a file inside one; ``None`` starts fresh."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
+        return found[-1]
+    path = Path(resume)
+    folder = path.parent if path.is_file() else path
+    if not (folder / "trainer.pth").is_file():
+        raise CheckpointError(f"--resume {resume}: not a checkpoint folder (expected {folder / 'trainer.pth'}); "
+                              f"pass a checkpoints/step_* folder, or --resume alone for the latest")
+    return folder
+
+
+def load_trainer_state(folder: Path) -> dict[str, Any]:
+    """``trainer.pth`` of a checkpoint folder (``torch.load(weights_only=True)``)."""
+    return torch.load(folder / "trainer.pth", map_location="cpu", weights_only=True)

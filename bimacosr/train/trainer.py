@@ -1,0 +1,322 @@
+"""The distillation run that ``main_distill.py`` starts: one process, or many under ``torchrun``.
+
+Setup loads everything that can be wrong (config, teacher / SinSR / VQ files, training images,
+quant names) before the first step, so a bad run fails in seconds with a named error. The loop
+follows PIPELINE.md §5; where this implementation does better than the original is said in the
+README (exact resume, atomic checkpoints, EMA kept across resumes, NaN guard, signal-safe saves).
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from bimacosr.checkpoint import load_state_dict_into
+from bimacosr.config import ConfigError, load_config, require, to_plain
+from bimacosr.data.datasets import build_train_dataset, build_val_dataset
+from bimacosr.data.degradation import degrade
+from bimacosr.diffusion import Schedule
+from bimacosr.models import build_denoiser, split_params
+from bimacosr.models.autoencoder import VQAutoencoder
+from bimacosr.quant import binarize
+from bimacosr.train import state
+from bimacosr.train.batches import BatchPlan, EpochIndexed, PairPool, PlanSampler, chunk_seed
+from bimacosr.train.distill import distill_loss, ema_update, lr_at
+from bimacosr.train.logs import RunLogger
+from bimacosr.train.validate import validate
+from bimacosr.weights import resolve_weight
+
+
+@dataclass
+class TrainOptions:
+    """The command line of ``main_distill.py``."""
+
+    cfg_path: Path
+    save_dir: Path
+    resume: str | None = None
+    steps: int | None = None
+    iterations: int | None = None
+
+
+@dataclass
+class Dist:
+    """This process's place in the job (``rank 0 of 1`` without ``torchrun``)."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        """True if ``flag`` is set on any rank."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+
+def init_distributed() -> Dist:
+    """NCCL on CUDA, gloo on CPU, from torchrun's environment; a plain process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local % max(torch.cuda.device_count(), 1)) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, device)
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_models(cfg: DictConfig, device: torch.device) -> tuple[nn.Module, nn.Module, VQAutoencoder]:
+    """Teacher (FP, frozen), student (SinSR weights then BiMaCo layers), VQ-f4 (frozen)."""
+    require(cfg, "model.params", "model_teacher.params", "model.teacher_ckpt_path", "autoencoder.params",
+            "autoencoder.ckpt_path", "diffusion.params", "degradation", "data.train", "train")
+    teacher = build_denoiser(to_plain(cfg.model_teacher.params))
+    load_state_dict_into(teacher, resolve_weight(cfg.model.teacher_ckpt_path, what="teacher (model.teacher_ckpt_path)"),
+                         what="teacher checkpoint")
+    fp_params, quant = split_params(to_plain(cfg.model.params))
+    qtrain = cfg.get("quantparameter", {}).get("train", {})
+    student = build_denoiser(fp_params)
+    init = qtrain.get("pretained_model")
+    if qtrain.get("if_quant", True) and qtrain.get("quant_before_load", False):
+        binarize(student, quant)
+    if init:
+        load_state_dict_into(student, resolve_weight(init, what="student init (quantparameter.train.pretained_model)"),
+                             what="student init checkpoint")
+    if qtrain.get("if_quant", True) and not qtrain.get("quant_before_load", False):
+        binarize(student, quant)  # branches initialised from the loaded FP (SinSR) weights
+    vq = VQAutoencoder(**to_plain(cfg.autoencoder.params))
+    load_state_dict_into(vq, resolve_weight(cfg.autoencoder.ckpt_path, what="autoencoder (autoencoder.ckpt_path)"),
+                         what="autoencoder checkpoint")
+    vq = frozen(vq.to(device))
+    if device.type == "cuda" and cfg.autoencoder.get("use_fp16", True):
+        vq = vq.half()
+    return frozen(teacher.to(device)), student.to(device).train(), vq
+
+
+class Trainer:
+    """Holds the models, optimizer, EMA and data of a run; ``fit()`` trains to the end."""
+
+    def __init__(self, opts: TrainOptions, env: Dist):
+        self.opts, self.env = opts, env
+        cfg = load_config(opts.cfg_path)
+        if opts.steps:
+            cfg.diffusion.params.steps = opts.steps
+        self.cfg, self.tcfg = cfg, cfg.train
+        self.run_dir = Path(opts.save_dir)
+        self.seed = int(self.tcfg.get("seed", 123456))
+        self.iterations = int(opts.iterations or self.tcfg.iterations)
+        self.base_lr = float(self.tcfg.lr)
+        self.milestones = tuple(int(m) for m in self.tcfg.get("milestones", [2000, 10000]))
+        self.schedule = Schedule.from_config(to_plain(cfg.diffusion.params)).to(env.device)
+        self.sf = int(cfg.diffusion.params.get("sf", 4))
+        self.train_set = build_train_dataset(cfg.data.train, seed=self.seed)
+        self.val_set = build_val_dataset(cfg.data.val) if cfg.data.get("val") else None
+        batch = self.tcfg.batch
+        self.plan = BatchPlan(len(self.train_set), int(batch[0] if OmegaConf.is_list(batch) else batch), env.world,
+                              env.rank, int(self.tcfg.get("microbatch", batch[0])), self.seed)
+        self.teacher, student, self.vq = build_models(cfg, env.device)
+        self.student = student
+        self.model = (DistributedDataParallel(student, device_ids=[env.device] if env.device.type == "cuda" else None,
+                                              find_unused_parameters=True, forward_sync_buffers=False)
+                      if env.world > 1 else student)
+        self.optimizer = torch.optim.AdamW(student.parameters(), lr=self.base_lr,
+                                           weight_decay=float(self.tcfg.get("weight_decay", 0.0)))
+        self.ema = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        self.ema_rate = float(self.tcfg.get("ema_rate", 0.999))
+        self.pool = PairPool(int(self.tcfg.get("queue_size", 10 * self.plan.per_rank)))
+        self.amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            "fp16" if self.tcfg.get("use_fp16", False) else str(self.tcfg.get("amp", "none")))
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp is torch.float16)
+        self.grad_clip = self.tcfg.get("grad_clip")
+        self.step, self.best_psnr = 0, float("-inf")
+        self.stop_signal: int | None = None
+        self._resume()
+        self.logger = RunLogger(self.run_dir, self.step, enabled=env.main)
+
+    def _resume(self) -> None:
+        folder = state.find_resume(self.run_dir, self.opts.resume)
+        if folder is None:
+            return
+        load_state_dict_into(self.student, folder / "model.pth", what="resumed student")
+        ema = torch.load(folder / "ema.pth", map_location=self.env.device, weights_only=True)
+        self.ema = {k: ema[k].to(v.dtype) for k, v in self.ema.items()}
+        saved = state.load_trainer_state(folder)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scaler.load_state_dict(saved["scaler"])
+        self.step, self.best_psnr = int(saved["step"]), float(saved["best_psnr"])
+        pools = saved["pools"]
+        if len(pools) != self.env.world:
+            raise ConfigError(f"{folder} was saved by {len(pools)} process(es); resume it with the same number")
+        self.pool.load_state_dict(pools[self.env.rank], self.env.device)
+
+    def _loader(self) -> DataLoader:
+        workers = int(self.tcfg.get("num_workers", 0))
+        return DataLoader(EpochIndexed(self.train_set), batch_sampler=PlanSampler(self.plan, self.step + 1, self.iterations),
+                          num_workers=workers, pin_memory=self.env.device.type == "cuda",
+                          prefetch_factor=int(self.tcfg.get("prefetch_factor", 2)) if workers else None)
+
+    def _prepare(self, batch: dict, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Degrade this rank's HR batch (chunk-seeded), pass it through the pool, cut micro-batches
+        and draw each one's prior noise: ``[(lq [b,3,h,w] in [-1,1], noise [b,3,h,w])]``."""
+        dev, mb = self.env.device, self.plan.microbatch
+        lqs, gts = [], []
+        for m, chunk in enumerate(self.plan.chunks()):
+            seed = chunk_seed(self.seed, step, chunk)
+            part = {k: v[m * mb: (m + 1) * mb].to(dev, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+            generator = torch.Generator(dev).manual_seed(seed)
+            lq = degrade(part["gt"], part["kernel1"], part["kernel2"], part["sinc_kernel"], self.cfg.degradation,
+                         generator=generator, rng=random.Random(seed))
+            lqs.append(lq * 2 - 1)
+            gts.append(part["gt"] * 2 - 1)
+        pool_gen = torch.Generator(dev).manual_seed(chunk_seed(self.seed, step, -1 - self.env.rank))
+        lq, _ = self.pool(torch.cat(lqs), torch.cat(gts), pool_gen)
+        out = []
+        for m, chunk in enumerate(self.plan.chunks()):
+            part = lq[m * mb: (m + 1) * mb].contiguous()  # NCHW whatever the JPEG step left: same kernels everywhere
+            gen = torch.Generator(dev).manual_seed(chunk_seed(self.seed, step, chunk) + 1)
+            out.append((part, torch.randn(part.shape, generator=gen, device=dev)))
+        return out
+
+    def train_step(self, batch: dict, step: int) -> float:
+        """One optimizer step on this rank's share; returns the mean loss over all ranks."""
+        lr = lr_at(step, self.base_lr, self.milestones)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro = self._prepare(batch, step)
+        total = torch.zeros((), device=self.env.device)
+        for i, (lq, noise) in enumerate(micro):
+            sync = i == len(micro) - 1 or self.env.world == 1
+            ctx = self.model.no_sync() if not sync else torch.enable_grad()
+            with ctx, torch.autocast(self.env.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                loss, _ = distill_loss(self.model, self.teacher, self.vq, self.schedule, lq, noise, sf=self.sf)
+            if self.env.any(not torch.isfinite(loss).item()):
+                raise FloatingPointError(
+                    f"non-finite loss ({loss.item()}) at step {step}: the step was not applied, the weights "
+                    f"are unchanged. Resume from the last checkpoint with a lower train.lr, or check the data.")
+            self.scaler.scale(loss / len(micro)).backward()
+            total += loss.detach() / len(micro)
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), float(self.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.env.main:
+            ema_update(self.ema, self.student.state_dict(), self.ema_rate)
+        if self.env.world > 1:
+            dist.all_reduce(total)
+            total /= self.env.world
+        return total.item()
+
+    def weights_checksum(self) -> float:
+        """A float64 fingerprint of the student's weights (equal on every rank while in sync)."""
+        with torch.no_grad():
+            return float(sum((p.double() * (1 + torch.arange(p.numel(), device=p.device).view_as(p) % 7)).sum()
+                             for p in self.student.parameters()))
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step (all ranks take part; rank 0 writes). Refuses to save when
+        the ranks' weights have diverged."""
+        pools, checksums = [self.pool.state_dict()], [self.weights_checksum()]
+        if self.env.world > 1:
+            pools, checksums = [None] * self.env.world, [None] * self.env.world
+            dist.all_gather_object(pools, self.pool.state_dict())
+            dist.all_gather_object(checksums, self.weights_checksum())
+            if len(set(checksums)) != 1:
+                raise RuntimeError(f"the student's weights differ between ranks at step {self.step} "
+                                   f"(checksums {checksums}); not saving a diverged model")
+        path = None
+        if self.env.main:
+            trainer = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                       "best_psnr": self.best_psnr, "pools": pools, "replica_checksums": checksums,
+                       "config": OmegaConf.to_yaml(self.cfg)}
+            path = state.save_checkpoint(self.run_dir, self.step, self.student.state_dict(), self.ema, trainer,
+                                         keep_last=int(self.tcfg.get("keep_last", 3)))
+        if self.env.world > 1:
+            dist.barrier()
+        return path
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self.stop_signal = signum
+
+    def fit(self) -> int:
+        """Train from ``self.step`` to ``iterations``; returns the process exit status."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        if self.env.main:
+            OmegaConf.save(self.cfg, self.run_dir / "config.yaml")
+        log_every, save_every = int(self.tcfg.log_freq[0]), int(self.tcfg.save_freq)
+        val_every = int(self.tcfg.get("val_freq", 0))
+        bar = tqdm(total=self.iterations, initial=self.step, desc="distill", unit="it",
+                   disable=not self.env.main, dynamic_ncols=True)
+        tic, first = time.perf_counter(), self.step
+        for batch in self._loader():
+            self.step += 1
+            loss = self.train_step(batch, self.step)
+            lr = self.optimizer.param_groups[0]["lr"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}")
+            if self.step % log_every == 0 or self.step == 1:
+                self.logger.train(self.step, loss, lr, (time.perf_counter() - tic) / (self.step - first))
+            if val_every and self.val_set is not None and self.step % val_every == 0:
+                self._validate()
+            last = self.step == self.iterations
+            stop = self.env.any(self.stop_signal is not None)
+            if last or stop or self.step % save_every == 0:
+                path = self.save()
+                if self.env.main and (stop or last):
+                    tqdm.write(f"checkpoint saved: {path}")
+            if stop:
+                bar.close()
+                if self.env.main:
+                    print(f"stopped by signal at step {self.step}; continue with --resume")
+                return 0
+        bar.close()
+        self.logger.close()
+        return 0
+
+    def _validate(self) -> None:
+        if self.env.main:
+            psnr = validate(self.student, self.vq, self.schedule, self.val_set, self.run_dir, self.step, self.sf,
+                            self.logger, seed=self.seed)
+            if psnr > self.best_psnr:
+                self.best_psnr = psnr
+                state.save_best(self.run_dir, self.step, psnr, self.student.state_dict(), self.ema)
+            self.student.train()
+        if self.env.world > 1:
+            dist.barrier()
+
+
+def train(opts: TrainOptions) -> int:
+    """Set up the process group, build the run and train it."""
+    env = init_distributed()
+    torch.manual_seed(int(load_config(opts.cfg_path).train.get("seed", 123456)) + env.rank)
+    try:
+        return Trainer(opts, env).fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

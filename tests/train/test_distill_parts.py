@@ -1,0 +1,118 @@
+"""Distillation building blocks: fixture e, lr schedule, EMA, batch plan, pair pool, checkpoints."""
+import os
+
+import pytest
+import torch
+
+from bimacosr.checkpoint import CheckpointError
+from bimacosr.fixtures import check_file
+from bimacosr.train import state
+from bimacosr.train.batches import BatchPlan, PairPool
+from bimacosr.train.distill import distill_loss, ema_update, lr_at
+from tests.conftest import FIXTURES
+
+
+def test_one_distillation_step_matches_the_original():
+    checks = check_file(FIXTURES / "pipeline/e_distill_loss.pt")
+    assert len(checks) >= 18 and all(c.passed for c in checks), [c.line() for c in checks if not c.passed]
+
+
+def test_lr_schedule_has_the_first_iteration_quirk():
+    base, ms = 2e-5, (2000, 10000)
+    assert lr_at(1, base, ms) == base  # the optimiser's initial lr, before the first adjustment
+    assert lr_at(2, base, ms) == pytest.approx(base / 2000)
+    assert lr_at(1001, base, ms) == pytest.approx(base / 2)
+    assert lr_at(2001, base, ms) == pytest.approx(base)
+    assert lr_at(10000, base, ms) == pytest.approx(base)  # no halving at the warm-up milestone
+    assert lr_at(10001, base, ms) == pytest.approx(base / 2)
+    assert lr_at(50000, base, ms) == pytest.approx(base / 2)
+
+
+def test_ema_skips_only_relative_position_index():
+    ema = {"w": torch.zeros(2), "attn.relative_position_index": torch.zeros(2, dtype=torch.long),
+           "smb.indices_float": torch.ones(2)}
+    new = {"w": torch.ones(2), "attn.relative_position_index": torch.full((2,), 5), "smb.indices_float": torch.full((2,), 3.0)}
+    ema_update(ema, new, 0.9)
+    assert torch.allclose(ema["w"], torch.full((2,), 0.1))
+    assert torch.equal(ema["attn.relative_position_index"], torch.zeros(2, dtype=torch.long))
+    assert torch.allclose(ema["smb.indices_float"], torch.full((2,), 1.2))
+
+
+def test_two_ranks_see_the_global_batch_of_one():
+    one = BatchPlan(20, 8, 1, 0, 2, seed=5)
+    ranks = [BatchPlan(20, 8, 2, r, 2, seed=5) for r in range(2)]
+    for step in (1, 2, 3, 7):
+        assert one.indices(step) == ranks[0].indices(step) + ranks[1].indices(step)
+    assert one.chunks() == [0, 1, 2, 3] and ranks[1].chunks() == [2, 3]
+    assert sorted(one.indices(1) + one.indices(2)) == sorted(set(one.indices(1) + one.indices(2)))  # no repeats in an epoch
+    with pytest.raises(ValueError, match="divisible"):
+        BatchPlan(20, 6, 4, 0, 1, seed=0)
+    with pytest.raises(ValueError, match="only 3 training images"):
+        BatchPlan(3, 8, 1, 0, 8, seed=0)
+
+
+def test_pair_pool_fills_then_swaps_and_round_trips():
+    pool = PairPool(4)
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.full((2, 1, 1, 1), float(v)) for v in (1, 2, 3))
+    assert torch.equal(pool(a, a, gen)[0], a) and torch.equal(pool(b, b, gen)[0], b)
+    copy = PairPool(4)
+    copy.load_state_dict(pool.state_dict(), torch.device("cpu"))
+    out, _ = pool(c, c, torch.Generator().manual_seed(1))
+    out2, _ = copy(c, c, torch.Generator().manual_seed(1))
+    assert torch.equal(out, out2) and set(out.flatten().tolist()) <= {1.0, 2.0}
+    assert sorted(pool.lq.flatten().tolist()).count(3.0) == 2
+
+
+def tiny_state(value: float) -> dict:
+    return {"w": torch.full((3,), value)}
+
+
+def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path, monkeypatch):
+    for step in (1, 2, 3):
+        state.save_checkpoint(tmp_path, step, tiny_state(step), tiny_state(-step), {"optimizer": {}}, keep_last=2)
+    assert [p.name for p in state.list_checkpoints(tmp_path)] == ["step_0000002", "step_0000003"]
+    assert state.find_resume(tmp_path, "latest").name == "step_0000003"
+
+    real_replace = os.replace
+    def crash(src, dst):  # the process dies between writing and renaming
+        if "step_0000004" in str(dst):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        state.save_checkpoint(tmp_path, 4, tiny_state(4), tiny_state(-4), {"optimizer": {}}, keep_last=2)
+    monkeypatch.setattr(os, "replace", real_replace)
+    latest = state.find_resume(tmp_path, "latest")
+    assert latest.name == "step_0000003"
+    assert torch.equal(torch.load(latest / "model.pth", weights_only=True)["w"], torch.full((3,), 3.0))
+    assert state.load_trainer_state(latest)["step"] == 3
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        state.find_resume(tmp_path, str(tmp_path / "nope"))
+
+
+def test_overfitting_one_batch_drives_the_loss_down():
+    from bimacosr.diffusion import Schedule
+    from bimacosr.models import build_denoiser
+    from bimacosr.models.autoencoder import VQAutoencoder
+
+    data = torch.load(FIXTURES / "pipeline/e_distill_loss.pt", weights_only=True)
+    cfg = data["config"]
+    torch.manual_seed(0)
+    teacher = build_denoiser(cfg["teacher"]).eval()
+    teacher.load_state_dict(data["state_dict_teacher"])
+    student = build_denoiser(cfg["student"])
+    student.load_state_dict(data["state_dict_student"])
+    vq = VQAutoencoder(**cfg["vq"]).eval()
+    vq.load_state_dict(data["state_dict_vq"])
+    schedule = Schedule.from_config(cfg["diffusion"])
+    optimizer = torch.optim.AdamW(student.parameters(), lr=2e-3)
+    lq, noise = data["inputs"]["lq"], data["inputs"]["noise"]
+    losses = []
+    for _ in range(40):
+        loss, _ = distill_loss(student, teacher, vq, schedule, lq, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, losses[::5]
