@@ -9,6 +9,7 @@ its own generator seeded by ``seed``, so results do not depend on the order or t
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,14 +105,17 @@ def output_paths(inputs: list[Path], out_dir: Path, suffix: str, ext: str) -> di
     return mapping
 
 
+def _tile_bar(tiles: Iterator) -> Iterator:
+    """A transient progress bar over the tiles of one image."""
+    tiles = list(tiles)
+    return iter(tqdm(tiles, desc="tiles", leave=False, dynamic_ncols=True))
+
+
 def upscale_image(pipe: SRPipeline, image: LoadedImage, opts: InferenceOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
     """SR of one loaded image, ``([1, 3, sH, sW], alpha [1, 1, sH, sW] or None)`` in [0, 1]."""
     generator = torch.Generator(pipe.device).manual_seed(opts.seed)
-    tiles = None
-    if max(image.rgb.shape[-2:]) > opts.chop_size:
-        tiles = lambda it: tqdm(list(it), desc="tiles", leave=False, dynamic_ncols=True)  # noqa: E731
     sr = pipe(image.rgb, tile=opts.chop_size, tile_stride=opts.chop_stride, blend=opts.blend,
-              generator=generator, progress=tiles).cpu()
+              generator=generator, progress=_tile_bar).cpu()
     alpha = None
     if image.alpha is not None:  # alpha is not a photo: upscaled separately, bicubic
         alpha = F.interpolate(image.alpha, scale_factor=pipe.sf, mode="bicubic").clamp(0, 1)
