@@ -1,0 +1,197 @@
+"""Deploy file: export -> load -> same outputs (fixture, smoke model), full-size file size,
+wrong / corrupt files refused with DeployFileError."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from bimacosr.config import load_config, to_plain
+from bimacosr.deploy import (FP_SINSR_BYTES, DeployBinaryConv2d, DeployBinaryLinear, DeployFileError,
+                             export_checkpoint, export_deploy, load_deploy, set_mode, to_deploy)
+from bimacosr.deploy.check import layerwise_max_diff
+from bimacosr.deploy.file import _checksum
+from bimacosr.models import build_denoiser, split_params
+from bimacosr.models.swin import WindowAttention, relative_position_index
+from bimacosr.quant.bimaco import SparseBranch
+from bimacosr.smoke import write_smoke_assets
+from tests.conftest import REPO, load_fixture
+
+LIMIT_BYTES = 23.7e6  # 1/20 of the FP SinSR file
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    data = load_fixture("denoiser/bimaco_unet_forward.pt")
+    model = build_denoiser(data["config"])
+    model.load_state_dict(data["state_dict"])
+    return data, model.eval()
+
+
+@pytest.fixture(scope="module")
+def fixture_file(fixture, tmp_path_factory):
+    data, model = fixture
+    path = tmp_path_factory.mktemp("deploy") / "fixture.safetensors"
+    export_deploy(model, data["config"], path)
+    return path
+
+
+def _run(model, inputs, t=None):
+    with torch.inference_mode():
+        steps = inputs["timesteps"] if t is None else torch.full_like(inputs["timesteps"], t)
+        return model(inputs["x"], steps, lq=inputs["lq"])
+
+
+@pytest.mark.parametrize("mode,side", [("int", "sparse"), ("int", "dense"), ("float", "sparse")])
+def test_fixture_export_load_equals_the_reference_output(fixture, fixture_file, mode, side):
+    data, model = fixture
+    deployed = load_deploy(fixture_file, mode=mode, side=side)
+    torch.testing.assert_close(_run(deployed, data["inputs"]), data["output"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(_run(deployed, data["inputs"], t=0), _run(model, data["inputs"], t=0),
+                               atol=1e-5, rtol=0)  # t = 0: exact zeros in the embedding (Q11)
+
+
+def test_loaded_model_structure(fixture, fixture_file):
+    _, model = fixture
+    deployed = load_deploy(fixture_file)
+    binary = [m for m in deployed.modules() if isinstance(m, (DeployBinaryConv2d, DeployBinaryLinear))]
+    assert len(binary) == 62 and not deployed.training
+    assert all(not p.requires_grad for p in deployed.parameters())
+    for name, buffer in model.named_buffers():  # recomputed buffers equal the originals
+        if name.endswith(("attn_mask", "relative_position_index")):
+            assert torch.equal(deployed.get_buffer(name), buffer), name
+    with safe_open(str(fixture_file), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert not any(k.endswith(("move0.bias", "channel_threshold", "attn_mask", "relative_position_index",
+                               "indices_float")) for k in keys)
+    assert "input_blocks.0.0.weight" in keys and "out.2.weight" in keys
+    assert json.loads(meta["params"]) == load_fixture("denoiser/bimaco_unet_forward.pt")["config"]
+    down = [k for k in keys if ".op." in k]  # Downsample: no SMB/LRMB (Q7)
+    assert down and not any(".smb." in k or ".lora." in k for k in down)
+
+
+def test_export_of_a_deployed_model_gives_the_same_tensors(fixture, fixture_file, tmp_path):
+    data, model = fixture
+    again = export_deploy(to_deploy(copy.deepcopy(model)), data["config"], tmp_path / "again.safetensors")
+    with safe_open(str(fixture_file), "pt") as a, safe_open(str(again.path), "pt") as b:
+        assert a.metadata()["checksum"] == b.metadata()["checksum"]
+
+
+def test_fp16_side_branches(fixture, fixture_file, tmp_path):
+    data, model = fixture
+    info = export_deploy(model, data["config"], tmp_path / "half.safetensors", fp16=True)
+    assert info.side_dtype == "float16" and info.size_bytes < fixture_file.stat().st_size
+    deployed = load_deploy(info.path)
+    diffs = layerwise_max_diff(model, deployed, data["inputs"]["x"], data["inputs"]["timesteps"],
+                               lq=data["inputs"]["lq"])
+    assert max(diffs.values()) < 1e-2  # float16 rounding of the side branches only
+    assert deployed.out[0].weight.dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    cfg_path = REPO / "configs/smoke.yaml"
+    weights = write_smoke_assets(load_config(cfg_path), root, n_train=1, n_val=1)
+    out = root / "smoke_deploy.safetensors"
+    info = export_checkpoint(weights["student"], cfg_path, out)
+    params = to_plain(load_config(cfg_path).model.params)
+    simulated = build_denoiser(params)
+    simulated.load_state_dict(torch.load(weights["student"], weights_only=True))
+    return simulated.eval(), info
+
+
+def test_smoke_checkpoint_export_load(smoke):
+    simulated, info = smoke
+    assert info.binary_layers == 82 and info.ratio == FP_SINSR_BYTES / info.size_bytes
+    deployed = load_deploy(info.path)
+    inputs = load_fixture("denoiser/bimaco_unet_forward.pt")["inputs"]
+    for t in (0, 9):
+        # whole model: random smoke weights have no activation within ~1e-6 of 0 on these inputs
+        torch.testing.assert_close(_run(deployed, inputs, t), _run(simulated, inputs, t), atol=1e-5, rtol=0)
+    for mode in ("int", "float"):  # per layer: robust on any input
+        set_mode(deployed, mode)
+        x, lq = torch.randn(2, 3, 32, 32), torch.rand(2, 3, 32, 32) * 2 - 1
+        diffs = layerwise_max_diff(simulated, deployed, x, torch.tensor([0, 7]), lq=lq)
+        assert len(diffs) == 82 and max(diffs.values()) < 1e-5
+
+
+def test_released_size_file_is_at_most_one_twentieth(tmp_path):
+    """Full BiMaCoSR structure (random values, built on the meta device to skip SVD/top-k)."""
+    params = to_plain(load_config(REPO / "configs/BiMaCoSR.yaml").model.params)
+    with torch.device("meta"):
+        model = build_denoiser(params)
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                if tensor.is_floating_point():
+                    tensor.normal_(0.0, 0.02, generator=gen)
+            if isinstance(module, SparseBranch):
+                module.indices_float[0].random_(0, module.shape[0], generator=gen)
+                module.indices_float[1].random_(0, module.shape[1], generator=gen)
+            if isinstance(module, WindowAttention):
+                window = (int(module.relative_position_bias_table.shape[0] ** 0.5) + 1) // 2
+                module.relative_position_index.copy_(relative_position_index(window))
+    full = export_deploy(model, params, tmp_path / "full.safetensors")
+    half = export_deploy(model, params, tmp_path / "half.safetensors", fp16=True)
+    print(full.line(), half.line(), sep="\n")
+    assert full.binary_layers == 178
+    assert full.size_bytes <= LIMIT_BYTES and full.ratio >= 20.0
+    assert half.size_bytes < full.size_bytes - 3e6
+    deployed = load_deploy(full.path)
+    assert sum(isinstance(m, (DeployBinaryConv2d, DeployBinaryLinear)) for m in deployed.modules()) == 178
+
+
+# -- wrong files ------------------------------------------------------------------------------
+def _rewrite(src, dst, drop=(), replace=None, metadata=None, fix_checksum=True):
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k not in drop}
+    tensors.update(replace or {})
+    meta.update(metadata or {})
+    if fix_checksum:
+        meta["checksum"] = _checksum(tensors)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def test_wrong_files_are_refused_with_a_named_error(fixture_file, tmp_path):
+    with safe_open(str(fixture_file), "pt") as f:
+        signs_key = next(k for k in f.keys() if k.endswith(".signs"))
+        signs = f.get_tensor(signs_key)
+    cases = {
+        "not found": tmp_path / "missing.safetensors",
+        "not a readable safetensors": tmp_path / "junk.safetensors",
+        "truncated": tmp_path / "truncated.safetensors",
+        "not a BiMaCoSR deploy file": tmp_path / "plain.safetensors",
+        "version '99'": _rewrite(fixture_file, tmp_path / "v99.safetensors", metadata={"version": "99"}),
+        "missing tensor": _rewrite(fixture_file, tmp_path / "drop.safetensors", drop=[signs_key]),
+        "has shape": _rewrite(fixture_file, tmp_path / "shape.safetensors",
+                              replace={signs_key: signs[:, :-1].contiguous()}),
+        "unexpected tensor": _rewrite(fixture_file, tmp_path / "extra.safetensors",
+                                      replace={"extra.weight": torch.zeros(3)}),
+        "checksum mismatch": _rewrite(fixture_file, tmp_path / "flip.safetensors",
+                                      replace={signs_key: 255 - signs}, fix_checksum=False),
+        "JSONDecodeError": _rewrite(fixture_file, tmp_path / "json.safetensors", metadata={"params": "{"}),
+    }
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00\x01 definitely not safetensors" * 10)
+    data = fixture_file.read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    save_file({"a.weight": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    for problem, path in cases.items():
+        with pytest.raises(DeployFileError) as err:
+            load_deploy(path)
+        message = str(err.value)
+        assert str(path) in message, message
+        if problem != "truncated":
+            assert problem in message, message
+
+
+def test_export_refuses_a_full_precision_model(tmp_path):
+    params, _ = split_params(load_fixture("denoiser/bimaco_unet_forward.pt")["config"])
+    with pytest.raises(ValueError, match="no BiMaCo layers"):
+        export_deploy(build_denoiser(params), params, tmp_path / "fp.safetensors")
