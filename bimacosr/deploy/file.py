@@ -177,6 +177,8 @@ def export_deploy(model: nn.Module, params: Mapping[str, Any], path: PathLike, *
         if key.rsplit(".", 1)[-1] in _RECOMPUTED:
             continue
         dtype = side if key.startswith(tuple(norms)) else torch.float32
+        if not value.is_floating_point():
+            dtype = value.dtype
         tensors[key] = value.detach().to("cpu", dtype).contiguous()
     _check_recomputed(model)
     metadata = {"format": FORMAT, "version": str(VERSION), "params": json.dumps(_jsonable(params)),

@@ -133,6 +133,12 @@ class _DeployBinary(nn.Module):
                 self._buffers[name] = buf.float()
         return self
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the runtime cache behind (CSR tensors cannot be deep-copied)."""
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        return state
+
     def smb_dense(self) -> Tensor | None:
         """The SMB as a dense ``[Cout, Cin]`` matrix (duplicate positions add up), or None."""
         if self.smb_values is None:

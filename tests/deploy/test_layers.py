@@ -150,3 +150,5 @@ def test_to_deploy_and_set_mode_on_a_model():
         torch.testing.assert_close(deployed(x), ref, atol=TOL, rtol=0)
     with pytest.raises(ValueError, match="mode"):
         set_mode(deployed, "int4")
+    with torch.inference_mode():  # copies drop the runtime caches (a CSR tensor cannot be copied)
+        torch.testing.assert_close(copy.deepcopy(set_mode(deployed, "int", "sparse"))(x), ref, atol=TOL, rtol=0)
