@@ -1,6 +1,7 @@
 """Deploy file: export -> load -> same outputs (fixture, smoke model), full-size file size,
 wrong / corrupt files refused with DeployFileError."""
 import copy
+import importlib.util
 import json
 
 import pytest
@@ -100,11 +101,11 @@ def smoke(tmp_path_factory):
     params = to_plain(load_config(cfg_path).model.params)
     simulated = build_denoiser(params)
     simulated.load_state_dict(torch.load(weights["student"], weights_only=True))
-    return simulated.eval(), info
+    return simulated.eval(), info, weights["student"]
 
 
 def test_smoke_checkpoint_export_load(smoke):
-    simulated, info = smoke
+    simulated, info, _ = smoke
     assert info.binary_layers == 82 and info.ratio == FP_SINSR_BYTES / info.size_bytes
     deployed = load_deploy(info.path)
     inputs = load_fixture("denoiser/bimaco_unet_forward.pt")["inputs"]
@@ -116,6 +117,18 @@ def test_smoke_checkpoint_export_load(smoke):
         x, lq = torch.randn(2, 3, 32, 32), torch.rand(2, 3, 32, 32) * 2 - 1
         diffs = layerwise_max_diff(simulated, deployed, x, torch.tensor([0, 7]), lq=lq)
         assert len(diffs) == 82 and max(diffs.values()) < 1e-5
+
+
+def test_export_script(smoke, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("export_deploy", REPO / "scripts/export_deploy.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ckpt, config, out = smoke[2], REPO / "configs/smoke.yaml", tmp_path / "cli.safetensors"
+    assert script.main(["--ckpt", str(ckpt), "--config", str(config), "--out", str(out), "--check"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{out.stat().st_size:,} bytes" in printed and "per layer" in printed
+    assert script.main(["--ckpt", str(tmp_path / "nope.pth"), "--config", str(config), "--out", str(out)]) == 1
+    assert "not found" in capsys.readouterr().err
 
 
 def test_released_size_file_is_at_most_one_twentieth(tmp_path):
