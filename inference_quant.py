@@ -10,6 +10,7 @@ from pathlib import Path
 from bimacosr.checkpoint import CheckpointError
 from bimacosr.config import ConfigError
 from bimacosr.inference import InferenceOptions, run
+from bimacosr.deploy import DeployFileError
 from bimacosr.weights import MissingWeightsError
 
 
@@ -41,6 +42,11 @@ def parse_args() -> InferenceOptions:
     p.add_argument("--fp32", action="store_true", help="keep the autoencoder in float32 on CUDA")
     p.add_argument("--compare", action="store_true", help="also write <name>_compare.png side-by-side views")
     p.add_argument("--skip_existing", action="store_true", help="skip images whose output exists (resume)")
+    p.add_argument("--deploy", type=Path, default=None,
+                   help="packed 1-bit file from scripts/export_deploy.py (integer execution; --ckpt unused)")
+    p.add_argument("--tile_batch", type=int, default=1, help="tiles sampled together (faster, other noise)")
+    p.add_argument("--channels_last", action="store_true", help="channels-last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     return InferenceOptions(**vars(p.parse_args()))
 
 
@@ -48,5 +54,5 @@ if __name__ == "__main__":
     options = parse_args()
     try:
         sys.exit(run(options))
-    except (ConfigError, CheckpointError, MissingWeightsError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, CheckpointError, DeployFileError, MissingWeightsError, FileNotFoundError, ValueError) as exc:
         sys.exit(f"error: {exc}")

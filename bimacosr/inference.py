@@ -8,6 +8,7 @@ its own generator seeded by ``seed``, so results do not depend on the order or t
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,10 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from torch import nn
 from tqdm import tqdm
 
 from bimacosr.checkpoint import load_state_dict_into
 from bimacosr.config import ConfigError, load_config, require, to_plain
+from bimacosr.deploy import load_deploy, read_deploy_file
 from bimacosr.diffusion import Schedule
 from bimacosr.imageio import ImageReadError, LoadedImage, list_images, read_image, write_image
 from bimacosr.models import build_denoiser, split_params
@@ -50,6 +53,10 @@ class InferenceOptions:
     fp32: bool = False
     compare: bool = False
     skip_existing: bool = False
+    deploy: Path | None = None
+    tile_batch: int = 1
+    channels_last: bool = False
+    compile: bool = False
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -61,30 +68,49 @@ def pick_device(name: str | None) -> torch.device:
     return torch.device("cpu")
 
 
-def load_pipeline(cfg: DictConfig, ckpt: str | Path, device: torch.device, *, fp16: bool,
-                  sampler: str = "one_step") -> SRPipeline:
-    """Build denoiser + autoencoder + schedule from an original config and load the weights.
-
-    The denoiser is binarized before loading when the config asks for it
-    (``quantparameter.inference.if_quant``, default: whenever ``model.params`` has quant keys),
-    so every branch value comes from ``ckpt``. ``fp16`` runs the autoencoder in half precision
-    (as the original on GPU); the denoiser stays float32.
-    """
-    require(cfg, "model.params", "diffusion.params", "autoencoder.params", "autoencoder.ckpt_path")
+def load_denoiser(cfg: DictConfig, ckpt: str | Path, deploy: str | Path | None = None) -> nn.Module:
+    """The denoiser: from a packed deploy file (1-bit integer execution) when ``deploy`` is given,
+    else built from ``model.params`` -- binarized before loading when the config asks for it
+    (``quantparameter.inference.if_quant``, default: whenever there are quant keys), so every
+    branch value comes from ``ckpt``."""
     params = to_plain(cfg.model.params)
+    if deploy is not None:
+        meta, _ = read_deploy_file(resolve_weight(deploy, what="deploy file (--deploy)"))
+        if json.loads(meta["params"]) != params:
+            raise ConfigError(f"--deploy {deploy} was exported from other model.params than the config's; "
+                              f"re-export it with scripts/export_deploy.py --config <this config>")
+        return load_deploy(deploy)
     if cfg.get("quantparameter", {}).get("inference", {}).get("if_quant", True) is False:
         params = split_params(params)[0]
     denoiser = build_denoiser(params)
     load_state_dict_into(denoiser, resolve_weight(ckpt, what="denoiser checkpoint (--ckpt)"),
                          what="denoiser checkpoint")
+    return denoiser
+
+
+def load_pipeline(cfg: DictConfig, ckpt: str | Path, device: torch.device, *, fp16: bool,
+                  sampler: str = "one_step", deploy: str | Path | None = None,
+                  channels_last: bool = False, compile: bool = False) -> SRPipeline:
+    """Build denoiser + autoencoder + schedule from an original config and load the weights.
+
+    ``fp16`` runs the autoencoder in half precision (as the original on GPU); the denoiser stays
+    float32. ``channels_last`` / ``compile`` are speed options that leave the maths unchanged.
+    """
+    require(cfg, "model.params", "diffusion.params", "autoencoder.params", "autoencoder.ckpt_path")
+    denoiser = load_denoiser(cfg, ckpt, deploy)
     vq = VQAutoencoder(**to_plain(cfg.autoencoder.params))
     load_state_dict_into(vq, resolve_weight(cfg.autoencoder.ckpt_path, what="autoencoder (autoencoder.ckpt_path)"),
                          what="autoencoder checkpoint")
     vq = vq.to(device).eval()
     if fp16:
         vq = vq.half()
+    denoiser = denoiser.to(device).eval()
+    if channels_last:
+        denoiser, vq = denoiser.to(memory_format=torch.channels_last), vq.to(memory_format=torch.channels_last)
+    if compile:
+        denoiser = torch.compile(denoiser)
     diffusion = to_plain(cfg.diffusion.params)
-    return SRPipeline(denoiser.to(device).eval(), vq, Schedule.from_config(diffusion).to(device),
+    return SRPipeline(denoiser, vq, Schedule.from_config(diffusion).to(device),
                       sampler=sampler, sf=int(diffusion.get("sf", 4)))
 
 
@@ -115,7 +141,7 @@ def upscale_image(pipe: SRPipeline, image: LoadedImage, opts: InferenceOptions) 
     """SR of one loaded image, ``([1, 3, sH, sW], alpha [1, 1, sH, sW] or None)`` in [0, 1]."""
     generator = torch.Generator(pipe.device).manual_seed(opts.seed)
     sr = pipe(image.rgb, tile=opts.chop_size, tile_stride=opts.chop_stride, blend=opts.blend,
-              generator=generator, progress=_tile_bar).cpu()
+              generator=generator, progress=_tile_bar, tile_batch=opts.tile_batch).cpu()
     alpha = None
     if image.alpha is not None:  # alpha is not a photo: upscaled separately, bicubic
         alpha = F.interpolate(image.alpha, scale_factor=pipe.sf, mode="bicubic").clamp(0, 1)
@@ -134,7 +160,8 @@ def run(opts: InferenceOptions) -> int:
     device = pick_device(opts.device)
     fp16 = device.type == "cuda" and not opts.fp32 and bool(cfg.autoencoder.get("use_fp16", True))
     sampler = "one_step" if opts.one_step else ("ddim" if opts.ddim else "ancestral")
-    pipe = load_pipeline(cfg, opts.ckpt, device, fp16=fp16, sampler=sampler)
+    pipe = load_pipeline(cfg, opts.ckpt, device, fp16=fp16, sampler=sampler, deploy=opts.deploy,
+                         channels_last=opts.channels_last, compile=opts.compile)
     mine = inputs[rank::world]
     failed: list[tuple[Path, str]] = []
     done = skipped = 0

@@ -82,7 +82,7 @@ class SRPipeline:
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample_tile(self, y0: Tensor, noise_fn: NoiseFn) -> Tensor:
         """``y0`` ``[B, 3, h, w]`` in [-1, 1] -> SR ``[B, 3, sf*h, sf*w]`` clamped to [-1, 1].
 
@@ -102,17 +102,19 @@ class SRPipeline:
         sr = decode_first_stage(self.autoencoder, z0)
         return sr[..., : self.sf * h, : self.sf * w].clamp(-1.0, 1.0)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, lr: Tensor, *, tile: int = 256, tile_stride: int | None = None,
                  blend: str = "average", generator: torch.Generator | None = None,
-                 noise_fn: NoiseFn | None = None, progress: Callable[[Iterator], Iterator] | None = None
-                 ) -> Tensor:
+                 noise_fn: NoiseFn | None = None, progress: Callable[[Iterator], Iterator] | None = None,
+                 tile_batch: int = 1) -> Tensor:
         """Super-resolve ``lr`` ``[B, 3, H, W]`` in [0, 1] -> ``[B, 3, sf*H, sf*W]`` in [0, 1].
 
         Images larger than ``tile`` (LR pixels) on a side are split into tiles ``tile_stride``
         apart (default ``tile * 7 // 8``, the original's 256/224); each tile is padded, sampled
         with its own noise and blended into an HR canvas. Noise comes from ``noise_fn(like)`` or
         else ``torch.randn`` with ``generator``. ``progress`` wraps the tile iterator (e.g. tqdm).
+        ``tile_batch`` > 1 samples up to that many equal-sized tiles in one batch (faster; the same
+        maths, but the noise is drawn per batch, so results differ from ``tile_batch=1``).
         """
         if blend not in BLENDS:
             raise ValueError(f"unknown blend {blend!r}; use one of {BLENDS}")
@@ -131,11 +133,27 @@ class SRPipeline:
         s = self.sf
         canvas = y0.new_zeros(b, 3, s * h, s * w)
         weight = y0.new_zeros(1, 1, s * h, s * w)
-        for top, left in (progress(iter(boxes)) if progress else boxes):
-            patch = y0[..., top: top + tile, left: left + tile]
-            out = self.sample_tile(patch, noise_fn)
-            ph, pw = out.shape[-2:]
-            wgt = gaussian_window(ph, pw, out.device) if blend == "gaussian" else out.new_ones(1, 1, ph, pw)
-            canvas[..., s * top: s * top + ph, s * left: s * left + pw] += out * wgt
-            weight[..., s * top: s * top + ph, s * left: s * left + pw] += wgt
+        for group in (progress(iter(_batches(boxes, y0, tile, tile_batch))) if progress
+                      else _batches(boxes, y0, tile, tile_batch)):
+            patches = torch.cat([y0[..., top: top + tile, left: left + tile] for top, left in group])
+            outs = self.sample_tile(patches, noise_fn).split(b)
+            for (top, left), out in zip(group, outs):
+                ph, pw = out.shape[-2:]
+                wgt = gaussian_window(ph, pw, out.device) if blend == "gaussian" else out.new_ones(1, 1, ph, pw)
+                canvas[..., s * top: s * top + ph, s * left: s * left + pw] += out * wgt
+                weight[..., s * top: s * top + ph, s * left: s * left + pw] += wgt
         return (canvas / weight) * 0.5 + 0.5
+
+
+def _batches(boxes: list[tuple[int, int]], y0: Tensor, tile: int, size: int) -> list[list[tuple[int, int]]]:
+    """Consecutive tiles of equal shape, at most ``size`` per group (visiting order kept)."""
+    h, w = y0.shape[-2:]
+    groups: list[list[tuple[int, int]]] = []
+    for top, left in boxes:
+        shape = (min(tile, h - top), min(tile, w - left))
+        last = groups[-1] if groups else None
+        if last and len(last) < size and (min(tile, h - last[0][0]), min(tile, w - last[0][1])) == shape:
+            last.append((top, left))
+        else:
+            groups.append([(top, left)])
+    return groups

@@ -116,3 +116,16 @@ def test_torchrun_splits_files_across_processes(workdir):
     for name in ("astronaut.png", "camera_gray.png", "coffee.png"):
         assert np.array_equal(np.asarray(Image.open(workdir / "dist" / name)),
                               np.asarray(Image.open(workdir / "single" / name))), name
+
+
+def test_packed_deploy_file_runs_batched_tiles(workdir):
+    from bimacosr.deploy import export_checkpoint
+
+    export_checkpoint(workdir / "data/smoke/weights/bimacosr.pth", CONFIG, workdir / "deploy.safetensors")
+    result = run(workdir, "-i", "lr/astronaut.png", "-o", "dep", "--deploy", "deploy.safetensors",
+                 "--chop_size", "32", "--tile_batch", "4", "--channels_last")
+    assert result.returncode == 0, result.stderr[-2000:]
+    with Image.open(workdir / "dep/astronaut.png") as im:
+        assert im.size == (160, 192)
+    wrong = run(workdir, "-i", "lr/astronaut.png", "-o", "dep2", "--deploy", "data/smoke/weights/sinsr.pth")
+    assert wrong.returncode != 0 and "sinsr.pth" in wrong.stderr and "Traceback" not in wrong.stderr
