@@ -1,91 +1,155 @@
-"""Seconds and peak memory per image of the one-step BiMaCoSR pipeline, split encode / UNet / decode.
+"""Speed, peak memory and file size of the SR pipeline variants, on the same random weights/inputs.
 
-Released architecture (full-size BiMaCo UNet + VQ-f4) with random weights: speed does not depend
-on the values. Each LR size runs in a fresh process so its peak memory is its own (peak RSS on
-CPU, ``torch.cuda.max_memory_allocated`` on CUDA).
+Variants (released architecture, random weights: speed does not depend on the values):
+``resshift`` FP UNet, 15 ancestral steps | ``sinsr`` FP UNet, one step | ``sim`` BiMaCo UNet as
+trained (simulated binarization), one step | ``deploy`` packed 1-bit file, integer execution.
+Each (variant, LR size) runs in a fresh process, so its peak memory is its own (peak RSS on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA). Times are split encode / UNet / decode.
 
-    python scripts/benchmark.py --sizes 64 256 --device cpu --json bench.json
+    python scripts/benchmark.py --sizes 64 256 --variants deploy            # per-stage table (LR 64², 256²)
+    python scripts/benchmark.py --variants resshift sinsr sim deploy --json bench.json --plot bench.png
+    python scripts/benchmark.py --variants deploy --sizes 1024 --tile 256   # memory flat with tiling
 """
 import argparse
 import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("resshift", "sinsr", "sim", "deploy")
 
 
-def measure(size: int, device: str, repeat: int, fp16: bool) -> dict:
-    """Time the three stages on one ``size x size`` LR image (best of ``repeat``)."""
+def export_random_deploy(path: Path) -> None:
+    """The packed file of a random-weight BiMaCo UNet (built here, so the measured processes
+    never hold the simulated model)."""
     from bimacosr.config import load_config, to_plain
-    from bimacosr.diffusion import Schedule, prior_sample, sample_one_step
+    from bimacosr.deploy import export_deploy
     from bimacosr.models import build_denoiser
+    from bimacosr.smoke import randomize
+
+    torch.manual_seed(0)
+    params = to_plain(load_config(REPO / "configs/BiMaCoSR.yaml").model.params)
+    export_deploy(randomize(build_denoiser(params)).eval(), params, path)  # no all-zero (untrained) layers
+
+
+def measure(variant: str, size: int, device: str, tile: int, repeat: int, deploy_file: Path | None) -> dict:
+    """Seconds per stage (best of ``repeat``) for one ``size x size`` LR image."""
+    from bimacosr.config import load_config, to_plain
+    from bimacosr.deploy import load_deploy
+    from bimacosr.diffusion import Schedule
+    from bimacosr.models import build_denoiser, split_params
     from bimacosr.models.autoencoder import VQAutoencoder
-    from bimacosr.models.first_stage import decode_first_stage, encode_first_stage
-    from bimacosr.pipeline import pad_to_multiple
+    from bimacosr.pipeline import SRPipeline
 
-    cfg = load_config(REPO / "configs/BiMaCoSR.yaml")
-    dev = torch.device(device)
-    unet = build_denoiser(to_plain(cfg.model.params)).to(dev).eval()
-    vq = VQAutoencoder(**to_plain(cfg.autoencoder.params)).to(dev).eval()
-    vq = vq.half() if fp16 else vq
-    schedule = Schedule.from_config(to_plain(cfg.diffusion.params)).to(dev)
-    lq = pad_to_multiple(torch.rand(1, 3, size, size, device=dev) * 2 - 1, 64)
+    torch.manual_seed(0)
+    cfg, dev = load_config(REPO / "configs/BiMaCoSR.yaml"), torch.device(device)
+    params = to_plain(cfg.model.params)
+    if variant == "deploy":
+        unet, size_bytes = load_deploy(deploy_file, device=dev), deploy_file.stat().st_size
+    else:
+        unet = build_denoiser(split_params(params)[0] if variant in ("resshift", "sinsr") else params).eval()
+        size_bytes = sum(t.numel() * t.element_size() for t in unet.state_dict().values())
+    vq = VQAutoencoder(**to_plain(cfg.autoencoder.params)).eval().to(dev)
+    vq = vq.half() if dev.type == "cuda" else vq
+    schedule = Schedule.from_config(to_plain(cfg.diffusion.params))
+    pipe = SRPipeline(unet.to(dev), vq, schedule.to(dev), sampler="ancestral" if variant == "resshift" else "one_step")
+    stages = {"encode": 0.0, "unet": 0.0, "decode": 0.0}
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            stages[name] += time.perf_counter() - t0
+            return out
+        return wrapper
 
-    best = {"encode": float("inf"), "unet": float("inf"), "decode": float("inf")}
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode():
-        for _ in range(repeat):
-            sync(); t0 = time.perf_counter()
-            z_y = encode_first_stage(vq, lq, up_sample=True)
-            sync(); t1 = time.perf_counter()
-            x_T = prior_sample(z_y, schedule, torch.randn_like(z_y))
-            z0 = sample_one_step(lambda x, t: unet(x, t, lq=lq), x_T, z_y, schedule)
-            sync(); t2 = time.perf_counter()
-            decode_first_stage(vq, z0)
-            sync(); t3 = time.perf_counter()
-            for key, value in (("encode", t1 - t0), ("unet", t2 - t1), ("decode", t3 - t2)):
-                best[key] = min(best[key], value)
+    vq.encode, vq.decode, pipe.denoiser.forward = timed("encode", vq.encode), timed("decode", vq.decode), \
+        timed("unet", pipe.denoiser.forward)
+    lr = torch.rand(1, 3, size, size)
+    best = None
+    for _ in range(repeat):
+        stages.update(encode=0.0, unet=0.0, decode=0.0)
+        t0 = time.perf_counter()
+        pipe(lr, tile=tile, generator=torch.Generator(dev).manual_seed(0))
+        total = time.perf_counter() - t0
+        if best is None or total < best["total"]:
+            best = {**stages, "total": total}
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"lr": size, "sr": 4 * size, "device": device, **best, "total": sum(best.values()),
-            "peak_mib": peak / 2**20, "threads": torch.get_num_threads()}
+    return {"variant": variant, "lr": size, "device": device, "threads": torch.get_num_threads(), **best,
+            "peak_mib": peak / 2**20, "file_mb": size_bytes / 1e6}
+
+
+def table(rows: list[dict]) -> str:
+    base = {r["lr"]: r for r in rows if r["variant"] == "sinsr"}
+    lines = ["| variant | LR -> SR | device | encode s | UNet s | decode s | end-to-end s | UNet vs SinSR | "
+             "e2e vs SinSR | peak MiB | file MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = base.get(r["lr"])
+        ratio = (lambda k: f"{ref[k] / r[k]:.2f}x" if ref else "-")
+        lines.append(f"| {r['variant']} | {r['lr']}² -> {4 * r['lr']}² | {r['device']} ({r['threads']} thr) | "
+                     f"{r['encode']:.2f} | {r['unet']:.2f} | {r['decode']:.2f} | {r['total']:.2f} | "
+                     f"{ratio('unet')} | {ratio('total')} | {r['peak_mib']:.0f} | {r['file_mb']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['variant']}\n{r['lr']}²" for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ax, key, title in zip(axes, ("unet", "total", "file_mb"), ("UNet s", "end-to-end s", "file MB")):
+        ax.bar(labels, [r[key] for r in rows], color="#4878a8")
+        ax.set_title(title)
+        ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="LR sides")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--sizes", type=int, nargs="+", default=[64], help="LR sides")
+    p.add_argument("--tile", type=int, default=256, help="tile size in LR pixels")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--fp32", action="store_true", help="float32 autoencoder on CUDA (default fp16 as released)")
-    p.add_argument("--json", type=Path, help="also write the rows here")
-    p.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--plot", type=Path, help="bar-chart PNG")
+    p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
-    fp16 = args.device.startswith("cuda") and not args.fp32
     if args.one:
-        print(json.dumps(measure(args.one, args.device, args.repeat, fp16)))
+        deploy = Path(args.one[2]) if args.one[2] != "-" else None
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.device, args.tile, args.repeat, deploy)))
         return 0
     rows = []
-    for size in args.sizes:
-        cmd = [sys.executable, __file__, "--one", str(size), "--device", args.device, "--repeat", str(args.repeat)]
-        out = subprocess.run(cmd + (["--fp32"] if args.fp32 else []), capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"| LR -> SR | device | encode s | UNet s | decode s | total s | UNet share | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['lr']}² -> {r['sr']}² | {r['device']} ({r['threads']} thr) | {r['encode']:.2f} | {r['unet']:.2f} | "
-              f"{r['decode']:.2f} | {r['total']:.2f} | {r['unet'] / r['total']:.0%} | {r['peak_mib']:.0f} |")
+    with tempfile.TemporaryDirectory() as tmp:
+        deploy = Path(tmp) / "bimacosr_deploy.safetensors"
+        if "deploy" in args.variants:
+            export_random_deploy(deploy)
+        for size in args.sizes:
+            for variant in args.variants:
+                cmd = [sys.executable, __file__, "--one", variant, str(size), str(deploy) if variant == "deploy" else "-",
+                       "--device", args.device, "--tile", str(args.tile), "--repeat", str(args.repeat)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print("\n" + table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+    if args.plot:
+        plot(rows, args.plot)
     return 0
 
 
