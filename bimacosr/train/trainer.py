@@ -138,6 +138,7 @@ class Trainer:
         batch = self.tcfg.batch
         self.plan = BatchPlan(len(self.train_set), int(batch[0] if OmegaConf.is_list(batch) else batch), env.world,
                               env.rank, int(self.tcfg.get("microbatch", batch[0])), self.seed)
+        torch.manual_seed(self.seed)  # same random init on every rank (e.g. BiDM's shortcut convs)
         self.teacher, student, self.vq = build_models(cfg, env.device)
         self.student = student
         self.model = (DistributedDataParallel(student, device_ids=[env.device] if env.device.type == "cuda" else None,
@@ -314,7 +315,6 @@ class Trainer:
 def train(opts: TrainOptions) -> int:
     """Set up the process group, build the run and train it."""
     env = init_distributed()
-    torch.manual_seed(int(load_config(opts.cfg_path).train.get("seed", 123456)) + env.rank)
     try:
         return Trainer(opts, env).fit()
     finally:
