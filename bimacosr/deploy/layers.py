@@ -189,6 +189,14 @@ def _vector(t: Tensor, n: int, name: str) -> Tensor:
     return t.contiguous()
 
 
+def _side_of(layer: BiMaCoConv2d | BiMaCoLinear) -> tuple[tuple[Tensor, Tensor] | None, tuple[Tensor, Tensor] | None]:
+    """A simulated layer's ``(SMB indices, values)`` and ``(LRMB first, second)``, or None each."""
+    smb = None
+    if layer.skip_connection is not None:
+        smb = (layer.skip_connection.indices_float, layer.skip_connection.values)
+    return smb, layer.lora.factors() if layer.lora is not None else None
+
+
 def _alpha_of(weight: Tensor) -> Tensor:
     """``mean |W|`` over all but the first axis, as ``binarize_weight`` computes it."""
     return weight.detach().abs().mean(dim=tuple(range(1, weight.dim())), keepdim=True).reshape(-1)
@@ -230,10 +238,7 @@ class DeployBinaryConv2d(_DeployBinary):
     def from_simulated(cls, layer: BiMaCoConv2d, mode: str = "auto",
                        side: str = "auto") -> "DeployBinaryConv2d":
         """Binarize ``layer``'s latent weight once and copy its branches (move0 is dropped)."""
-        smb = None
-        if layer.skip_connection is not None:
-            smb = (layer.skip_connection.indices_float, layer.skip_connection.values)
-        lora = layer.lora.factors() if layer.lora is not None else None
+        smb, lora = _side_of(layer)
         relu = layer.relu
         rprelu = (relu.pr_bias0.bias, relu.pr_prelu.weight, relu.pr_bias1.bias)
         return cls(torch.sign(layer.weight.detach()).to(torch.int8), _alpha_of(layer.weight),
@@ -323,10 +328,7 @@ class DeployBinaryLinear(_DeployBinary):
     def from_simulated(cls, layer: BiMaCoLinear, mode: str = "auto",
                        side: str = "auto") -> "DeployBinaryLinear":
         """Binarize ``layer``'s latent weight once; ``channel_threshold`` is dropped."""
-        smb = None
-        if layer.skip_connection is not None:
-            smb = (layer.skip_connection.indices_float, layer.skip_connection.values)
-        lora = layer.lora.factors() if layer.lora is not None else None
+        smb, lora = _side_of(layer)
         return cls(torch.sign(layer.weight.detach()).to(torch.int8), _alpha_of(layer.weight),
                    layer.bias, smb, lora, mode, side)
 

@@ -10,12 +10,27 @@ low-rank branch under ``lora``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bimacosr.quant.binarize import binarize_activation, binarize_weight, sign_bireal
 from bimacosr.quant.common import LearnableBias, QuantLayer, RPReLU
+
+
+def frozen(module: nn.Module, name: str, sources: tuple[Tensor, ...], make: Callable[[], Tensor]) -> Tensor:
+    """``make()``, computed once and reused while ``module`` is in eval mode with gradients off
+    and ``sources`` are unchanged (same storage and version): inference binarizes each weight once,
+    not at every call. Training (or any call with gradients) always recomputes."""
+    if module.training or torch.is_grad_enabled():
+        return make()
+    key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources) + (torch.is_inference_mode_enabled(),)
+    cache = module.__dict__.setdefault("_frozen", {})
+    if name not in cache or cache[name][0] != key:
+        cache[name] = (key, make())
+    return cache[name][1]
 
 
 class SparseBranch(nn.Module):
@@ -49,7 +64,7 @@ class SparseBranch(nn.Module):
 
     def forward(self, x: Tensor, channel_dim: int) -> Tensor:
         """``x`` ``[B, Cin, H, W]`` (``channel_dim=1``) or ``[..., Cin]`` (``channel_dim=-1``)."""
-        s = self.dense().to(x.dtype)
+        s = frozen(self, "dense", (self.values, self.indices_float), self.dense).to(x.dtype)
         if channel_dim == 1:
             return F.conv2d(x, s[:, :, None, None])
         return F.linear(x, s)
@@ -99,15 +114,27 @@ def _nnz(in_features: int, out_features: int) -> int:
     return min(2 * max(in_features, out_features), in_features * out_features)
 
 
-def _check_config(layer: str, rank: int, if_LRMB: bool, if_SMB: bool) -> None:
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"{layer}: rank must be a positive integer, got {rank!r}")
-    for key, value in (("if_LRMB", if_LRMB), ("if_SMB", if_SMB)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{layer}: {key} must be true or false, got {value!r}")
+class _SideBranches:
+    """What BiMaCoConv2d and BiMaCoLinear share: the SMB (``skip_connection``) and LRMB (``lora``)
+    construction and the (eval-cached) binarized weight."""
+
+    def _add_side_branches(self, cin: int, cout: int, rank: int, if_LRMB: bool, if_SMB: bool,
+                           conv: bool) -> None:
+        name = type(self).__name__
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"{name}: rank must be a positive integer, got {rank!r}")
+        for key, value in (("if_LRMB", if_LRMB), ("if_SMB", if_SMB)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}: {key} must be true or false, got {value!r}")
+        self.skip_connection = SparseBranch(cout, cin, _nnz(cin, cout)) if if_SMB else None
+        self.lora = LowRankBranch(cin, cout, min(rank, cin, cout), conv=conv) if if_LRMB else None
+
+    def binary_weight(self) -> Tensor:
+        """``alpha * sign(W)`` of the latent weight (DENOISER.md §4.4)."""
+        return frozen(self, "binary_weight", (self.weight,), lambda: binarize_weight(self.weight))
 
 
-class BiMaCoConv2d(QuantLayer, nn.Conv2d):
+class BiMaCoConv2d(QuantLayer, _SideBranches, nn.Conv2d):
     """BiMaCo convolution (official ``BinaryConv2d_ours``), ``[B, Cin, H, W] -> [B, Cout, H', W']``.
 
     ``y = RPReLU(conv(s * sign(x), alpha * sign(W)) + bias)`` plus, on the real-valued input ``x``:
@@ -120,14 +147,10 @@ class BiMaCoConv2d(QuantLayer, nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int = 0, bias: bool = True, rank: int = 8, if_LRMB: bool = True,
                  if_SMB: bool = True):
-        _check_config(type(self).__name__, rank, if_LRMB, if_SMB)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
         self.move0 = LearnableBias((1, in_channels))
         self.relu = RPReLU(out_channels)
-        nnz = _nnz(in_channels, out_channels)
-        self.skip_connection = SparseBranch(out_channels, in_channels, nnz) if if_SMB else None
-        rank = min(rank, in_channels, out_channels)
-        self.lora = LowRankBranch(in_channels, out_channels, rank, conv=True) if if_LRMB else None
+        self._add_side_branches(in_channels, out_channels, rank, if_LRMB, if_SMB, conv=True)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, rank: int = 8, if_LRMB: bool = True,
@@ -153,7 +176,7 @@ class BiMaCoConv2d(QuantLayer, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         xb = binarize_activation(x, dim=1, sign_fn=sign_bireal)
-        y = F.conv2d(xb, binarize_weight(self.weight), self.bias, self.stride, self.padding)
+        y = F.conv2d(xb, self.binary_weight(), self.bias, self.stride, self.padding)
         y = self.relu(y)
         if self.in_channels == self.out_channels and x.shape[2] != y.shape[2]:
             y = y + _resize_shortcut(x, y, self.stride[0])
@@ -171,7 +194,7 @@ def _resize_shortcut(x: Tensor, y: Tensor, stride: int) -> Tensor:
     return F.avg_pool2d(x, kernel_size=stride, stride=stride)
 
 
-class BiMaCoLinear(QuantLayer, nn.Linear):
+class BiMaCoLinear(QuantLayer, _SideBranches, nn.Linear):
     """BiMaCo linear (official ``BinaryLinear_ours``), ``[..., Cin] -> [..., Cout]``.
 
     ``y = linear(s * sign(x), alpha * sign(W), bias) + LRMB(x) + SMB(x)`` with ``s`` the mean of
@@ -181,13 +204,9 @@ class BiMaCoLinear(QuantLayer, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 8,
                  if_LRMB: bool = True, if_SMB: bool = True):
-        _check_config(type(self).__name__, rank, if_LRMB, if_SMB)
         super().__init__(in_features, out_features, bias=bias)
         self.channel_threshold = nn.Parameter(torch.zeros(1, in_features))
-        nnz = _nnz(in_features, out_features)
-        self.skip_connection = SparseBranch(out_features, in_features, nnz) if if_SMB else None
-        rank = min(rank, in_features, out_features)
-        self.lora = LowRankBranch(in_features, out_features, rank, conv=False) if if_LRMB else None
+        self._add_side_branches(in_features, out_features, rank, if_LRMB, if_SMB, conv=False)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, rank: int = 8, if_LRMB: bool = True,
@@ -211,7 +230,7 @@ class BiMaCoLinear(QuantLayer, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         xb = binarize_activation(x, dim=-1, sign_fn=sign_bireal)
-        y = F.linear(xb, binarize_weight(self.weight), self.bias)
+        y = F.linear(xb, self.binary_weight(), self.bias)
         if self.lora is not None:
             y = y + self.lora(x)
         if self.skip_connection is not None:

@@ -132,3 +132,21 @@ def test_every_conv_name_builds_and_runs(name):
     config = {"rank": 2} if "ours" in name else {}
     layer = convert_layer(name, nn.Conv2d(4, 8, 3, padding=1), **config)
     assert isinstance(layer, QuantLayer) and layer(torch.randn(1, 4, 5, 5)).shape == (1, 8, 5, 5)
+
+
+def test_eval_inference_binarizes_once_and_notices_weight_changes():
+    torch.manual_seed(4)
+    layer = BiMaCoConv2d.from_float(nn.Conv2d(8, 8, 3, padding=1)).eval()
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        first = layer(x)
+        cached = layer._frozen["binary_weight"][1]
+        assert torch.equal(layer(x), first) and layer._frozen["binary_weight"][1] is cached
+        layer.skip_connection.values.mul_(3.0)  # in-place edits (optimizer, load_state_dict) invalidate
+        layer.weight.neg_()
+        after = layer(x)
+    torch.testing.assert_close(layer.binary_weight(), -cached, atol=1e-6, rtol=0)
+    assert not torch.equal(after, first)
+    layer.train()
+    layer(x).sum().backward()  # training never uses the cache: gradients flow
+    assert layer.weight.grad is not None and layer.skip_connection.values.grad is not None
