@@ -26,7 +26,8 @@ def split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
 
 def is_binarized(params: Mapping[str, Any]) -> bool:
     """Whether ``params`` asks for binary layers."""
-    return bool(split_params(params)[1].get("conv_quant_modules")) or bool(params.get("binary_linear"))
+    quant = split_params(params)[1]
+    return bool(quant.get("conv_quant_modules") or quant.get("binary_linear"))
 
 
 def build_denoiser(params: Mapping[str, Any]) -> nn.Module:
@@ -38,7 +39,7 @@ def build_denoiser(params: Mapping[str, Any]) -> nn.Module:
     """
     unet_kwargs, quant = split_params(params)
     model = UNetModelSwin(**_plain(unet_kwargs))
-    if quant.get("conv_quant_modules") or quant.get("binary_linear"):
+    if is_binarized(quant):
         binarize(model, _plain(quant))
         _use_quant_key_order(model)
     return model
