@@ -13,12 +13,10 @@
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,8 @@ import torch
 from safetensors.torch import load_file as _safetensors_load
 from safetensors.torch import save_file as _safetensors_save
 from torch import Tensor, nn
+
+from bimacosr.atomic import atomic_write
 
 __all__ = ["CheckpointError", "LoadReport", "read_state_dict", "unwrap_state_dict",
            "save_state_dict", "describe_state_dict", "load_state_dict_into"]
@@ -195,31 +195,17 @@ def save_state_dict(state_dict: Mapping[str, Any], path: PathLike) -> None:
     path = Path(path)
     safetensors = path.suffix == ".safetensors"
     payload = _safetensors_ready(state_dict) if safetensors else dict(state_dict)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    def write(tmp: Path) -> None:
         if safetensors:
-            _safetensors_save(payload, tmp)
+            _safetensors_save(payload, str(tmp))
         else:
             torch.save(payload, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if not isinstance(err, Exception):
-            raise
+    try:
+        atomic_write(path, write)
+    except Exception as err:
         raise CheckpointError(f"could not write {path} ({type(err).__name__}: {err}); any "
                               f"previous file there is unchanged. Check free disk space and "
                               f"write permission.") from err
-    with contextlib.suppress(OSError):  # make the rename durable; not possible on every OS
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def _kind(keys: Any) -> str:
@@ -270,16 +256,20 @@ def _bare_module(model: nn.Module) -> nn.Module:
 
 
 def load_state_dict_into(model: nn.Module, source: PathLike | Mapping[str, Any], *,
-                         strict: bool = True, what: str = "checkpoint") -> LoadReport:
+                         strict: bool = True, what: str = "checkpoint",
+                         path: PathLike | None = None) -> LoadReport:
     """Load weights from a file path or a (possibly wrapped) dict into ``model``, in place.
 
     Values are cast to the model's dtypes as ``nn.Module.load_state_dict`` does. With
     ``strict=True`` any missing, unexpected or shape-mismatched key raises a ``CheckpointError``
     that lists them and says what the file is instead. With ``strict=False`` the matching keys
     are loaded and the rest is logged as a warning. Returns the ``LoadReport`` either way.
+    ``path`` names the file a ``source`` mapping was read from, for the messages. A model built
+    on the meta device (``models.denoiser_skeleton``) gets the file's tensors assigned, cast to
+    its dtypes; it must then have no meta tensor left.
     """
     if isinstance(source, Mapping):
-        name = f"in-memory {what}"
+        name = f"{what} {path}" if path is not None else f"in-memory {what}"
         try:
             loaded = unwrap_state_dict(source)
         except CheckpointError as err:
@@ -313,7 +303,12 @@ def load_state_dict_into(model: nn.Module, source: PathLike | Mapping[str, Any],
             lines.append(f"  hint: {hint}")
         lines.append("  (strict=False loads only the matching keys and returns a report)")
         raise CheckpointError("\n".join(lines))
-    target.load_state_dict(matching, strict=False)
+    on_meta = any(t.is_meta for t in expected.values())
+    if on_meta:
+        matching = {k: v.to(expected[k].dtype) for k, v in matching.items()}
+    target.load_state_dict(matching, strict=False, assign=on_meta)
+    if on_meta and any(t.is_meta for t in target.state_dict().values()):
+        raise CheckpointError(f"{name} leaves tensors of a meta-device model unset; load it strictly")
     if not report.ok:
         log.warning("%s", report)
     return report

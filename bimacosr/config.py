@@ -154,9 +154,9 @@ def _check_type(value: Any, default: Any, name: str, source: Path) -> None:
 
 
 def _fill(table: dict[str, Any]) -> dict[str, Any]:
-    """The defaults as a plain nested dict (OPEN sections left out, ``None`` kept)."""
-    return {key: _fill(value) if isinstance(value, dict) else value
-            for key, value in table.items() if value is not OPEN}
+    """The defaults as a plain nested dict (OPEN sections as ``None``: present, to be given)."""
+    return {key: _fill(value) if isinstance(value, dict) else (None if value is OPEN else value)
+            for key, value in table.items()}
 
 
 def load_config(path: str | Path) -> DictConfig:

@@ -18,7 +18,6 @@ import importlib.util
 import io
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -31,7 +30,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bimacosr.imageio import IMAGE_EXTENSIONS, read_image
+from bimacosr.atomic import atomic_write_text
+from bimacosr.imageio import find_images, read_image
 
 Kind = Literal["fr", "nr", "folder"]
 _NIQE_FALLBACK = Path(__file__).with_name("assets") / "niqe_pris_params.npz"
@@ -172,28 +172,28 @@ def trainer_psnr(sr: torch.Tensor, gt: torch.Tensor) -> float:
     return float(trainer_psnr_per_image(sr, gt).sum())
 
 
-def list_images(folder: Path) -> dict[str, Path]:
-    """Image files directly in ``folder`` by stem (sorted); two files with one stem are an error."""
+def images_by_stem(folder: Path) -> dict[str, Path]:
+    """Image files directly in ``folder`` (``imageio.find_images``) by stem; two files with one
+    stem are an error."""
     if not folder.is_dir():
         raise EvaluationError(f"folder not found: {folder}")
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-            if path.stem in found:
-                raise EvaluationError(f"ambiguous name in {folder}: {found[path.stem].name} and "
-                                      f"{path.name} have the same stem")
-            found[path.stem] = path
+    for path in find_images(folder):
+        if path.stem in found:
+            raise EvaluationError(f"ambiguous name in {folder}: {found[path.stem].name} and "
+                                  f"{path.name} have the same stem")
+        found[path.stem] = path
     return found
 
 
 def pair_by_name(sr_dir: Path, gt_dir: Path | None) -> Pairing:
     """Match SR and GT images by file stem; raise EvaluationError when nothing pairs."""
-    sr = list_images(sr_dir)
+    sr = images_by_stem(sr_dir)
     if not sr:
         raise EvaluationError(f"no images in {sr_dir}")
     if gt_dir is None:
         return Pairing([(p, None) for p in sr.values()], [], [])
-    gt = list_images(gt_dir)
+    gt = images_by_stem(gt_dir)
     pairs = [(p, gt[s]) for s, p in sr.items() if s in gt]
     unpaired_sr = [p.name for s, p in sr.items() if s not in gt]
     unpaired_gt = [p.name for s, p in gt.items() if s not in sr]
@@ -362,19 +362,6 @@ def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
     return Evaluation(names, str(gt) if gt else None, folders, skipped, notes, str(dev))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write text via a temp file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_results(result: Evaluation, out_dir: str | Path) -> dict[str, Path]:
     """Write ``metrics_per_image.csv``, ``metrics_summary.json`` and ``metrics_table.md``."""
     out = Path(out_dir)
@@ -392,7 +379,7 @@ def write_results(result: Evaluation, out_dir: str | Path) -> dict[str, Path]:
              "markdown": out / "metrics_table.md"}
     for key, text in (("csv", buf.getvalue()), ("json", summary + "\n"),
                       ("markdown", result.markdown())):
-        _write_atomic(paths[key], text)
+        atomic_write_text(paths[key], text)
     return paths
 
 

@@ -9,11 +9,10 @@ name; writes are atomic (temp file + ``os.replace``).
 from __future__ import annotations
 
 import os
-import secrets
 import struct
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -21,6 +20,8 @@ from typing import BinaryIO, Literal
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from bimacosr.atomic import atomic_write
 
 Mode = Literal["rgb", "gray", "rgba", "gray_alpha"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -173,18 +174,11 @@ def _png16(samples: np.ndarray) -> bytes:
 
 
 def _atomic_write(path: Path, save: Callable[[BinaryIO], None]) -> None:
-    """Write via a hidden temp file in the target folder, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
+    """``save(file)`` into a temp file, then moved into place (bimacosr/atomic.py)."""
+    def write(tmp: Path) -> None:
         with open(tmp, "xb") as f:
             save(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, write)
 
 
 def write_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor | None = None,
@@ -230,16 +224,39 @@ def write_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor 
     return path
 
 
+_SAME_FORMAT = {".jpg": (".jpg", ".jpeg"), ".jpeg": (".jpg", ".jpeg"), ".tif": (".tif", ".tiff"),
+                ".tiff": (".tif", ".tiff")}
+
+
+def image_extensions(im_exts: str | Iterable[str]) -> tuple[str, ...]:
+    """Extensions to match, lower case with a dot, JPEG and TIFF spellings together:
+    'JPEG' -> ('.jpg', '.jpeg'); ['png', '.WebP'] -> ('.png', '.webp')."""
+    exts = [im_exts] if isinstance(im_exts, str) else list(im_exts)
+    dotted = ["." + e.lower().lstrip(".") for e in exts]
+    return tuple(dict.fromkeys(x for e in dotted for x in _SAME_FORMAT.get(e, (e,))))
+
+
+def find_images(folder: str | os.PathLike, im_exts: str | Iterable[str] = IMAGE_EXTENSIONS,
+                recursive: bool = False) -> list[Path]:
+    """The one rule for image folders: files under ``folder`` (recursively or not) whose extension
+    is one of ``im_exts`` in any case ('jpg'/'jpeg' and 'tif'/'tiff' interchangeable), hidden
+    (dot) files skipped, sorted by path. A missing folder raises FileNotFoundError."""
+    folder, exts = Path(folder), image_extensions(im_exts)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: '{folder}'")
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in candidates if p.suffix.lower() in exts and not p.name.startswith(".") and p.is_file())
+
+
 def list_images(path: str | os.PathLike) -> list[Path]:
-    """A file -> [file]; a folder -> its image files (extensions in IMAGE_EXTENSIONS, any case),
-    non-recursive, hidden (dot) files skipped, sorted by file name."""
+    """A file -> [file]; a folder -> its image files (:func:`find_images`, not recursive); an
+    empty folder is an error naming the accepted extensions."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"input path does not exist: '{path}'")
+        raise FileNotFoundError(f"input path does not exist: '{path.absolute()}'")
     if not path.is_dir():
         return [path]
-    files = sorted((p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
-                    and p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name)
+    files = find_images(path)
     if not files:
         raise ValueError(f"no image files in folder '{path}' "
                          f"(accepted extensions, any case: {', '.join(IMAGE_EXTENSIONS)})")

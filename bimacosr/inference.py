@@ -8,7 +8,6 @@ its own generator seeded by ``seed``, so results do not depend on the order or t
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,20 +15,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
-from torch import nn
 from tqdm import tqdm
 
-from bimacosr.checkpoint import load_state_dict_into
-from bimacosr.config import ConfigError, load_config, require, to_plain
-from bimacosr.deploy import load_deploy, read_deploy_file
-from bimacosr.diffusion import Schedule
+from bimacosr import build
+from bimacosr.config import ConfigError, load_config
 from bimacosr.imageio import ImageReadError, LoadedImage, list_images, read_image, write_image
-from bimacosr.models import build_denoiser, split_params
-from bimacosr.models.autoencoder import VQAutoencoder
 from bimacosr.pipeline import SRPipeline
 from bimacosr.visualize import save_compare
-from bimacosr.weights import resolve_weight
 
 
 @dataclass
@@ -51,67 +43,13 @@ class InferenceOptions:
     ext: str = "png"
     device: str | None = None
     fp32: bool = False
+    precision: str = "auto"
     compare: bool = False
     skip_existing: bool = False
     deploy: Path | None = None
     tile_batch: int = 1
     channels_last: bool = False
     compile: bool = False
-
-
-def pick_device(name: str | None) -> torch.device:
-    """``name`` or, by default, this process's CUDA device (``LOCAL_RANK``) when there is one."""
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def load_denoiser(cfg: DictConfig, ckpt: str | Path, deploy: str | Path | None = None) -> nn.Module:
-    """The denoiser: from a packed deploy file (1-bit integer execution) when ``deploy`` is given,
-    else built from ``model.params`` -- binarized before loading when the config asks for it
-    (``quantparameter.inference.if_quant``, default: whenever there are quant keys), so every
-    branch value comes from ``ckpt``."""
-    params = to_plain(cfg.model.params)
-    if deploy is not None:
-        meta, _ = read_deploy_file(resolve_weight(deploy, what="deploy file (--deploy)"))
-        if json.loads(meta["params"]) != params:
-            raise ConfigError(f"--deploy {deploy} was exported from other model.params than the config's; "
-                              f"re-export it with scripts/export_deploy.py --config <this config>")
-        return load_deploy(deploy)
-    if cfg.get("quantparameter", {}).get("inference", {}).get("if_quant", True) is False:
-        params = split_params(params)[0]
-    denoiser = build_denoiser(params)
-    load_state_dict_into(denoiser, resolve_weight(ckpt, what="denoiser checkpoint (--ckpt)"),
-                         what="denoiser checkpoint")
-    return denoiser
-
-
-def load_pipeline(cfg: DictConfig, ckpt: str | Path, device: torch.device, *, fp16: bool,
-                  sampler: str = "one_step", deploy: str | Path | None = None,
-                  channels_last: bool = False, compile: bool = False) -> SRPipeline:
-    """Build denoiser + autoencoder + schedule from an original config and load the weights.
-
-    ``fp16`` runs the autoencoder in half precision (as the original on GPU); the denoiser stays
-    float32. ``channels_last`` / ``compile`` are speed options that leave the maths unchanged.
-    """
-    require(cfg, "model.params", "diffusion.params", "autoencoder.params", "autoencoder.ckpt_path")
-    denoiser = load_denoiser(cfg, ckpt, deploy)
-    vq = VQAutoencoder(**to_plain(cfg.autoencoder.params))
-    load_state_dict_into(vq, resolve_weight(cfg.autoencoder.ckpt_path, what="autoencoder (autoencoder.ckpt_path)"),
-                         what="autoencoder checkpoint")
-    vq = vq.to(device).eval()
-    if fp16:
-        vq = vq.half()
-    denoiser = denoiser.to(device).eval()
-    if channels_last:
-        denoiser, vq = denoiser.to(memory_format=torch.channels_last), vq.to(memory_format=torch.channels_last)
-    if compile:
-        denoiser = torch.compile(denoiser)
-    diffusion = to_plain(cfg.diffusion.params)
-    return SRPipeline(denoiser, vq, Schedule.from_config(diffusion).to(device),
-                      sampler=sampler, sf=int(diffusion.get("sf", 4)))
 
 
 def output_paths(inputs: list[Path], out_dir: Path, suffix: str, ext: str) -> dict[Path, Path]:
@@ -154,14 +92,14 @@ def run(opts: InferenceOptions) -> int:
     inputs = list_images(opts.in_path)
     targets = output_paths(inputs, opts.out_path, opts.suffix, opts.ext)
     cfg = load_config(opts.config)
-    sf = int(cfg.get("diffusion", {}).get("params", {}).get("sf", 4))
+    sf = build.scale_factor(cfg)
     if opts.scale != sf:
         raise ConfigError(f"--scale {opts.scale} but {opts.config} is a x{sf} model (diffusion.params.sf)")
-    device = pick_device(opts.device)
-    fp16 = device.type == "cuda" and not opts.fp32 and bool(cfg.autoencoder.get("use_fp16", True))
+    device = build.pick_device(opts.device)
+    files = build.inference_files(cfg, opts.ckpt, opts.deploy)
     sampler = "one_step" if opts.one_step else ("ddim" if opts.ddim else "ancestral")
-    pipe = load_pipeline(cfg, opts.ckpt, device, fp16=fp16, sampler=sampler, deploy=opts.deploy,
-                         channels_last=opts.channels_last, compile=opts.compile)
+    pipe = build.build_pipeline(cfg, files, device, precision="fp32" if opts.fp32 else opts.precision,
+                                sampler=sampler, channels_last=opts.channels_last, compile=opts.compile)
     mine = inputs[rank::world]
     failed: list[tuple[Path, str]] = []
     done = skipped = 0

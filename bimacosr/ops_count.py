@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bimacosr.models import build_denoiser
 from bimacosr.models.autoencoder import AttnBlock, VectorQuantizer, VQAutoencoder
 from bimacosr.models.swin import WindowAttention
 from bimacosr.quant.bimaco import LowRankBranch, SparseBranch
@@ -176,23 +175,23 @@ def count_macs(model: nn.Module, run: Callable[[], Any]) -> dict[str, int]:
     return dict(macs)
 
 
-def count_denoiser(params: Mapping[str, Any], latent: int, batch: int = 1) -> Counts:
-    """Counts of the denoiser built from ``params`` (``model.params``) at a ``latent x latent``
-    input, built and run on the ``meta`` device."""
+def count_denoiser(model: nn.Module, latent: int, batch: int = 1) -> Counts:
+    """Counts of a denoiser (best built on the meta device: ``build_denoiser_from_config(cfg,
+    role, meta=True)``) run at a ``latent x latent`` input on the meta device."""
     with torch.device("meta"):
-        model = build_denoiser(params).eval()
+        model = model.to("meta").eval()
         x = torch.zeros(batch, 3, latent, latent)
         counts = count_params(model)
         counts.macs = count_macs(model, lambda: model(x, torch.zeros(batch, dtype=torch.long), lq=x))
     return counts
 
 
-def count_autoencoder(params: Mapping[str, Any], image: int, batch: int = 1) -> tuple[Counts, Counts]:
-    """``(encoder, decoder)`` counts of the VQ autoencoder (``autoencoder.params``) for an
-    ``image x image`` picture: encoder = ``encoder`` + ``quant_conv``; decoder = codebook lookup
-    + ``post_quant_conv`` + ``decoder`` (``decode`` quantises)."""
+def count_autoencoder(vq: VQAutoencoder, image: int, batch: int = 1) -> tuple[Counts, Counts]:
+    """``(encoder, decoder)`` counts of the VQ autoencoder for an ``image x image`` picture, run
+    on the meta device: encoder = ``encoder`` + ``quant_conv``; decoder = codebook lookup +
+    ``post_quant_conv`` + ``decoder`` (``decode`` quantises)."""
     with torch.device("meta"):
-        vq = VQAutoencoder(**params).eval()
+        vq = vq.to("meta").eval()
         x = torch.zeros(batch, 3, image, image)
         encoder = count_params(nn.ModuleList([vq.encoder, vq.quant_conv]))
         encoder.macs = count_macs(vq, lambda: vq.encode(x))

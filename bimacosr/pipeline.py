@@ -64,7 +64,9 @@ class SRPipeline:
 
     ``denoiser(x, t, lq=lq)`` predicts x0; ``sampler`` is ``"one_step"`` (BiMaCoSR/SinSR),
     ``"ddim"`` or ``"ancestral"`` (ResShift). ``min_size`` is the LR multiple each tile is padded
-    to (64 for the released UNet: the latent must be a multiple of 64).
+    to (64 for the released UNet: the latent must be a multiple of 64). ``autocast`` runs the
+    encoder, denoiser and decoder under ``torch.autocast`` with that dtype (bf16 on CPUs that
+    compute it natively; see ``build.resolve_precision``); None keeps the modules' own dtypes.
     """
 
     denoiser: nn.Module
@@ -73,6 +75,7 @@ class SRPipeline:
     sampler: str = "one_step"
     sf: int = 4
     min_size: int = 64
+    autocast: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -92,14 +95,16 @@ class SRPipeline:
         """
         h, w = y0.shape[-2:]
         lq = pad_to_multiple(y0, self.min_size)
-        z_y = encode_first_stage(self.autoencoder, lq, up_sample=True, sf=self.sf)
-        x_t = prior_sample(z_y, self.schedule, noise_fn(z_y))
+        dtype = self.autocast or torch.float32
+        with torch.autocast(lq.device.type, dtype=dtype, enabled=self.autocast is not None):
+            z_y = encode_first_stage(self.autoencoder, lq, up_sample=True, sf=self.sf).float()
+            x_t = prior_sample(z_y, self.schedule, noise_fn(z_y))
 
-        def model_fn(x_in: Tensor, t: Tensor) -> Tensor:
-            return self.denoiser(x_in, t, lq=lq)
+            def model_fn(x_in: Tensor, t: Tensor) -> Tensor:
+                return self.denoiser(x_in, t, lq=lq).float()
 
-        z0 = SAMPLERS[self.sampler](model_fn, x_t, z_y, self.schedule, noise_fn=noise_fn)
-        sr = decode_first_stage(self.autoencoder, z0)
+            z0 = SAMPLERS[self.sampler](model_fn, x_t, z_y, self.schedule, noise_fn=noise_fn)
+            sr = decode_first_stage(self.autoencoder, z0).float()
         return sr[..., : self.sf * h, : self.sf * w].clamp(-1.0, 1.0)
 
     @torch.inference_mode()

@@ -14,10 +14,10 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
 
+from bimacosr import build
 from bimacosr.checkpoint import save_state_dict
 from bimacosr.config import to_plain
-from bimacosr.models import build_denoiser, split_params
-from bimacosr.models.autoencoder import VQAutoencoder
+from bimacosr.models import split_params
 from bimacosr.quant import binarize
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "cat")
@@ -65,12 +65,11 @@ def write_smoke_assets(cfg: DictConfig, root: str | Path = ".", n_train: int = 8
     ``root``; returns the written weight paths by role."""
     root = Path(root)
     torch.manual_seed(seed)
-    teacher = randomize(build_denoiser(to_plain(cfg.model_teacher.params)))
-    fp_params, quant = split_params(to_plain(cfg.model.params))
-    sinsr = randomize(build_denoiser(fp_params))
+    teacher = randomize(build.build_denoiser_from_config(cfg, "teacher"))
+    sinsr = randomize(build.build_denoiser_from_config(cfg, "fp"))
     sinsr_state = {k: v.clone() for k, v in sinsr.state_dict().items()}
-    student = binarize(sinsr, quant)
-    vq = VQAutoencoder(**to_plain(cfg.autoencoder.params))
+    student = binarize(sinsr, split_params(to_plain(cfg.model.params))[1])
+    vq = build.build_autoencoder(cfg, weights=False)
     weights = {
         "teacher": root / cfg.model.teacher_ckpt_path,
         "sinsr": root / cfg.quantparameter.train.pretained_model,

@@ -1,14 +1,15 @@
 """Side-by-side comparison pictures (``inference_quant.py --compare``): people look before they read
 numbers.
 
-A panel has two rows, each tile under a small text label, tiles and rows split by thin white
+A panel has two rows, each tile under a text label, tiles and rows split by thin white
 separators::
 
-    LR nearest xs | bicubic xs | SR
+    LR nearest xs | bicubic xs | SR            (a red box marks where the crop comes from)
     the same detail crop of each of the three, zoomed x2 (nearest)
 
 The crop is the window of the SR (a quarter of its area by default) with the most detail: the
-largest mean gradient magnitude of its luma.
+largest mean gradient magnitude of its luma. :func:`panel` lays out any rows of labelled tiles
+(the trainer's validation grids use it too).
 """
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ from torch import Tensor
 
 from bimacosr.imageio import write_image
 
-__all__ = ["LABEL_H", "SEP", "ZOOM", "compare_panel", "detail_window", "save_compare"]
+__all__ = ["LABEL_H", "SEP", "ZOOM", "BOX", "compare_panel", "detail_window", "panel", "save_compare"]
 
-LABEL_H = 12  # height of the label strip above each tile (px)
+LABEL_H = 22  # height of the label strip above each tile (px)
 SEP = 2  # width of the separators between tiles and rows (px)
 ZOOM = 2  # nearest-neighbour zoom of the crops
+BOX = 2  # line width of the red box marking the crop on the full views (px)
 BACKGROUND = 1.0  # label strips and separators are white; labels are black
-_FONT = ImageFont.load_default()
+_FONT = ImageFont.load_default(size=16)
 
 
 def _rgb(x: Tensor, name: str) -> Tensor:
@@ -61,25 +63,37 @@ def _label(text: str, width: int) -> Tensor:
     return torch.from_numpy(np.asarray(strip, dtype=np.float32) / 255.0).expand(3, -1, -1)
 
 
-def _row(tiles: list[tuple[str, Tensor]]) -> Tensor:
-    """Labelled tiles ([3, h, w_i] each, same h) side by side with SEP-wide separators."""
-    parts = []
-    for i, (text, img) in enumerate(tiles):
+def panel(rows: list[list[tuple[str | None, Tensor]]]) -> Tensor:
+    """Rows of labelled tiles ``(label or None, [3, h, w] in [0, 1])`` -> one ``[3, H, W]`` image:
+    tiles of a row share their height and sit side by side under LABEL_H-high label strips (blank
+    for a None label; no strips in a row without labels); SEP px of white between tiles and between rows, rows right-padded."""
+    built = []
+    for tiles in rows:
+        labelled = any(text is not None for text, _ in tiles)
+        parts = []
+        for i, (text, img) in enumerate(tiles):
+            tile = torch.cat([_label(text or "", img.shape[2]), img], dim=1) if labelled else img
+            if i:
+                parts.append(torch.full((3, tile.shape[1], SEP), BACKGROUND))
+            parts.append(tile)
+        built.append(torch.cat(parts, dim=2))
+    width = max(r.shape[2] for r in built)
+    out = []
+    for i, r in enumerate(built):
         if i:
-            parts.append(torch.full((3, LABEL_H + img.shape[1], SEP), BACKGROUND))
-        parts.append(torch.cat([_label(text, img.shape[2]), img], dim=1))
-    return torch.cat(parts, dim=2)
+            out.append(torch.full((3, SEP, width), BACKGROUND))
+        out.append(F.pad(r, (0, width - r.shape[2]), value=BACKGROUND))
+    return torch.cat(out, dim=1)
 
 
-def _stack(rows: list[Tensor]) -> Tensor:
-    """Rows stacked top to bottom with SEP-high separators, right-padded to the widest."""
-    width = max(r.shape[2] for r in rows)
-    parts = []
-    for i, r in enumerate(rows):
-        if i:
-            parts.append(torch.full((3, SEP, width), BACKGROUND))
-        parts.append(F.pad(r, (0, width - r.shape[2]), value=BACKGROUND))
-    return torch.cat(parts, dim=1)
+def draw_box(img: Tensor, y: int, x: int, h: int, w: int, width: int = BOX) -> Tensor:
+    """A copy of ``img`` ([3, H, W]) with a red ``width``-px outline inside the window."""
+    out = img.clone()
+    red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    for top, left, hh, ww in ((y, x, width, w), (y + h - width, x, width, w),
+                              (y, x, h, width), (y, x + w - width, h, width)):
+        out[:, max(top, 0):top + hh, max(left, 0):left + ww] = red
+    return out
 
 
 def compare_panel(lr: Tensor, sr: Tensor, *, crop: int | None = None) -> Tensor:
@@ -89,7 +103,8 @@ def compare_panel(lr: Tensor, sr: Tensor, *, crop: int | None = None) -> Tensor:
     BiMaCoSR). Top row: LR nearest xs | bicubic xs (torch, clamped) | SR, each s*h x s*w. Bottom
     row: the same window of each, zoomed x``ZOOM``; the window is ``crop`` x ``crop`` SR pixels
     (clipped to the image), by default half the SR height by half its width, placed by
-    ``detail_window``. Tiles sit under LABEL_H-high labels, separated by SEP px of white.
+    ``detail_window`` and outlined in red (BOX px, inside the window) on the top row. Tiles sit
+    under LABEL_H-high labels, separated by SEP px of white.
     """
     low, high = _rgb(lr, "lr"), _rgb(sr, "sr")
     (h, w), (big_h, big_w) = low.shape[1:], high.shape[1:]
@@ -108,7 +123,8 @@ def compare_panel(lr: Tensor, sr: Tensor, *, crop: int | None = None) -> Tensor:
     zoomed = [(f"{name.split()[0]} crop x{ZOOM}",
                img[:, y:y + ch, x:x + cw].repeat_interleave(ZOOM, 1).repeat_interleave(ZOOM, 2))
               for name, img in columns]
-    return _stack([_row(columns), _row(zoomed)])
+    marked = [(name, draw_box(img, y, x, ch, cw)) for name, img in columns]
+    return panel([marked, zoomed])
 
 
 def save_compare(path: str | os.PathLike, lr: Tensor, sr: Tensor, *,

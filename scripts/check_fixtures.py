@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from bimacosr.fixtures import check_paths
+from bimacosr.parity import check_paths
 
 
 def main() -> int:

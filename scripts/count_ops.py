@@ -11,13 +11,11 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from bimacosr.config import load_config, to_plain
-from bimacosr.ops_count import (
-    complete_rule,
-    count_autoencoder,
-    count_denoiser,
-    paper_rule,
-)
+import torch
+
+from bimacosr.build import build_autoencoder, build_denoiser_from_config
+from bimacosr.config import load_config
+from bimacosr.ops_count import complete_rule, count_autoencoder, count_denoiser, paper_rule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,9 +30,11 @@ def main() -> None:
         parser.error("--latent must be a positive multiple of 64 (the Swin windows need it)")
 
     cfg = load_config(args.config)
-    fp = count_denoiser(to_plain(cfg.model_teacher.params), args.latent)
-    bm = count_denoiser(to_plain(cfg.model.params), args.latent)
-    enc, dec = count_autoencoder(to_plain(cfg.autoencoder.params), 4 * args.latent)
+    fp = count_denoiser(build_denoiser_from_config(cfg, "teacher", meta=True), args.latent)
+    bm = count_denoiser(build_denoiser_from_config(cfg, "student", meta=True), args.latent)
+    with torch.device("meta"):
+        vq = build_autoencoder(cfg, "meta", weights=False)
+    enc, dec = count_autoencoder(vq, 4 * args.latent)
     columns = {
         "FP UNet (paper rule)": (paper_rule(fp), paper_rule(fp)),
         "BiMaCo (paper rule)": (paper_rule(bm), paper_rule(fp)),

@@ -20,7 +20,9 @@ sys.path.insert(0, str(REPO))
 
 from bimacosr.checkpoint import CheckpointError
 from bimacosr.config import ConfigError
-from bimacosr.deploy import DeployFileError, export_checkpoint, load_deploy
+from bimacosr.build import export_checkpoint
+from bimacosr.deploy import DeployFileError, load_deploy
+from bimacosr.weights import MissingWeightsError
 
 
 def check(ckpt: Path, config: Path, out: Path, size: int = 64) -> tuple[float, float]:
@@ -28,13 +30,11 @@ def check(ckpt: Path, config: Path, out: Path, size: int = 64) -> tuple[float, f
     one random latent/LR pair (t = 0). Per layer, each deploy layer gets its simulated twin's
     input; the whole-model number can be large on random weights (sign flips of near-zero
     activations, see bimacosr/deploy/check.py), not on trained ones."""
-    from bimacosr.checkpoint import load_state_dict_into, read_state_dict
-    from bimacosr.config import load_config, to_plain
+    from bimacosr.build import InferenceFiles, build_inference_denoiser
+    from bimacosr.config import load_config
     from bimacosr.deploy.check import layerwise_max_diff, model_max_diff
-    from bimacosr.models import build_denoiser
 
-    simulated = build_denoiser(to_plain(load_config(config).model.params)).eval()
-    load_state_dict_into(simulated, read_state_dict(ckpt), what="BiMaCo checkpoint")
+    simulated = build_inference_denoiser(load_config(config), InferenceFiles(None, ckpt=ckpt))
     deployed = load_deploy(out)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, size, size, generator=gen)
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             per_layer, whole = check(args.ckpt, args.config, args.out)
             print(f"max |deploy - simulated| on a random 64x64 input: per layer {per_layer:.3g}, "
                   f"whole model {whole:.3g}")
-    except (CheckpointError, ConfigError, DeployFileError, ValueError) as err:
+    except (CheckpointError, ConfigError, DeployFileError, MissingWeightsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -11,7 +11,7 @@ from torch import Tensor
 from bimacosr.diffusion.sampling import (ddim_step, predict_x0, prior_sample, q_sample,
                                          sample_ancestral, sample_ddim, sample_one_step)
 from bimacosr.diffusion.schedule import Schedule, space_timesteps
-from bimacosr.fixtures import check_file
+from bimacosr.parity import check_file
 
 torch.set_num_threads(2)
 

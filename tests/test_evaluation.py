@@ -17,7 +17,7 @@ from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from bimacosr.evaluation import EvaluationError, evaluate, missing_weights, pair_by_name
-from bimacosr.fixtures import check_file
+from bimacosr.parity import check_file
 
 REPO = Path(__file__).resolve().parents[1]
 G_METRICS = REPO.parent / "shared/reference/fixtures/pipeline/g_metrics.pt"

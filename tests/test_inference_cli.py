@@ -119,7 +119,7 @@ def test_torchrun_splits_files_across_processes(workdir):
 
 
 def test_packed_deploy_file_runs_batched_tiles(workdir):
-    from bimacosr.deploy import export_checkpoint
+    from bimacosr.build import export_checkpoint
 
     export_checkpoint(workdir / "data/smoke/weights/bimacosr.pth", CONFIG, workdir / "deploy.safetensors")
     result = run(workdir, "-i", "lr/astronaut.png", "-o", "dep", "--deploy", "deploy.safetensors",

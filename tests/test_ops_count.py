@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from bimacosr.config import load_config, to_plain
-from bimacosr.models.autoencoder import VQAutoencoder
+from bimacosr.build import build_autoencoder, build_denoiser_from_config
+from bimacosr.config import load_config
 from bimacosr.ops_count import (
     complete_rule,
     count_autoencoder,
@@ -17,12 +17,12 @@ CFG = load_config(REPO / "configs/BiMaCoSR.yaml")
 
 @pytest.fixture(scope="module")
 def fp():
-    return count_denoiser(to_plain(CFG.model_teacher.params), 64)
+    return count_denoiser(build_denoiser_from_config(CFG, "teacher", meta=True), 64)
 
 
 @pytest.fixture(scope="module")
 def bimaco():
-    return count_denoiser(to_plain(CFG.model.params), 64)
+    return count_denoiser(build_denoiser_from_config(CFG, "student", meta=True), 64)
 
 
 def test_fp_unet(fp):
@@ -66,10 +66,10 @@ def test_rules(bimaco):
 
 
 def test_autoencoder_split_covers_every_parameter():
-    params = to_plain(CFG.autoencoder.params)
-    encoder, decoder = count_autoencoder(params, 64)
     with torch.device("meta"):
-        total = sum(p.numel() for p in VQAutoencoder(**params).parameters())
+        vq = build_autoencoder(CFG, "meta", weights=False)
+    encoder, decoder = count_autoencoder(vq, 64)
+    total = sum(p.numel() for p in vq.parameters())
     assert encoder.total_params + decoder.total_params == total
     assert decoder.params["codebook"] == 8192 * 3
     # mid-block attention over all (64/4)^2 = 256 positions at 512 channels, in both stages

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from bimacosr.checkpoint import load_state_dict_into
 from bimacosr.config import load_config, to_plain
 from bimacosr.diffusion import Schedule
-from bimacosr.fixtures import check_file
+from bimacosr.parity import check_file
 from bimacosr.models import build_denoiser
 from bimacosr.models.autoencoder import VQAutoencoder
 from bimacosr.pipeline import SRPipeline, pad_to_multiple, tile_starts

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bimacosr.imageio import read_image
-from bimacosr.visualize import LABEL_H, SEP, ZOOM, compare_panel, detail_window, save_compare
+from bimacosr.visualize import BOX, LABEL_H, SEP, ZOOM, compare_panel, detail_window, panel, save_compare
 
 
 def cubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
@@ -58,9 +58,14 @@ def test_tiles_hold_nearest_bicubic_sr_and_the_zoomed_crop():
     ch, cw = big_h // 2, big_w // 2
     y, x = detail_window(sr[0], (ch, cw))
     top, bottom = LABEL_H, LABEL_H + big_h + SEP + LABEL_H
+    box = np.zeros((big_h, big_w), bool)  # the red outline marking the crop, BOX px inside it
+    box[y:y + ch, x:x + cw] = True
+    box[y + BOX:y + ch - BOX, x + BOX:x + cw - BOX] = False
     for k, tile in enumerate(expected):
         x0 = k * (big_w + SEP)
-        np.testing.assert_allclose(panel[:, top:top + big_h, x0:x0 + big_w], tile, atol=1e-5)
+        full = panel[:, top:top + big_h, x0:x0 + big_w]
+        np.testing.assert_allclose(full[:, ~box], tile[:, ~box], atol=1e-5)
+        assert (full[:, box] == np.array([[1.0], [0.0], [0.0]])).all()
         crop = np.kron(tile[:, y:y + ch, x:x + cw], np.ones((1, ZOOM, ZOOM)))
         x0 = k * (ZOOM * cw + SEP)
         np.testing.assert_allclose(panel[:, bottom:bottom + ZOOM * ch, x0:x0 + ZOOM * cw], crop,
@@ -103,3 +108,12 @@ def test_save_compare_writes_a_readable_png(tmp_path):
     panel = compare_panel(lr, sr)
     assert image.mode == "rgb" and image.rgb.shape[1:] == panel.shape
     assert (image.rgb[0] - panel).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def test_panel_lays_out_labelled_rows_of_any_width():
+    a, b = torch.zeros(3, 4, 5), torch.full((3, 6, 3), 0.5)
+    out = panel([[("a", a), (None, a)], [(None, b)]])
+    assert tuple(out.shape) == (3, LABEL_H + 4 + SEP + 6, 5 + SEP + 5)
+    assert torch.equal(out[:, LABEL_H:LABEL_H + 4, :5], a)
+    assert (out[:, :LABEL_H, :5].min() < 0.5) and (out[:, :LABEL_H, 5 + SEP:] == 1).all()  # only "a" labelled
+    assert torch.equal(out[:, LABEL_H + 4 + SEP:, :3], b) and (out[:, LABEL_H + 4 + SEP:, 3:] == 1).all()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,34 +16,12 @@ from torch.utils.data import Dataset
 from bimacosr.config import to_plain
 from bimacosr.data.kernels import BlurKernelOptions, sample_final_sinc
 from bimacosr.data.transforms import area_resize, augment, pad_to_square, random_crop
-from bimacosr.imageio import read_image
+from bimacosr.imageio import find_images, image_extensions, read_image
 
 TRAIN_TYPES, VAL_TYPES = ("realesrgan",), ("folder",)
 # The released config's kernels of the first and the second degradation order.
 BLUR1 = BlurKernelOptions()
 BLUR2 = BlurKernelOptions(pad_size=15, blur_sigma=(0.2, 1.5))
-
-
-_SAME_FORMAT = {".jpg": (".jpg", ".jpeg"), ".jpeg": (".jpg", ".jpeg"), ".tif": (".tif", ".tiff"),
-                ".tiff": (".tif", ".tiff")}
-
-
-def _extensions(im_exts: str | Iterable[str]) -> tuple[str, ...]:
-    """Extensions to match, lower case with a dot, JPEG and TIFF spellings together:
-    'JPEG' -> ('.jpg', '.jpeg'); ['png', '.WebP'] -> ('.png', '.webp')."""
-    exts = [im_exts] if isinstance(im_exts, str) else list(im_exts)
-    dotted = ["." + e.lower().lstrip(".") for e in exts]
-    return tuple(dict.fromkeys(x for e in dotted for x in _SAME_FORMAT.get(e, (e,))))
-
-
-def find_images(folder: str | os.PathLike, im_exts: str | Iterable[str], recursive: bool = True) -> list[Path]:
-    """Files under ``folder`` (recursively or not) whose extension is one of ``im_exts`` in any
-    case ('jpg'/'jpeg' and 'tif'/'tiff' interchangeable), hidden (dot) files skipped, sorted by path. A missing folder raises FileNotFoundError."""
-    folder, exts = Path(folder), _extensions(im_exts)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: '{folder}'")
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in candidates if p.suffix.lower() in exts and not p.name.startswith(".") and p.is_file())
 
 
 class RealESRGANDataset(Dataset):
@@ -79,7 +57,7 @@ class RealESRGANDataset(Dataset):
             self.paths += [Path(line.strip()) for line in Path(txt).read_text().splitlines() if line.strip()]
         if not self.paths:
             raise ValueError(f"no training images found in {[str(d) for d in dir_paths]} with extensions "
-                             f"{list(_extensions(im_exts))} (any case, recursive)"
+                             f"{list(image_extensions(im_exts))} (any case, recursive)"
                              + (f" nor listed in {[str(t) for t in txt_file_paths]}" if txt_file_paths else ""))
         self.gt_size, self.crop_pad_size, self.rescale_gt = gt_size, crop_pad_size, rescale_gt
         self.use_hflip, self.use_rot = use_hflip, use_rot
@@ -123,7 +101,7 @@ class PairedFolderDataset(Dataset):
         lr_dir, hr_dir = Path(lr_dir), Path(hr_dir)
         lr_files = find_images(lr_dir, im_exts, recursive)
         if not lr_files:
-            raise ValueError(f"no validation images in '{lr_dir}' with extensions {list(_extensions(im_exts))} (any case)")
+            raise ValueError(f"no validation images in '{lr_dir}' with extensions {list(image_extensions(im_exts))} (any case)")
         if not hr_dir.is_dir():
             raise FileNotFoundError(f"HR folder not found: '{hr_dir}'")
         unpaired = [str(p.relative_to(lr_dir)) for p in lr_files if not (hr_dir / p.relative_to(lr_dir)).is_file()]

@@ -1,5 +1,7 @@
 """Networks: the Swin-UNet denoiser (FP or binarized) and the VQ-f4 autoencoder."""
-from bimacosr.models.denoiser import build_denoiser, is_binarized, split_params
+from bimacosr.models.denoiser import (build_denoiser, denoiser_skeleton, is_binarized, recompute_buffers,
+                                      split_params)
 from bimacosr.models.unet import UNetModelSwin
 
-__all__ = ["build_denoiser", "is_binarized", "split_params", "UNetModelSwin"]
+__all__ = ["build_denoiser", "denoiser_skeleton", "is_binarized", "recompute_buffers", "split_params",
+           "UNetModelSwin"]

@@ -2,14 +2,24 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from bimacosr.models.swin import SwinTransformerBlock
+from bimacosr.config import to_plain
+from bimacosr.models.swin import (
+    SwinTransformerBlock,
+    relative_position_index,
+    shift_window_mask,
+)
 from bimacosr.models.unet import UNetModelSwin
 from bimacosr.quant.convert import QUANT_KEYS, binarize
+
+RECOMPUTED_BUFFERS = ("attn_mask", "relative_position_index")
+"""Buffers a loader may leave out: :func:`recompute_buffers` rebuilds them from the structure."""
 
 
 def split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -38,11 +48,44 @@ def build_denoiser(params: Mapping[str, Any]) -> nn.Module:
     loads a BiMaCoSR checkpoint (branch values come from the checkpoint, not from this init).
     """
     unet_kwargs, quant = split_params(params)
-    model = UNetModelSwin(**_plain(unet_kwargs))
+    model = UNetModelSwin(**to_plain(unet_kwargs))
     if is_binarized(quant):
-        binarize(model, _plain(quant))
+        binarize(model, to_plain(quant))
         _use_quant_key_order(model)
     return model
+
+
+def denoiser_skeleton(params: Mapping[str, Any], *, binarized: bool = True) -> nn.Module:
+    """The structure of ``build_denoiser(params)`` on the meta device: no memory, no weight init
+    (no SVD / top-k), built in seconds; every tensor must then come from a file (load with
+    ``assign=True``). ``binarized=False`` gives the Swin-UNet before the replace pass, in the
+    binarized model's key order (the deploy loader swaps its own layers in)."""
+    with torch.device("meta"):
+        if binarized:
+            return build_denoiser(params)
+        model = UNetModelSwin(**to_plain(split_params(params)[0]))
+    if is_binarized(params):
+        _use_quant_key_order(model)
+    return model
+
+
+def recompute_buffers(model: nn.Module) -> None:
+    """Replace every meta ``relative_position_index`` / ``attn_mask`` buffer of ``model`` with the
+    value its constructor computes (they depend on the window and resolution only)."""
+    for module in model.modules():
+        for name in RECOMPUTED_BUFFERS:
+            value = module._buffers.get(name)
+            if value is not None and value.is_meta:
+                module._buffers[name] = _recomputed(module, name, value.shape)
+
+
+def _recomputed(module: nn.Module, name: str, shape: torch.Size) -> Tensor:
+    if name == "relative_position_index":
+        return relative_position_index(math.isqrt(module.relative_position_bias_table.shape[0]) // 2 + 1)
+    if not isinstance(module, SwinTransformerBlock):
+        raise ValueError(f"unexpected buffer {name!r} in a {type(module).__name__}")
+    resolution = module.window * math.isqrt(shape[0])
+    return shift_window_mask(resolution, resolution, module.window, module.shift)
 
 
 def _use_quant_key_order(model: nn.Module) -> None:
@@ -52,11 +95,3 @@ def _use_quant_key_order(model: nn.Module) -> None:
         if isinstance(module, SwinTransformerBlock):
             module._modules["norm2"] = module._modules.pop("norm2")
 
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers / tuples -> plain dicts and lists."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
-        return [_plain(v) for v in value]
-    return value

@@ -9,7 +9,6 @@ compatibility but never read.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bimacosr.models.layers import GroupNorm32

@@ -20,14 +20,14 @@ from bimacosr.quant.binarize import binarize_activation, binarize_weight, sign_b
 from bimacosr.quant.common import LearnableBias, QuantLayer, RPReLU
 
 
-def frozen(module: nn.Module, name: str, sources: tuple[Tensor, ...], make: Callable[[], Tensor]) -> Tensor:
+def eval_cached(module: nn.Module, name: str, sources: tuple[Tensor, ...], make: Callable[[], Tensor]) -> Tensor:
     """``make()``, computed once and reused while ``module`` is in eval mode with gradients off
     and ``sources`` are unchanged (same storage and version): inference binarizes each weight once,
     not at every call. Training (or any call with gradients) always recomputes."""
     if module.training or torch.is_grad_enabled():
         return make()
     key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources) + (torch.is_inference_mode_enabled(),)
-    cache = module.__dict__.setdefault("_frozen", {})
+    cache = module.__dict__.setdefault("_eval_cache", {})
     if name not in cache or cache[name][0] != key:
         cache[name] = (key, make())
     return cache[name][1]
@@ -64,7 +64,7 @@ class SparseBranch(nn.Module):
 
     def forward(self, x: Tensor, channel_dim: int) -> Tensor:
         """``x`` ``[B, Cin, H, W]`` (``channel_dim=1``) or ``[..., Cin]`` (``channel_dim=-1``)."""
-        s = frozen(self, "dense", (self.values, self.indices_float), self.dense).to(x.dtype)
+        s = eval_cached(self, "dense", (self.values, self.indices_float), self.dense).to(x.dtype)
         if channel_dim == 1:
             return F.conv2d(x, s[:, :, None, None])
         return F.linear(x, s)
@@ -131,7 +131,7 @@ class _SideBranches:
 
     def binary_weight(self) -> Tensor:
         """``alpha * sign(W)`` of the latent weight (DENOISER.md §4.4)."""
-        return frozen(self, "binary_weight", (self.weight,), lambda: binarize_weight(self.weight))
+        return eval_cached(self, "binary_weight", (self.weight,), lambda: binarize_weight(self.weight))
 
 
 class BiMaCoConv2d(QuantLayer, _SideBranches, nn.Conv2d):

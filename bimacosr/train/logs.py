@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 TRAIN_FIELDS = ("step", "loss", "lr", "sec_per_iter")
@@ -72,14 +71,3 @@ class RunLogger:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
-
-
-def grid(rows: list[list[torch.Tensor]], pad: int = 2) -> torch.Tensor:
-    """Tile images ``[3, H, W]`` in [0, 1] (all the same size) into ``[3, H', W']`` with white gaps."""
-    h, w = rows[0][0].shape[-2:]
-    cols = max(len(r) for r in rows)
-    out = torch.ones(3, len(rows) * (h + pad) - pad, cols * (w + pad) - pad)
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            out[:, i * (h + pad): i * (h + pad) + h, j * (w + pad): j * (w + pad) + w] = image
-    return out

@@ -16,26 +16,21 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from bimacosr.checkpoint import load_state_dict_into
-from bimacosr.config import ConfigError, load_config, require, to_plain
+from bimacosr import build
+from bimacosr.checkpoint import CheckpointError, load_state_dict_into, read_state_dict
+from bimacosr.config import ConfigError, load_config, require
 from bimacosr.data.datasets import build_train_dataset, build_val_dataset
 from bimacosr.data.degradation import degrade
-from bimacosr.diffusion import Schedule
-from bimacosr.models import build_denoiser, split_params
-from bimacosr.models.autoencoder import VQAutoencoder
-from bimacosr.quant import binarize
 from bimacosr.train import state
 from bimacosr.train.batches import BatchPlan, EpochIndexed, PairPool, PlanSampler, chunk_seed
 from bimacosr.train.distill import distill_loss, ema_update, lr_at
 from bimacosr.train.logs import RunLogger
 from bimacosr.train.validate import validate
-from bimacosr.weights import resolve_weight
 
 
 @dataclass
@@ -83,40 +78,6 @@ def init_distributed() -> Dist:
     return Dist(rank, world, device)
 
 
-def frozen(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def build_models(cfg: DictConfig, device: torch.device) -> tuple[nn.Module, nn.Module, VQAutoencoder]:
-    """Teacher (FP, frozen), student (SinSR weights then BiMaCo layers), VQ-f4 (frozen)."""
-    require(cfg, "model.params", "model_teacher.params", "model.teacher_ckpt_path", "autoencoder.params",
-            "autoencoder.ckpt_path", "diffusion.params", "degradation", "data.train", "train")
-    teacher = build_denoiser(to_plain(cfg.model_teacher.params))
-    load_state_dict_into(teacher, resolve_weight(cfg.model.teacher_ckpt_path, what="teacher (model.teacher_ckpt_path)"),
-                         what="teacher checkpoint")
-    fp_params, quant = split_params(to_plain(cfg.model.params))
-    qtrain = cfg.get("quantparameter", {}).get("train", {})
-    student = build_denoiser(fp_params)
-    init = qtrain.get("pretained_model")
-    if qtrain.get("if_quant", True) and qtrain.get("quant_before_load", False):
-        binarize(student, quant)
-    if init:
-        load_state_dict_into(student, resolve_weight(init, what="student init (quantparameter.train.pretained_model)"),
-                             what="student init checkpoint")
-    if qtrain.get("if_quant", True) and not qtrain.get("quant_before_load", False):
-        binarize(student, quant)  # branches initialised from the loaded FP (SinSR) weights
-    vq = VQAutoencoder(**to_plain(cfg.autoencoder.params))
-    load_state_dict_into(vq, resolve_weight(cfg.autoencoder.ckpt_path, what="autoencoder (autoencoder.ckpt_path)"),
-                         what="autoencoder checkpoint")
-    vq = frozen(vq.to(device))
-    if device.type == "cuda" and cfg.autoencoder.get("use_fp16", True):
-        vq = vq.half()
-    return frozen(teacher.to(device)), student.to(device).train(), vq
-
-
 class Trainer:
     """Holds the models, optimizer, EMA and data of a run; ``fit()`` trains to the end."""
 
@@ -125,34 +86,39 @@ class Trainer:
         cfg = load_config(opts.cfg_path)
         if opts.steps:
             cfg.diffusion.params.steps = opts.steps
+        require(cfg, "model.params", "model_teacher.params", "model.teacher_ckpt_path", "autoencoder.params",
+                "autoencoder.ckpt_path", "diffusion.params", "degradation", "data.train", source=str(opts.cfg_path))
         self.cfg, self.tcfg = cfg, cfg.train
         self.run_dir = Path(opts.save_dir)
-        self.seed = int(self.tcfg.get("seed", 123456))
+        self.seed = int(self.tcfg.seed)
         self.iterations = int(opts.iterations or self.tcfg.iterations)
         self.base_lr = float(self.tcfg.lr)
-        self.milestones = tuple(int(m) for m in self.tcfg.get("milestones", [2000, 10000]))
-        self.schedule = Schedule.from_config(to_plain(cfg.diffusion.params)).to(env.device)
-        self.sf = int(cfg.diffusion.params.get("sf", 4))
+        self.milestones = tuple(int(m) for m in self.tcfg.milestones)
+        self.schedule = build.build_schedule(cfg, env.device)
+        self.sf = self.schedule.sf
         self.train_set = build_train_dataset(cfg.data.train, seed=self.seed)
-        self.val_set = build_val_dataset(cfg.data.val) if cfg.data.get("val") else None
+        self.val_set = build_val_dataset(cfg.data.val) if cfg.data.val else None
         batch = self.tcfg.batch
-        self.plan = BatchPlan(len(self.train_set), int(batch[0] if OmegaConf.is_list(batch) else batch), env.world,
-                              env.rank, int(self.tcfg.get("microbatch", batch[0])), self.seed)
+        batch = int(batch[0] if OmegaConf.is_list(batch) else batch)
+        self.plan = BatchPlan(len(self.train_set), batch, env.world, env.rank, int(self.tcfg.microbatch or batch),
+                              self.seed)
         torch.manual_seed(self.seed)  # same random init on every rank (e.g. BiDM's shortcut convs)
-        self.teacher, student, self.vq = build_models(cfg, env.device)
-        self.student = student
+        self.teacher = build.build_teacher(cfg, env.device)
+        self.student = student = build.build_student(cfg, env.device)
+        self.vq = build.build_autoencoder(cfg, env.device, build.resolve_precision("auto", env.device, cfg).autoencoder_dtype)
         self.model = (DistributedDataParallel(student, device_ids=[env.device] if env.device.type == "cuda" else None,
                                               find_unused_parameters=True, forward_sync_buffers=False)
                       if env.world > 1 else student)
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=self.base_lr,
-                                           weight_decay=float(self.tcfg.get("weight_decay", 0.0)))
+                                           weight_decay=float(self.tcfg.weight_decay))
         self.ema = {k: v.detach().clone() for k, v in student.state_dict().items()}
-        self.ema_rate = float(self.tcfg.get("ema_rate", 0.999))
-        self.pool = PairPool(int(self.tcfg.get("queue_size", 10 * self.plan.per_rank)))
+        self.ema_rate = float(self.tcfg.ema_rate)
+        queue = self.tcfg.queue_size
+        self.pool = PairPool(int(10 * self.plan.per_rank if queue is None else queue))
         self.amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            "fp16" if self.tcfg.get("use_fp16", False) else str(self.tcfg.get("amp", "none")))
+            "fp16" if self.tcfg.use_fp16 else str(self.tcfg.amp))
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp is torch.float16)
-        self.grad_clip = self.tcfg.get("grad_clip")
+        self.grad_clip = self.tcfg.grad_clip
         self.step, self.best_psnr = 0, float("-inf")
         self.stop_signal: int | None = None
         self._resume()
@@ -163,8 +129,11 @@ class Trainer:
         if folder is None:
             return
         load_state_dict_into(self.student, folder / "model.pth", what="resumed student")
-        ema = torch.load(folder / "ema.pth", map_location=self.env.device, weights_only=True)
-        self.ema = {k: ema[k].to(v.dtype) for k, v in self.ema.items()}
+        ema = read_state_dict(folder / "ema.pth", what="resumed EMA")
+        missing = sorted(set(self.ema) - set(ema))
+        if missing:
+            raise CheckpointError(f"{folder / 'ema.pth'} lacks {len(missing)} EMA entries, e.g. {missing[:3]}")
+        self.ema = {k: ema[k].to(v.device, v.dtype) for k, v in self.ema.items()}
         saved = state.load_trainer_state(folder)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scaler.load_state_dict(saved["scaler"])
@@ -175,10 +144,10 @@ class Trainer:
         self.pool.load_state_dict(pools[self.env.rank], self.env.device)
 
     def _loader(self) -> DataLoader:
-        workers = int(self.tcfg.get("num_workers", 0))
+        workers = int(self.tcfg.num_workers)
         return DataLoader(EpochIndexed(self.train_set), batch_sampler=PlanSampler(self.plan, self.step + 1, self.iterations),
                           num_workers=workers, pin_memory=self.env.device.type == "cuda",
-                          prefetch_factor=int(self.tcfg.get("prefetch_factor", 2)) if workers else None)
+                          prefetch_factor=int(self.tcfg.prefetch_factor) if workers else None)
 
     def _prepare(self, batch: dict, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Degrade this rank's HR batch (chunk-seeded), pass it through the pool, cut micro-batches
@@ -256,7 +225,7 @@ class Trainer:
                        "best_psnr": self.best_psnr, "pools": pools, "replica_checksums": checksums,
                        "config": OmegaConf.to_yaml(self.cfg)}
             path = state.save_checkpoint(self.run_dir, self.step, self.student.state_dict(), self.ema, trainer,
-                                         keep_last=int(self.tcfg.get("keep_last", 3)))
+                                         keep_last=int(self.tcfg.keep_last))
         if self.env.world > 1:
             dist.barrier()
         return path
@@ -271,7 +240,7 @@ class Trainer:
         if self.env.main:
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml")
         log_every, save_every = int(self.tcfg.log_freq[0]), int(self.tcfg.save_freq)
-        val_every = int(self.tcfg.get("val_freq", 0))
+        val_every = int(self.tcfg.val_freq)
         bar = tqdm(total=self.iterations, initial=self.step, desc="distill", unit="it",
                    disable=not self.env.main, dynamic_ncols=True)
         tic, first = time.perf_counter(), self.step

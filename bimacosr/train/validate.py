@@ -16,7 +16,8 @@ from bimacosr.evaluation import trainer_psnr_per_image
 from bimacosr.imageio import write_image
 from bimacosr.models.autoencoder import VQAutoencoder
 from bimacosr.pipeline import SRPipeline
-from bimacosr.train.logs import RunLogger, grid
+from bimacosr.train.logs import RunLogger
+from bimacosr.visualize import panel
 
 GRID_IMAGES = 4
 VGG_FILE = "vgg16-397923af.pth"
@@ -60,9 +61,9 @@ def validate(student: nn.Module, vq: VQAutoencoder, schedule: Schedule, dataset:
             lpips_values.append(metric(sr * 2 - 1, gt01 * 2 - 1).mean().item())
         if i < GRID_IMAGES:
             bicubic = F.interpolate(lq01.to(device), size=gt01.shape[-2:], mode="bicubic").clamp(0, 1)
-            rows.append([bicubic[0].cpu(), sr[0].cpu(), gt01[0].cpu()])
+            rows.append([(label, t[0].cpu()) for label, t in (("bicubic", bicubic), ("SR", sr), ("HR", gt01))])
     psnr = sum(psnrs) / len(psnrs)
     logger.val(step, psnr, sum(lpips_values) / len(lpips_values) if lpips_values else None)
-    if rows and all(r[0].shape == rows[0][0].shape for r in rows):
-        write_image(run_dir / "val" / f"step_{step:07d}.png", grid(rows))
+    if rows and all(r[0][1].shape == rows[0][0][1].shape for r in rows):
+        write_image(run_dir / "val" / f"step_{step:07d}.png", panel(rows))
     return psnr

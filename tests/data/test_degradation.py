@@ -26,7 +26,7 @@ from bimacosr.data.kernels import (
     kernel_from_params,
     sample_final_sinc,
 )
-from bimacosr.fixtures import check_file
+from bimacosr.parity import check_file
 from tests.conftest import FIXTURES, REPO
 
 OPTS = OmegaConf.load(REPO / "configs/BiMaCoSR.yaml").degradation

@@ -10,10 +10,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bimacosr.config import load_config, to_plain
-from bimacosr.deploy import (FP_SINSR_BYTES, DeployBinaryConv2d, DeployBinaryLinear, DeployFileError,
-                             export_checkpoint, export_deploy, load_deploy, set_mode, to_deploy)
+from bimacosr.build import export_checkpoint
+from bimacosr.deploy import (FP_SINSR_BYTES, DeployBinaryConv2d, DeployBinaryLinear, DeployFileError, export_deploy,
+                             load_deploy, set_mode, to_deploy)
 from bimacosr.deploy.check import layerwise_max_diff
-from bimacosr.deploy.file import _checksum
+from bimacosr.deploy.format import checksum as _checksum
 from bimacosr.models import build_denoiser, split_params
 from bimacosr.models.swin import WindowAttention, relative_position_index
 from bimacosr.quant.bimaco import SparseBranch

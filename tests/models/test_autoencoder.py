@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from bimacosr.fixtures import check_file
+from bimacosr.parity import check_file
 from bimacosr.models.autoencoder import AttnBlock, VQAutoencoder
 from bimacosr.models.first_stage import decode_first_stage, encode_first_stage
 from tests.conftest import FIXTURES

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bimacosr.config import load_config, to_plain
-from bimacosr.fixtures import check_file
+from bimacosr.parity import check_file
 from bimacosr.models import build_denoiser
 from bimacosr.quant import QUANT_KEYS
 from bimacosr.models.swin import SwinTransformerBlock, shift_window_mask

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bimacosr.fixtures import check_file
+from bimacosr.parity import check_file
 from bimacosr.quant.baselines import (BASELINE_LAYERS, BBCUConv2d, BBCULinear, BiDMConv2d,
                                       ReActNetConv2d, ReActNetLinear, ReSTEConv2d, ReSTELinear,
                                       XNORConv2d, XNORLinear)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bimacosr.config import load_config, to_plain
-from bimacosr.fixtures import check_file
+from bimacosr.parity import check_file
 from bimacosr.models import build_denoiser
 from bimacosr.quant import LAYERS, BiMaCoConv2d, BiMaCoLinear, binarize, convert_layer
 from bimacosr.quant.bimaco import SparseBranch
@@ -140,8 +140,8 @@ def test_eval_inference_binarizes_once_and_notices_weight_changes():
     x = torch.randn(1, 8, 6, 6)
     with torch.no_grad():
         first = layer(x)
-        cached = layer._frozen["binary_weight"][1]
-        assert torch.equal(layer(x), first) and layer._frozen["binary_weight"][1] is cached
+        cached = layer._eval_cache["binary_weight"][1]
+        assert torch.equal(layer(x), first) and layer._eval_cache["binary_weight"][1] is cached
         layer.skip_connection.values.mul_(3.0)  # in-place edits (optimizer, load_state_dict) invalidate
         layer.weight.neg_()
         after = layer(x)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bimacosr.checkpoint import CheckpointError
-from bimacosr.fixtures import check_file
+from bimacosr.parity import check_file
 from bimacosr.train import state
 from bimacosr.train.batches import BatchPlan, PairPool
 from bimacosr.train.distill import distill_loss, ema_update, lr_at

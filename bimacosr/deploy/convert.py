@@ -1,4 +1,6 @@
-"""The packed deploy file: one ``.safetensors`` holding a BiMaCo denoiser at 1 bit per weight.
+"""BiMaCo denoiser <-> packed deploy file: export a model, rebuild one from a file.
+
+The file holds the denoiser at 1 bit per binary weight (container: bimacosr/deploy/format.py).
 
 Per binary layer ``<p>`` (the module name in the UNet):
 
@@ -21,50 +23,37 @@ Downsample convs' unused SMB/LRMB (Q7), ``attn_mask`` and ``relative_position_in
 (recomputed at load). With ``fp16=True`` the side parts (bias, RPReLU, SMB values, LRMB, norms)
 are stored as float16; alpha, FP convs and relative-position tables stay float32.
 
-Metadata: ``format`` (``bimacosr-deploy``), ``version``, ``params`` (the config's ``model.params``
-as JSON), ``layers`` (JSON: prefix -> kind/in/out/kernel/stride/padding), ``side_dtype``,
-``checksum`` (sha256 over names and bytes of every tensor). :func:`load_deploy` rebuilds the UNet
-structure on the meta device from ``params`` (no weight init, no SVD/top-k) and fills it.
+Metadata besides the format's own (bimacosr/deploy/format.py): ``params`` (the config's
+``model.params`` as JSON), ``layers`` (JSON: prefix -> kind/in/out/kernel/stride/padding),
+``side_dtype``. :func:`load_deploy` rebuilds the UNet skeleton on the meta device from ``params``
+(no weight init, no SVD/top-k), swaps the deploy layers in and fills it.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from bimacosr.config import to_plain
+from bimacosr.deploy.format import DeployFileError, read_deploy_file, write_deploy_file
 from bimacosr.deploy.layers import DeployBinaryConv2d, DeployBinaryLinear, _DeployBinary
 from bimacosr.deploy.packing import pack_signs, packed_row_bytes, unpack_signs
-from bimacosr.models.denoiser import _use_quant_key_order, split_params
-from bimacosr.models.swin import SwinTransformerBlock, relative_position_index, shift_window_mask
-from bimacosr.models.unet import UNetModelSwin
+from bimacosr.models.denoiser import RECOMPUTED_BUFFERS, denoiser_skeleton, recompute_buffers
+from bimacosr.models.swin import SwinTransformerBlock, relative_position_index
 from bimacosr.quant.bimaco import BiMaCoConv2d, BiMaCoLinear
 from bimacosr.quant.common import QuantLayer
 
-__all__ = ["DeployFileError", "ExportInfo", "FORMAT", "VERSION", "FP_SINSR_BYTES", "export_deploy",
-           "export_checkpoint", "load_deploy", "read_deploy_file"]
+__all__ = ["ExportInfo", "FP_SINSR_BYTES", "export_deploy", "load_deploy", "deploy_params"]
 
 PathLike = Union[str, os.PathLike]  # noqa: UP007
-FORMAT = "bimacosr-deploy"
-VERSION = 1
 FP_SINSR_BYTES = 118_593_583 * 4
 """The FP SinSR denoiser in float32 (DENOISER.md §5), the reference for the size ratio."""
-_RECOMPUTED = ("attn_mask", "relative_position_index")
-
-
-class DeployFileError(Exception):
-    """A deploy file that cannot be used; the message names the file and the problem."""
 
 
 @dataclass
@@ -140,15 +129,6 @@ def _unpack_layer(spec: Mapping[str, Any], get, mode: str, side: str) -> _Deploy
                               smb, lora, mode, side)
 
 
-def _checksum(tensors: Mapping[str, Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)};".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
 def export_deploy(model: nn.Module, params: Mapping[str, Any], path: PathLike, *,
                   fp16: bool = False) -> ExportInfo:
     """Write the deploy file of a BiMaCo ``model`` (simulated or already deployed layers) built
@@ -174,60 +154,17 @@ def export_deploy(model: nn.Module, params: Mapping[str, Any], path: PathLike, *
     for key, value in model.state_dict().items():
         if key.startswith(tuple(prefixes)):
             continue
-        if key.rsplit(".", 1)[-1] in _RECOMPUTED:
+        if key.rsplit(".", 1)[-1] in RECOMPUTED_BUFFERS:
             continue
         dtype = side if key.startswith(tuple(norms)) else torch.float32
         if not value.is_floating_point():
             dtype = value.dtype
         tensors[key] = value.detach().to("cpu", dtype).contiguous()
     _check_recomputed(model)
-    metadata = {"format": FORMAT, "version": str(VERSION), "params": json.dumps(_jsonable(params)),
-                "layers": json.dumps(layers), "side_dtype": str(side).replace("torch.", ""),
-                "checksum": _checksum(tensors)}
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"deploy files are .safetensors; got {path}")
-    _atomic_save(tensors, metadata, path)
+    metadata = {"params": json.dumps(to_plain(params)), "layers": json.dumps(layers),
+                "side_dtype": str(side).replace("torch.", "")}
+    path = write_deploy_file(tensors, metadata, path)
     return ExportInfo(path, path.stat().st_size, len(layers), metadata["side_dtype"])
-
-
-def export_checkpoint(ckpt: PathLike, config: PathLike, path: PathLike, *,
-                      fp16: bool = False) -> ExportInfo:
-    """Export a BiMaCo checkpoint (any layout ``read_state_dict`` accepts) trained with the
-    YAML ``config`` (its ``model.params``) to the deploy file ``path``."""
-    from bimacosr.checkpoint import load_state_dict_into, read_state_dict
-    from bimacosr.config import load_config, to_plain
-    from bimacosr.models import build_denoiser, is_binarized
-
-    params = to_plain(load_config(config).model.params)
-    if not is_binarized(params):
-        raise ValueError(f"{config}: model.params has no binarization keys; only BiMaCo "
-                         f"denoisers can be deployed (use e.g. configs/BiMaCoSR.yaml)")
-    model = build_denoiser(params)
-    load_state_dict_into(model, read_state_dict(ckpt, what="BiMaCo checkpoint"),
-                         what="BiMaCo checkpoint")
-    return export_deploy(model, params, path, fp16=fp16)
-
-
-def _atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
-    """Write to a temp file in the target folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(err, Exception):
-            raise DeployFileError(f"could not write {path} ({type(err).__name__}: {err})") from err
-        raise
-
-
-def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
-    from bimacosr.models.denoiser import _plain
-    return _plain(params)
 
 
 def _check_recomputed(model: nn.Module) -> None:
@@ -240,29 +177,13 @@ def _check_recomputed(model: nn.Module) -> None:
                                  f"one; this model cannot be deployed as is")
 
 
-def read_deploy_file(path: PathLike) -> tuple[dict[str, str], dict[str, Tensor]]:
-    """``(metadata, tensors)`` of a deploy file, checked for format, version and checksum."""
-    path = Path(path)
-    if not path.is_file():
-        raise DeployFileError(f"deploy file not found: {path} (write one with scripts/export_deploy.py)")
+def deploy_params(path: PathLike) -> dict[str, Any]:
+    """The ``model.params`` a deploy file was exported from (checks the file first)."""
+    metadata, _ = read_deploy_file(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except Exception as err:  # not safetensors, truncated, bad header
-        reason = str(err).split("\n")[0][:160]
-        raise DeployFileError(f"{path} is not a readable safetensors file ({type(err).__name__}: "
-                              f"{reason}); it is corrupt, truncated or not a deploy file") from None
-    if metadata.get("format") != FORMAT:
-        raise DeployFileError(f"{path} is not a BiMaCoSR deploy file (format "
-                              f"{metadata.get('format')!r}, expected {FORMAT!r}); a checkpoint is "
-                              f"converted with scripts/export_deploy.py")
-    if metadata.get("version") != str(VERSION):
-        raise DeployFileError(f"{path} has deploy format version {metadata.get('version')!r}; this "
-                              f"code reads version {VERSION} -- export it again with this code")
-    if metadata.get("checksum") != _checksum(tensors):
-        raise DeployFileError(f"{path}: checksum mismatch, the tensor data is corrupt")
-    return metadata, tensors
+        return json.loads(metadata["params"])
+    except (KeyError, ValueError) as err:
+        raise DeployFileError(f"{path}: no readable model.params in its metadata ({err})") from None
 
 
 def load_deploy(path: PathLike, *, mode: str = "auto", side: str = "auto",
@@ -286,10 +207,7 @@ def load_deploy(path: PathLike, *, mode: str = "auto", side: str = "auto",
 
 def _build(params: dict, layers: dict, tensors: dict[str, Tensor], mode: str,
            side: str) -> nn.Module:
-    unet_kwargs, _ = split_params(params)
-    with torch.device("meta"):
-        model = UNetModelSwin(**unet_kwargs)
-    _use_quant_key_order(model)
+    model = denoiser_skeleton(params, binarized=False)
     used: set[str] = set()
 
     def take(key: str, shape: tuple[int, ...] | None, optional: bool = False) -> Tensor | None:
@@ -320,11 +238,10 @@ def _build(params: dict, layers: dict, tensors: dict[str, Tensor], mode: str,
                 if value is None or not value.is_meta:
                     continue
                 key = f"{mod_name}.{name}" if mod_name else name
-                if name in _RECOMPUTED:
-                    store[name] = _recompute(module, name, value.shape)
-                else:
+                if name not in RECOMPUTED_BUFFERS:
                     loaded = take(key, tuple(value.shape)).to(value.dtype)
                     store[name] = nn.Parameter(loaded, requires_grad=False) if store is module._parameters else loaded
+    recompute_buffers(model)
     extra = sorted(set(tensors) - used)
     if extra:
         raise DeployFileError(f"unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''} "
@@ -345,13 +262,3 @@ def _check_spec(prefix: str, spec: Mapping[str, Any], old: nn.Module) -> None:
     if have != want:
         raise DeployFileError(f"layer {prefix!r}: file says {want}, the model built from the "
                               f"stored params has {have}")
-
-
-def _recompute(module: nn.Module, name: str, shape: torch.Size) -> Tensor:
-    """``relative_position_index`` / ``attn_mask`` as the constructor computes them."""
-    if name == "relative_position_index":
-        return relative_position_index(math.isqrt(module.relative_position_bias_table.shape[0]) // 2 + 1)
-    if not isinstance(module, SwinTransformerBlock):
-        raise DeployFileError(f"unexpected buffer {name!r} in a {type(module).__name__}")
-    resolution = module.window * math.isqrt(shape[0])
-    return shift_window_mask(resolution, resolution, module.window, module.shift)

@@ -1,0 +1,248 @@
+"""The one place that turns a loaded config (plus device and precision) into parts.
+
+Denoisers (FP teacher, BiMaCo student, inference denoiser from a checkpoint or a deploy file), the
+VQ-f4 autoencoder, the ResShift schedule and the SR pipeline. Inference, the trainer, the smoke
+assets, deploy export and every script get their parts here; nothing else calls a constructor
+with config values. Files are resolved before anything is built (:func:`inference_files`), so a
+wrong path fails in milliseconds, and a checkpoint is loaded into a meta-device skeleton (no
+SVD/top-k init of weights that the file overwrites).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from bimacosr.checkpoint import load_state_dict_into, read_state_dict
+from bimacosr.config import ConfigError, load_config, require, to_plain
+from bimacosr.deploy import ExportInfo, deploy_params, export_deploy, load_deploy
+from bimacosr.diffusion import Schedule
+from bimacosr.models import build_denoiser, denoiser_skeleton, is_binarized, split_params
+from bimacosr.models.autoencoder import VQAutoencoder
+from bimacosr.pipeline import SRPipeline
+from bimacosr.quant import binarize
+from bimacosr.weights import resolve_weight
+
+__all__ = ["Precision", "PRECISIONS", "InferenceFiles", "build_autoencoder", "build_denoiser_from_config",
+           "build_inference_denoiser", "build_pipeline", "build_schedule", "build_student", "build_teacher",
+           "export_checkpoint", "freeze", "inference_files", "native_bf16", "pick_device", "resolve_precision"]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """``name`` or, by default, this process's CUDA device (``LOCAL_RANK``) when there is one."""
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), read from the kernel's
+    CPU flags (``/proc/cpuinfo``); emulated bf16 is slower than fp32, so it is not used there."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the pipeline runs: ``name`` (fp32 / bf16 / fp16), the autoencoder's weight dtype and
+    the autocast dtype of the floating-point work (None: plain fp32). The binary branch of the
+    deploy layers is exact integer arithmetic whatever the precision."""
+
+    name: str
+    autoencoder_dtype: torch.dtype
+    autocast: torch.dtype | None
+
+
+def resolve_precision(name: str, device: torch.device, cfg: DictConfig | None = None) -> Precision:
+    """``auto``: on CUDA what the original does (fp16 autoencoder when ``autoencoder.use_fp16``,
+    the default; denoiser fp32); on CPU bf16 autocast where the CPU has native bf16
+    (:func:`native_bf16`), else fp32. ``fp16`` needs CUDA (the original's half autoencoder);
+    ``bf16`` is autocast of encoder, denoiser and decoder on any device."""
+    if name not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {PRECISIONS}, got {name!r}")
+    if name == "auto":
+        if device.type == "cuda":
+            name = "fp16" if cfg is None or cfg.autoencoder.use_fp16 else "fp32"
+        else:
+            name = "bf16" if device.type == "cpu" and native_bf16() else "fp32"
+    if name == "fp16":
+        if device.type != "cuda":
+            raise ValueError("--precision fp16 needs a CUDA device (it halves the autoencoder as the "
+                             "original does on GPU); on CPU use --precision bf16 or fp32")
+        return Precision("fp16", torch.float16, None)
+    if name == "bf16":
+        return Precision("bf16", torch.float32, torch.bfloat16)
+    return Precision("fp32", torch.float32, None)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients for every parameter (teacher, autoencoder). Returns the model."""
+    return model.eval().requires_grad_(False)
+
+
+def build_schedule(cfg: DictConfig, device: torch.device | str = "cpu") -> Schedule:
+    """The ResShift schedule of ``diffusion.params`` (``steps`` overridable in the config)."""
+    require(cfg, "diffusion.params")
+    return Schedule.from_config(to_plain(cfg.diffusion.params)).to(device)
+
+
+def build_autoencoder(cfg: DictConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                      *, weights: bool = True) -> VQAutoencoder:
+    """The VQ-f4 autoencoder of ``autoencoder.params``, frozen, with ``autoencoder.ckpt_path``
+    loaded strictly unless ``weights=False`` (random init, for smoke assets and benchmarks)."""
+    require(cfg, "autoencoder.params")
+    vq = VQAutoencoder(**to_plain(cfg.autoencoder.params))
+    if weights:
+        require(cfg, "autoencoder.ckpt_path")
+        path = resolve_weight(cfg.autoencoder.ckpt_path, what="autoencoder (autoencoder.ckpt_path)")
+        load_state_dict_into(vq, path, what="autoencoder checkpoint")
+    return freeze(vq.to(device, dtype))
+
+
+def build_denoiser_from_config(cfg: DictConfig, role: str = "student", *, meta: bool = False) -> nn.Module:
+    """A denoiser with random (or, ``meta=True``, no) weights for ``role``: ``teacher``
+    (``model_teacher.params``), ``fp`` (``model.params`` without the binarization keys: SinSR's
+    structure) or ``student`` (``model.params``: binarized when it has the binarization keys and
+    ``quantparameter.inference.if_quant`` is true)."""
+    if role == "teacher":
+        require(cfg, "model_teacher.params")
+        params = to_plain(cfg.model_teacher.params)
+    elif role in ("fp", "student"):
+        require(cfg, "model.params")
+        params = to_plain(cfg.model.params)
+        if role == "fp" or not cfg.quantparameter.inference.if_quant:
+            params = split_params(params)[0]
+    else:
+        raise ValueError(f"unknown denoiser role {role!r}; use 'teacher', 'fp' or 'student'")
+    return denoiser_skeleton(params) if meta else build_denoiser(params)
+
+
+def build_teacher(cfg: DictConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """The frozen FP ResShift teacher with ``model.teacher_ckpt_path`` loaded strictly."""
+    require(cfg, "model.teacher_ckpt_path")
+    path = resolve_weight(cfg.model.teacher_ckpt_path, what="teacher (model.teacher_ckpt_path)")
+    state = read_state_dict(path, what="teacher checkpoint")
+    teacher = build_denoiser_from_config(cfg, "teacher", meta=True)
+    load_state_dict_into(teacher, state, what="teacher checkpoint", path=path)
+    return freeze(teacher.to(device))
+
+
+def build_student(cfg: DictConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """The trainable student as the original's trainer makes it: the FP network, the SinSR weights
+    (``quantparameter.train.pretained_model``) loaded, then binarized so the sparse / low-rank
+    branches are initialised from them (``quant_before_load: true`` binarizes first, loading a
+    BiMaCo checkpoint instead). ``if_quant: false`` trains the FP network."""
+    qtrain = cfg.quantparameter.train
+    fp_params, quant = split_params(to_plain(cfg.model.params))
+    student = build_denoiser(fp_params)
+    if qtrain.if_quant and qtrain.quant_before_load:
+        binarize(student, quant)
+    if qtrain.pretained_model:
+        path = resolve_weight(qtrain.pretained_model, what="student init (quantparameter.train.pretained_model)")
+        load_state_dict_into(student, path, what="student init checkpoint")
+    if qtrain.if_quant and not qtrain.quant_before_load:
+        binarize(student, quant)
+    return student.to(device).train()
+
+
+@dataclass(frozen=True)
+class InferenceFiles:
+    """Every file an inference run reads, resolved to existing paths before anything is built."""
+
+    autoencoder: Path | None
+    ckpt: Path | None = None
+    deploy: Path | None = None
+
+
+def inference_files(cfg: DictConfig, ckpt: str | os.PathLike | None,
+                    deploy: str | os.PathLike | None = None) -> InferenceFiles:
+    """Resolve the denoiser file (``deploy`` when given, else ``ckpt``) and the autoencoder, or
+    raise ``MissingWeightsError`` / ``ConfigError`` naming the absolute path tried -- in
+    milliseconds, before any model is built."""
+    require(cfg, "model.params", "diffusion.params", "autoencoder.params", "autoencoder.ckpt_path")
+    if deploy is not None:
+        files = {"deploy": resolve_weight(deploy, what="deploy file (--deploy)")}
+        if deploy_params(files["deploy"]) != to_plain(cfg.model.params):
+            raise ConfigError(f"--deploy {files['deploy']} was exported from other model.params than the "
+                              f"config's; re-export it with scripts/export_deploy.py --config <this config>")
+    else:
+        if ckpt is None:
+            raise ConfigError("no denoiser weights: give --ckpt (a BiMaCoSR checkpoint) or --deploy")
+        files = {"ckpt": resolve_weight(ckpt, what="denoiser checkpoint (--ckpt)")}
+    return InferenceFiles(resolve_weight(cfg.autoencoder.ckpt_path, what="autoencoder (autoencoder.ckpt_path)"),
+                          **files)
+
+
+def build_inference_denoiser(cfg: DictConfig, files: InferenceFiles) -> nn.Module:
+    """The denoiser in eval mode: the deploy file's 1-bit integer model, or ``model.params``'s
+    network (binarized when the config says so) with the checkpoint loaded strictly into a
+    meta-device skeleton, so no weight is initialised only to be overwritten."""
+    if files.deploy is not None:
+        return load_deploy(files.deploy)
+    state = read_state_dict(files.ckpt, what="denoiser checkpoint")
+    denoiser = build_denoiser_from_config(cfg, "student", meta=True)
+    load_state_dict_into(denoiser, state, what="denoiser checkpoint", path=files.ckpt)
+    return denoiser.eval()
+
+
+def build_pipeline(cfg: DictConfig, files: InferenceFiles, device: torch.device, *, precision: str = "auto",
+                   sampler: str = "one_step", channels_last: bool = False, compile: bool = False) -> SRPipeline:
+    """Denoiser + autoencoder + schedule with their weights, ready for ``pipe(lr)``.
+
+    ``precision`` as :func:`resolve_precision`; ``channels_last`` / ``compile`` are speed options
+    that leave the maths unchanged.
+    """
+    prec = resolve_precision(precision, device, cfg)
+    denoiser = build_inference_denoiser(cfg, files).to(device)
+    vq = build_autoencoder(cfg, device, prec.autoencoder_dtype)
+    if channels_last:
+        denoiser, vq = denoiser.to(memory_format=torch.channels_last), vq.to(memory_format=torch.channels_last)
+    if compile:
+        denoiser = torch.compile(denoiser)
+    schedule = build_schedule(cfg, device)
+    return SRPipeline(denoiser, vq, schedule, sampler=sampler, sf=schedule.sf, autocast=prec.autocast)
+
+
+def export_checkpoint(ckpt: str | os.PathLike, config: str | os.PathLike | DictConfig, out: str | os.PathLike,
+                      *, fp16: bool = False) -> ExportInfo:
+    """Write the deploy file ``out`` of a BiMaCo checkpoint trained with ``config`` (a YAML path or
+    a loaded config): strict load into the meta skeleton, then :func:`bimacosr.deploy.export_deploy`."""
+    cfg = config if isinstance(config, DictConfig) else load_config(config)
+    params = to_plain(cfg.model.params)
+    if not is_binarized(params):
+        raise ConfigError(f"{config}: model.params has no binarization keys; only BiMaCo denoisers can be "
+                          f"deployed (use e.g. configs/BiMaCoSR.yaml)")
+    path = resolve_weight(ckpt, what="BiMaCo checkpoint (--ckpt)")
+    model = build_inference_denoiser(cfg, InferenceFiles(autoencoder=None, ckpt=path))
+    return export_deploy(model, params, out, fp16=fp16)
+
+
+def scale_factor(cfg: DictConfig) -> int:
+    """The SR factor of the config (``diffusion.params.sf``)."""
+    return Schedule.from_config(to_plain(cfg.diffusion.params)).sf
+
+
+def plain_params(cfg: DictConfig, section: str = "model") -> dict[str, Any]:
+    """``<section>.params`` as a plain dict (for deploy metadata and counting)."""
+    require(cfg, f"{section}.params")
+    params: Mapping[str, Any] = to_plain(cfg[section].params)
+    return dict(params)
+
+
+def binarized(cfg: DictConfig) -> bool:
+    """Whether the config's ``model.params`` describe a binarized (BiMaCo) denoiser."""
+    return is_binarized(to_plain(cfg.model.params))
