@@ -17,7 +17,7 @@ Per binary layer ``<p>`` (the module name in the UNet):
 
 Every other tensor of the model (GroupNorms, the two FP convs, relative-position tables) is
 stored under its state_dict key. Not stored: latent weights, ``move0``, ``channel_threshold``, the
-Downsample convs' unused SMB/LRMB (Q7), ``attn_mask`` and ``relative_position_index`` buffers
+Downsample convs' unused SMB/LRMB (docs/quirks.md Q7), ``attn_mask`` and ``relative_position_index`` buffers
 (recomputed at load). With ``fp16=True`` the side parts (bias, RPReLU, SMB values, LRMB, norms)
 are stored as float16; alpha, FP convs and relative-position tables stay float32.
 
@@ -59,7 +59,7 @@ PathLike = Union[str, os.PathLike]  # noqa: UP007
 FORMAT = "bimacosr-deploy"
 VERSION = 1
 FP_SINSR_BYTES = 118_593_583 * 4
-"""The FP SinSR denoiser in float32 (DENOISER.md §5), the reference for the size ratio."""
+"""The FP SinSR denoiser in float32 (docs/denoiser.md §5), the reference for the size ratio."""
 _RECOMPUTED = ("attn_mask", "relative_position_index")
 
 
