@@ -1,4 +1,4 @@
-"""Score SR folders with the paper's Table 1 metrics (PIPELINE.md §7.2), through pyiqa.
+"""Score SR folders with the paper's Table 1 metrics (docs/pipeline.md §7.2), through pyiqa.
 
     python metric.py --inp_imgs results/sr [more SR folders] --gt_imgs data/test/HR --log logs/eval
 

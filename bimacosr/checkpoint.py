@@ -2,7 +2,7 @@
 
 * ``read_state_dict`` reads ``.safetensors`` with the safetensors library and everything else
   (``.pth``/``.pt``/``.ckpt``) with ``torch.load(weights_only=True)`` -- a file that needs arbitrary
-  unpickling is refused, never executed (DENOISER.md §3, PIPELINE.md §2.6, §5.5).
+  unpickling is refused, never executed (docs/denoiser.md §3, docs/pipeline.md §2.6, §5.5).
 * ``unwrap_state_dict`` accepts the layouts found in the wild: flat state_dicts (the EMA files),
   the trainer's ``{'iters_start', 'log_step', 'log_step_img', 'state_dict'}``, and
   ``model``/``params_ema``/``params``/``ema``/``module`` wrappers; ``module.`` (DDP) and

@@ -1,4 +1,4 @@
-"""Evaluation of SR folders with the paper's Table 1 metrics through pyiqa (PIPELINE.md §7).
+"""Evaluation of SR folders with the paper's Table 1 metrics through pyiqa (docs/pipeline.md §7).
 
 Differences from the original ``metric.py``, all deliberate: SR and GT files are paired by file
 stem (not by position in two sorted lists) and every unpaired file is named; only the requested
@@ -58,7 +58,7 @@ class MetricSpec:
 
 
 _Y = {"test_y_channel": True, "color_space": "ycbcr"}
-# Weight file names are those of pyiqa 0.1.x (PIPELINE.md §7.4).
+# Weight file names are those of pyiqa 0.1.x (docs/pipeline.md §7.4).
 METRICS: dict[str, MetricSpec] = {
     "psnr": MetricSpec("psnr", "fr", "PSNR", options=_Y),
     "ssim": MetricSpec("ssim", "fr", "SSIM", options=_Y),
@@ -153,7 +153,7 @@ def cache_dirs() -> dict[str, Path]:
 
 
 def trainer_psnr_per_image(sr: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """The trainer's validation PSNR per image (PIPELINE.md §7.3), float64 [B].
+    """The trainer's validation PSNR per image (docs/pipeline.md §7.3), float64 [B].
 
     sr, gt: RGB [B, 3, H, W] in [0, 1]. Y = BT.601 luma + 16/255 (float32), clamped to [0, 1],
     rounded to uint8 like skimage ``img_as_ubyte``; PSNR = 20·log10(255 / sqrt(MSE)).

@@ -1,6 +1,6 @@
 """Image reading/writing for inference (Pillow-based replacement of the original OpenCV I/O).
 
-Differences from the original (PIPELINE.md 4.3/4.6), all deliberate fixes:
+Differences from the original (docs/pipeline.md §4.3/§4.6), all deliberate fixes:
 16-bit PNGs are scaled by 1/65535 (the original used 1/255) and can be written back as 16-bit;
 alpha is split off and can be re-attached on write (the original dropped it); grayscale and
 alpha inputs remember their mode; EXIF orientation is applied; folders are listed sorted by

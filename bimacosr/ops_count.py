@@ -1,5 +1,5 @@
 """Parameter and operation counts of the denoisers and the VQ autoencoder, and the rules that turn
-them into the "params" / "OPs" numbers of a paper table (DENOISER.md §5).
+them into the "params" / "OPs" numbers of a paper table (docs/denoiser.md §5).
 
 Counting is separate from pricing. :func:`count_params` sorts every parameter (and the SMB index
 buffers) into a category; :func:`count_macs` runs one forward with hooks and sorts the
@@ -48,7 +48,7 @@ MAC_CATEGORIES = ("binary", "fp_conv", "fp_linear", "lora_conv", "lora_linear", 
 the rules). ``codebook``: the VQ nearest-code distances."""
 
 UNUSED = ("move0", "channel_threshold")
-"""Stored by BiMaCo layers but never read in their forward (Q10; the baselines do use them)."""
+"""Stored by BiMaCo layers but never read in their forward (docs/quirks.md Q10; the baselines do use them)."""
 PAPER_DROPPED = ("smb_values", "smb_indices", "binary_bias", "rprelu", "move0", "channel_threshold",
                  "groupnorm")
 """What :func:`paper_rule` leaves out of a binarized model."""

@@ -1,4 +1,4 @@
-"""LR image -> SR image: padding, tiling and blending, encode, predict, decode (PIPELINE.md §4).
+"""LR image -> SR image: padding, tiling and blending, encode, predict, decode (docs/pipeline.md §4).
 
 ``SRPipeline`` composes the denoiser, the VQ-f4 autoencoder and the ResShift schedule. Images are
 ``[B, 3, H, W]`` float in [0, 1]; the result is ``[B, 3, sf*H, sf*W]`` in [0, 1].

@@ -1,4 +1,4 @@
-"""Params and OPs of the FP and BiMaCo UNets and the VQ encoder/decoder (DENOISER.md §5).
+"""Params and OPs of the FP and BiMaCo UNets and the VQ encoder/decoder (docs/denoiser.md §5).
 
 Counts shapes only (meta device, no weights). Prints a Markdown table: the FP UNet and BiMaCo
 under the paper's rule (1-bit params /32, 1-bit MACs /64, the subset that gives 4.98 M) and under

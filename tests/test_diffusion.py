@@ -1,4 +1,4 @@
-"""ResShift schedule and samplers (bimacosr.diffusion) against PIPELINE.md §3 and fixtures b / d."""
+"""ResShift schedule and samplers (bimacosr.diffusion) against docs/pipeline.md §3 and fixtures b / d."""
 from __future__ import annotations
 
 import math

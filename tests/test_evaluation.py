@@ -87,7 +87,7 @@ def test_psnr_ssim_match_independent_computation(run, photos):
     for row in rows:
         sr_file, gt_file = Path(row["folder"]) / row["sr_file"], photos / "gt" / row["gt_file"]
         psnr = peak_signal_noise_ratio(_y(gt_file), _y(sr_file), data_range=1.0)
-        # pyiqa adds eps 1e-8 to the MSE (PIPELINE.md §7.2) and works in float32 (~1e-5 dB).
+        # pyiqa adds eps 1e-8 to the MSE (docs/pipeline.md §7.2) and works in float32 (~1e-5 dB).
         want_psnr = -10 * np.log10(10 ** (-psnr / 10) + 1e-8)
         # pyiqa SSIM: Y (computed in float32) rounded at range 255; 11x11 Gaussian (sigma 1.5),
         # population statistics, valid region only (skimage crops the same 5-pixel border), no

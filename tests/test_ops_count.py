@@ -1,4 +1,4 @@
-"""Parameter / MAC counts against DENOISER.md §5 (full-size models on the meta device)."""
+"""Parameter / MAC counts against docs/denoiser.md §5 (full-size models on the meta device)."""
 import pytest
 import torch
 
@@ -57,7 +57,7 @@ def test_rules(bimaco):
     paper = paper_rule(bimaco)
     assert paper.params == pytest.approx(4.980e6, abs=1e3)
     assert paper.ops == pytest.approx(1.77e9, rel=5e-3)
-    # DENOISER.md §5 storage table (no alpha there) and OPs with everything executed
+    # docs/denoiser.md §5 storage table (no alpha there) and OPs with everything executed
     assert complete_rule(bimaco, include_alpha=False).params == pytest.approx(5.940e6, abs=1e3)
     lean = complete_rule(bimaco, index_bits=16, include_unused=False, include_alpha=False)
     assert lean.params == pytest.approx(5.661e6, abs=1e3)

@@ -1,4 +1,4 @@
-"""Datasets of the released config: ``realesrgan`` (GT crops + degradation kernels, PIPELINE.md 6.1)
+"""Datasets of the released config: ``realesrgan`` (GT crops + degradation kernels, docs/pipeline.md §6.1)
 for training and ``folder`` (LR/HR pairs, 6.3) for validation, and their builders from ``cfg.data``."""
 from __future__ import annotations
 

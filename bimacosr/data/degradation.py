@@ -1,4 +1,4 @@
-"""Real-ESRGAN second-order degradation (PIPELINE.md 6.2) in torch, as the ResShift/SinSR trainer
+"""Real-ESRGAN second-order degradation (docs/pipeline.md §6.2) in torch, as the ResShift/SinSR trainer
 runs it on a batch: blur, resize, noise, JPEG; optionally a second such pass; then the final resize +
 sinc filter + JPEG in random order and rounding to k/255.
 
@@ -159,7 +159,7 @@ def _resize(out: Tensor, size: tuple[int, int], rng: random.Random) -> Tensor:
 @torch.no_grad()
 def degrade(gt: Tensor, kernel1: Tensor, kernel2: Tensor, sinc_kernel: Tensor, opts: Mapping[str, Any], *,
             generator: torch.Generator, rng: random.Random) -> Tensor:
-    """Second-order degradation of a GT batch (PIPELINE.md 6.2 steps 2-8).
+    """Second-order degradation of a GT batch (docs/pipeline.md §6.2 steps 2-8).
 
     gt: [B, 3, H, W] in [0, 1]; kernel1 [B, k1, k1], kernel2 [B, k2, k2], sinc_kernel [B, k3, k3] on
     the same device (from RealESRGANDataset). opts: the config's ``degradation`` section (``sf`` an

@@ -1,4 +1,4 @@
-"""Geometric transforms of one training image [C, H, W] (PIPELINE.md 6.1): flips, OpenCV-style
+"""Geometric transforms of one training image [C, H, W] (docs/pipeline.md §6.1): flips, OpenCV-style
 reflect-101 padding, random square crops and area (box-coverage) downscaling."""
 from __future__ import annotations
 

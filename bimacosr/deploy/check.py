@@ -2,7 +2,7 @@
 
 The whole-model difference is not a reliable measure on random weights: ``sign`` is
 discontinuous, so an activation within ~1e-6 of zero can flip between two correct
-implementations that round differently, and the flip propagates (DENOISER.md §4.4; the simulated
+implementations that round differently, and the flip propagates (docs/denoiser.md §4.4; the simulated
 model run in channels-last memory differs from itself by as much). :func:`layerwise_max_diff`
 feeds every deploy layer the exact input its simulated twin received, which is robust.
 """

@@ -19,7 +19,7 @@ Per binary layer ``<p>`` (the module name in the UNet):
 
 Every other tensor of the model (GroupNorms, the two FP convs, relative-position tables) is
 stored under its state_dict key. Not stored: latent weights, ``move0``, ``channel_threshold``, the
-Downsample convs' unused SMB/LRMB (Q7), ``attn_mask`` and ``relative_position_index`` buffers
+Downsample convs' unused SMB/LRMB (docs/quirks.md Q7), ``attn_mask`` and ``relative_position_index`` buffers
 (recomputed at load). With ``fp16=True`` the side parts (bias, RPReLU, SMB values, LRMB, norms)
 are stored as float16; alpha, FP convs and relative-position tables stay float32.
 
@@ -53,7 +53,7 @@ __all__ = ["ExportInfo", "FP_SINSR_BYTES", "export_deploy", "load_deploy", "depl
 
 PathLike = Union[str, os.PathLike]  # noqa: UP007
 FP_SINSR_BYTES = 118_593_583 * 4
-"""The FP SinSR denoiser in float32 (DENOISER.md §5), the reference for the size ratio."""
+"""The FP SinSR denoiser in float32 (docs/denoiser.md §5), the reference for the size ratio."""
 
 
 @dataclass

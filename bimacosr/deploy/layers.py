@@ -1,7 +1,7 @@
 """Deploy versions of the BiMaCo layers: binary weights as int8 signs, integer GEMMs.
 
 ``DeployBinaryConv2d`` / ``DeployBinaryLinear`` compute what ``BiMaCoConv2d`` / ``BiMaCoLinear``
-(bimacosr/quant/bimaco.py, DENOISER.md §4) compute, with the weight binarized once, at
+(bimacosr/quant/bimaco.py, docs/denoiser.md §4) compute, with the weight binarized once, at
 construction: ``sign(W)`` is kept as int8 and ``alpha[o] = mean |W[o]|`` as float32.
 
 Binary branch, ``mode="int"``: the sign map of the input (int8, ``sign(0) = 0``) is multiplied
@@ -68,7 +68,7 @@ def _check_mode(mode: str, side: str) -> None:
 
 def side_dropped(in_channels: int, out_channels: int, stride: int) -> bool:
     """True for the Downsample convs (``Cin == Cout``, stride > 1): their SMB/LRMB are never
-    used (Q7, the avg-pool shortcut replaces them) and are not deployed. Only a 1-pixel-high
+    used (docs/quirks.md Q7, the avg-pool shortcut replaces them) and are not deployed. Only a 1-pixel-high
     input would reach them in the simulated layer; the deploy layer raises there instead."""
     return in_channels == out_channels and stride > 1
 
@@ -272,7 +272,7 @@ class DeployBinaryConv2d(_DeployBinary):
         if self.side_dropped:
             raise RuntimeError(f"{type(self).__name__} ({self.in_channels} channels, stride {st}) "
                                f"got a {h}-pixel-high input whose output is as high: the simulated "
-                               f"layer would use its SMB/LRMB there, which were not deployed (Q7)")
+                               f"layer would use its SMB/LRMB there, which were not deployed (docs/quirks.md Q7)")
         y = self._add_side(y, xm, use_smb=True, use_lora=h == ho)
         return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
 

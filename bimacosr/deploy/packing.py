@@ -1,7 +1,7 @@
 """Sign bits packed 8 per byte, with the (rare) exact zeros kept as a sparse list.
 
-A binary weight ``W [Cout, ...]`` is deployed as ``alpha[o] * sign(W[o, j])`` (DENOISER.md §4.4).
-``sign`` has three values because ``sign(0) = 0`` (Q11), so one bit per weight is not enough in
+A binary weight ``W [Cout, ...]`` is deployed as ``alpha[o] * sign(W[o, j])`` (docs/denoiser.md §4.4).
+``sign`` has three values because ``sign(0) = 0`` (docs/quirks.md Q11), so one bit per weight is not enough in
 general; latent weights that are exactly ``0.0`` are (almost) nonexistent in trained or random
 weights, so they are stored as a list of flat positions next to the bits (usually empty):
 

@@ -1,4 +1,4 @@
-"""ResShift forward process, prior and samplers as pure functions (PIPELINE.md §3.2–3.6, §4.5).
+"""ResShift forward process, prior and samplers as pure functions (docs/pipeline.md §3.2–3.6, §4.5).
 
 Shapes: latents ``x_t``, ``y`` (the latent of the upsampled LR) and noises are (B, C, H, W) float32;
 step indices ``t`` are respaced indices 0..n-1 (n = ``schedule.num_timesteps``), an int or an int64

@@ -1,4 +1,4 @@
-"""ResShift eta schedule (PIPELINE.md §3.1, §3.5–3.7).
+"""ResShift eta schedule (docs/pipeline.md §3.1, §3.5–3.7).
 
 The float64 arrays are built with numpy exactly as the official ``get_named_eta_schedule`` /
 ``GaussianDiffusion.__init__`` do (numpy's ``linspace``/``power`` are what make them bit-exact), then

@@ -1,6 +1,6 @@
 """The VQ-f4 autoencoder (latent-diffusion ``VQModelTorch`` as used by ResShift / SinSR / BiMaCoSR).
 
-PIPELINE.md §2 is the specification. Module names match the original exactly, so the released
+docs/pipeline.md §2 is the specification. Module names match the original exactly, so the released
 ``autoencoder_vq_f4.pth`` loads with ``load_state_dict(strict=True)``: top-level ``encoder``,
 ``decoder``, ``quantize`` (``quantize.embedding.weight``), ``quant_conv``, ``post_quant_conv``.
 

@@ -1,4 +1,4 @@
-"""How the diffusion pipeline enters and leaves the autoencoder's latent space (PIPELINE.md §2.5).
+"""How the diffusion pipeline enters and leaves the autoencoder's latent space (docs/pipeline.md §2.5).
 
 ResShift's ``GaussianDiffusion.encode_first_stage`` / ``decode_first_stage`` as pure functions. The
 autoencoder may run in another dtype than the caller (fp16 on GPU in the released config): inputs

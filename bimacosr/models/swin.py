@@ -1,6 +1,6 @@
-"""The channel-first Swin layer of the ResShift/SinSR UNet (DENOISER.md §2.4).
+"""The channel-first Swin layer of the ResShift/SinSR UNet (docs/denoiser.md §2.4).
 
-Maps ``[B, C, H, W] -> [B, C, H, W]``; ``H`` and ``W`` must be multiples of the window (Q3: the
+Maps ``[B, C, H, W] -> [B, C, H, W]``; ``H`` and ``W`` must be multiples of the window (docs/quirks.md Q3: the
 model never pads). GroupNorm instead of LayerNorm, a 1x1-conv MLP, no residual around the layer
 (Q4), and the original's shift mask (Q1, Q2): recomputed from the runtime size, built from row
 labels read in transposed order. The stored ``attn_mask`` buffer is kept for state_dict
@@ -102,7 +102,7 @@ class SwinTransformerBlock(nn.Module):
     """``x + roll(attn(roll(norm1(x))))``, then ``x + mlp(norm2(x))`` on ``[B, E, H, W]``.
 
     At construction, ``resolution <= window`` shrinks the window to ``resolution`` and disables
-    the shift (DENOISER.md §2.4). Masks for each runtime size are computed once and cached.
+    the shift (docs/denoiser.md §2.4). Masks for each runtime size are computed once and cached.
     """
 
     def __init__(self, dim: int, resolution: int, num_heads: int, window: int, shift: int,

@@ -1,4 +1,4 @@
-"""The ResShift / SinSR Swin-UNet denoiser (DENOISER.md §2), state_dict-compatible with
+"""The ResShift / SinSR Swin-UNet denoiser (docs/denoiser.md §2), state_dict-compatible with
 ``resshift_realsrx4_s15_v1.pth`` and ``SinSR_v1.pth``.
 
 ``model(x, timesteps, lq=lq)``: ``x`` latent ``[B, 3, H, W]`` (H, W multiples of 64 for the
@@ -157,7 +157,7 @@ class UNetModelSwin(nn.Module):
         if lq is not None:
             if not self.cond_lq:
                 raise ValueError("this model was built with cond_lq=False and takes no lq")
-            if lq.shape[2:] != x.shape[2:]:  # Q6: only the height decides
+            if lq.shape[2:] != x.shape[2:]:  # docs/quirks.md Q6: only the height decides
                 lq = F.pixel_unshuffle(lq, 2) if lq.shape[2] > x.shape[2] else F.interpolate(lq, scale_factor=4, mode="nearest")
             h = torch.cat([x, lq], dim=1)
         skips = []

@@ -1,4 +1,4 @@
-"""Table 1 baseline 1-bit layers: XNOR, HORQ, ReActNet, BBCU, ReSTE and BiDM (BASELINES.md).
+"""Table 1 baseline 1-bit layers: XNOR, HORQ, ReActNet, BBCU, ReSTE and BiDM (docs/baselines.md).
 
 Each class reproduces the official layer's maths, quirks and state_dict keys. Layers are built from a
 full-precision ``nn.Conv2d`` / ``nn.Linear`` with ``from_float`` exactly like the official replace

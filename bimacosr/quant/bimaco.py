@@ -2,8 +2,8 @@
 
 ``BiMaCoConv2d`` and ``BiMaCoLinear`` replace the official ``BinaryConv2d_ours`` /
 ``BinaryLinear_ours`` (config names ``BinaryConv2d_ours_with_skip_and_lora`` /
-``BinaryLinear_ours_with_skip_and_lora``) key for key. DENOISER.md §4 is the specification; the
-quirks it numbers (Q7-Q17) are reproduced and named where they happen.
+``BinaryLinear_ours_with_skip_and_lora``) key for key. docs/denoiser.md §4 is the specification; the
+quirks of docs/quirks.md (Q7-Q17) are reproduced and named where they happen.
 
 State-dict names are the original's: the sparse branch lives under ``skip_connection`` and the
 low-rank branch under ``lora``.
@@ -130,7 +130,7 @@ class _SideBranches:
         self.lora = LowRankBranch(cin, cout, min(rank, cin, cout), conv=conv) if if_LRMB else None
 
     def binary_weight(self) -> Tensor:
-        """``alpha * sign(W)`` of the latent weight (DENOISER.md §4.4)."""
+        """``alpha * sign(W)`` of the latent weight (docs/denoiser.md §4.4)."""
         return eval_cached(self, "binary_weight", (self.weight,), lambda: binarize_weight(self.weight))
 
 
@@ -155,7 +155,7 @@ class BiMaCoConv2d(QuantLayer, _SideBranches, nn.Conv2d):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, rank: int = 8, if_LRMB: bool = True,
                    if_SMB: bool = True) -> "BiMaCoConv2d":
-        """Decompose an FP conv (DENOISER.md §4.6, Q16): SMB = top-n entries of the kernel-mean
+        """Decompose an FP conv (docs/denoiser.md §4.6, Q16): SMB = top-n entries of the kernel-mean
         matrix, removed from the centre tap; LRMB = rank-r SVD of the remaining kernel mean,
         removed from the centre tap; the rest is the binary branch's latent weight."""
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0],
@@ -212,7 +212,7 @@ class BiMaCoLinear(QuantLayer, _SideBranches, nn.Linear):
     def from_float(cls, linear: nn.Linear, rank: int = 8, if_LRMB: bool = True,
                    if_SMB: bool = True) -> "BiMaCoLinear":
         """SMB = top-n entries of ``W``; LRMB = rank-r SVD of ``W - S``; latent weight
-        ``W - S - L`` (DENOISER.md §4.6)."""
+        ``W - S - L`` (docs/denoiser.md §4.6)."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, rank,
                     if_LRMB, if_SMB)
         layer.to(device=linear.weight.device, dtype=linear.weight.dtype)

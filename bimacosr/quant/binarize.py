@@ -1,12 +1,12 @@
 """Sign functions with straight-through gradients, and the scaled binarizers built on them.
 
 Every function here is pure: tensors in, tensors out. ``sign`` is ``torch.sign`` throughout, so
-``sign(0) = 0`` (DENOISER.md Q11, BASELINES.md §2). The estimators differ only in backward:
+``sign(0) = 0`` (docs/quirks.md Q11, docs/baselines.md §2). The estimators differ only in backward:
 
 * ``sign_clip(u, limit)``  -- d/du = 1[|u| <= limit] (XNOR, HORQ: limit 1; boundary included).
 * ``sign_bireal(u)``       -- d/du = max(0, 2 - 2|u|) (Bi-Real / ApproxSign: BiMaCo, ReActNet,
   BBCU, BiDM).
-* ``sign_reste(u, t, o)``  -- ReSTE's power-function estimator (BASELINES.md §3.4).
+* ``sign_reste(u, t, o)``  -- ReSTE's power-function estimator (docs/baselines.md §3.4).
 
 ``binarize_weight`` and ``binarize_activation`` add the per-channel / per-position scales.
 """
@@ -103,7 +103,7 @@ def binarize_weight(w: Tensor, order: int = 1) -> Tensor:
     Forward value ``b_1 + ... + b_N`` with ``b_i = alpha_i * sign(r_{i-1})`` and
     ``alpha_i = mean |r_{i-1}|`` over every axis but 0 (no gradient). Backward is the clipped
     identity ``1[-1 < w < 1]``. Evaluated as ``(b - clamp(w)) + clamp(w)`` with the bracket
-    detached, which is ``b`` up to one float rounding (DENOISER.md Q12).
+    detached, which is ``b`` up to one float rounding (docs/quirks.md Q12).
     """
     with torch.no_grad():
         axes = tuple(range(1, w.dim()))

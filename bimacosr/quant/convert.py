@@ -1,7 +1,7 @@
 """The replace pass: swap a model's conv/linear layers for binary layers by their official names.
 
-``binarize(model, params)`` follows the original ``replace_conv_and_linear`` (DENOISER.md §4.1,
-BASELINES.md §1.2): convs first, then (with ``binary_linear``) linears, each walk in registration
+``binarize(model, params)`` follows the original ``replace_conv_and_linear`` (docs/denoiser.md §4.1,
+docs/baselines.md §1.2): convs first, then (with ``binary_linear``) linears, each walk in registration
 order; a layer stays full precision when a ``which_fp_conv`` / ``which_fp_linear`` entry matches
 it (a keyword is a substring of its name and it has at most ``param_threshold`` million trainable
 parameters). Layers created by the pass are never visited. Unlike the original, an unknown layer

@@ -104,7 +104,7 @@ class EpochIndexed(Dataset):
 
 
 class PairPool:
-    """Real-ESRGAN's training-pair pool (PIPELINE.md §6.2 step 11): the first ``size / b`` batches
+    """Real-ESRGAN's training-pair pool (docs/pipeline.md §6.2 step 11): the first ``size / b`` batches
     are stored and used as they are; afterwards each batch is pushed into the shuffled pool and the
     first ``b`` pooled pairs are used. ``size = 0`` disables it. Shuffles use the given generator."""
 

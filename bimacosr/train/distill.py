@@ -1,4 +1,4 @@
-"""The distillation step as pure functions (PIPELINE.md §5.3-5.4).
+"""The distillation step as pure functions (docs/pipeline.md §5.3-5.4).
 
 One step: the LQ image is encoded (bicubic x4, VQ-f4, no quantisation), ``x_T = z_y + kappa *
 sqrt_eta_T * eps``; the frozen FP teacher runs the full deterministic DDIM loop from that same
@@ -42,7 +42,7 @@ def distill_loss(student: nn.Module, teacher: nn.Module, autoencoder: VQAutoenco
 
 
 def lr_at(iteration: int, base_lr: float, milestones: tuple[int, int]) -> float:
-    """Learning rate used at 1-based ``iteration`` by the original schedule (PIPELINE.md §5.4).
+    """Learning rate used at 1-based ``iteration`` by the original schedule (docs/pipeline.md §5.4).
 
     The original adjusts the lr *after* each step: iteration 1 runs at ``base_lr``, iterations
     ``2..warmup+1`` at ``(iteration-1)/warmup * base_lr`` (warm-up), then ``base_lr`` until the

@@ -2,7 +2,7 @@
 
 Setup loads everything that can be wrong (config, teacher / SinSR / VQ files, training images,
 quant names) before the first step, so a bad run fails in seconds with a named error. The loop
-follows PIPELINE.md §5; where this implementation does better than the original is said in the
+follows docs/pipeline.md §5; where this implementation does better than the original is said in the
 README (exact resume, atomic checkpoints, EMA kept across resumes, NaN guard, signal-safe saves).
 """
 from __future__ import annotations

@@ -50,7 +50,7 @@ def fp_fixture():
 
 
 def reference_mask(h: int, w: int, ws: int, s: int) -> torch.Tensor:
-    """DENOISER.md §2.4 written out with loops, independently of the vectorised version."""
+    """docs/denoiser.md §2.4 written out with loops, independently of the vectorised version."""
     label = [8] * h if s == 0 else [6 if r < h - ws else 7 if r < h - s else 8 for r in range(h)]
     windows = []
     for wr in range(h // ws):

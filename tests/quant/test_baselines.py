@@ -1,4 +1,4 @@
-"""Table 1 baseline layers (BASELINES.md): fixture parity, from_float, keys, BiDM's fliter_k."""
+"""Table 1 baseline layers (docs/baselines.md): fixture parity, from_float, keys, BiDM's fliter_k."""
 from __future__ import annotations
 
 import pytest
