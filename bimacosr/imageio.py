@@ -36,6 +36,8 @@ _SAVE_FORMATS: dict[str, tuple[str, dict]] = {
     ".tif": ("TIFF", {}),
     ".tiff": ("TIFF", {}),
 }
+SAVE_EXTENSIONS = tuple(_SAVE_FORMATS)
+"""Extensions :func:`write_image` can write."""
 _ALPHA_FORMATS = ("PNG", "WEBP", "TIFF")
 # Pillow decodes 16-bit colour PNGs to 8 bits (high bytes only). Decoding the same stream a second
 # time with a little-endian raw mode yields the low bytes; 16-bit LA is decoded as raw RGBA bytes.

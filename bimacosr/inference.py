@@ -1,78 +1,170 @@
 """Folder (or file) of LR images -> 4x SR images: what ``inference_quant.py`` runs.
 
-Loads the config and weights strictly (the original loaded non-strictly, so a wrong file
-"worked"), runs :class:`bimacosr.pipeline.SRPipeline` on every image with a progress bar, keeps
-grayscale and alpha, never overwrites an input, reports unreadable files by name and goes on.
-Under ``torchrun`` each process takes every ``WORLD_SIZE``-th file. Every image is sampled with
-its own generator seeded by ``seed``, so results do not depend on the order or the process count.
+Everything that can be wrong is checked before a model is built: the config, every weight file
+(absolute paths in the message), the flags' ranges, the output folder (writable; never the input
+folder unless outputs are told apart by ``--suffix``) and the output format of every input. Then
+the pipeline is built once (``bimacosr.build``), every image is super-resolved with a progress bar
+naming the file, grayscale and alpha are kept, unreadable files are reported by name and skipped.
+Under ``torchrun`` each process takes every ``WORLD_SIZE``-th file. Every image is sampled with its
+own generator seeded by ``seed``, so results do not depend on the order or the process count.
 """
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from bimacosr import build
-from bimacosr.config import ConfigError, load_config
-from bimacosr.imageio import ImageReadError, LoadedImage, list_images, read_image, write_image
+from bimacosr.atomic import temp_path
+from bimacosr.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config
+from bimacosr.imageio import SAVE_EXTENSIONS, ImageReadError, LoadedImage, list_images, read_image, write_image
 from bimacosr.pipeline import SRPipeline
 from bimacosr.visualize import save_compare
+
+TASKS = ("sinsr", "bimacosr", "realsr", "realsrx4")
+"""``--task`` values of the original that mean this model's job (real-world x4 SR)."""
+COMPARE_SUFFIX = "_compare"
 
 
 @dataclass
 class InferenceOptions:
-    """The command line of ``inference_quant.py`` (see its ``--help``)."""
+    """The command line of ``inference_quant.py`` -- the one table of its defaults."""
 
     in_path: Path
     out_path: Path
-    config: Path = Path("configs/BiMaCoSR.yaml")
-    ckpt: Path = Path("weights/BiMaCoSR.pth")
+    config: Path = DEFAULT_CONFIG
+    ckpt: Path = REPO_ROOT / "weights" / "BiMaCoSR.pth"
+    task: str = "BiMaCoSR"
     scale: int = 4
     seed: int = 12345
+    steps: int | None = None
+    infer_steps: int | None = None
     chop_size: int = 256
     chop_stride: int | None = None
     blend: str = "average"
     one_step: bool = True
     ddim: bool = False
+    ref_path: Path | None = None
     suffix: str = ""
     ext: str = "png"
     device: str | None = None
-    fp32: bool = False
     precision: str = "auto"
+    fp32: bool = False
     compare: bool = False
     skip_existing: bool = False
     deploy: Path | None = None
     tile_batch: int = 1
     channels_last: bool = False
     compile: bool = False
+    debug: bool = False
+
+
+def default(name: str):
+    """The default of option ``name`` (for the argument parser)."""
+    return next(f.default for f in fields(InferenceOptions) if f.name == name)
+
+
+def suffix_part(suffix: str) -> str:
+    """Real-ESRGAN's convention: ``--suffix out`` names ``a.png`` -> ``a_out.png``."""
+    return f"_{suffix}" if suffix and not suffix.startswith("_") else suffix
 
 
 def output_paths(inputs: list[Path], out_dir: Path, suffix: str, ext: str) -> dict[Path, Path]:
-    """One output path per input: ``<stem><suffix>.<ext>``; inputs sharing a stem keep their
-    extension in the name (``a.jpg`` -> ``a_jpg.png``). Refuses to overwrite an input."""
+    """One output path per input: ``<stem>_<suffix>.<ext>``; inputs sharing a stem keep their
+    extension in the name (``a.jpg`` -> ``a_jpg.png``). Refuses to overwrite an input and formats
+    that cannot be written (``--ext auto`` with a GIF input)."""
     def name(path: Path, with_ext: bool) -> Path:
         stem = f"{path.stem}_{path.suffix[1:].lower()}" if with_ext else path.stem
         out_ext = path.suffix[1:].lower() if ext == "auto" else ext
-        return out_dir / f"{stem}{suffix}.{out_ext}"
+        return out_dir / f"{stem}{suffix_part(suffix)}.{out_ext}"
 
     stems = [p.stem for p in inputs]
     mapping = {p: name(p, stems.count(p.stem) > 1) for p in inputs}
+    unwritable = [p.name for p, out in mapping.items() if out.suffix.lower() not in SAVE_EXTENSIONS]
+    if unwritable:
+        raise ValueError(f"--ext {ext}: cannot write {unwritable[0]} as {mapping[inputs[0]].suffix}"
+                         f"{' (and ' + str(len(unwritable) - 1) + ' more)' if len(unwritable) > 1 else ''}; "
+                         f"writable: {', '.join(e[1:] for e in SAVE_EXTENSIONS)} -- use e.g. --ext png")
     clash = [str(p) for p, out in mapping.items() if out.resolve() in {q.resolve() for q in inputs}]
     if clash:
         raise ValueError(f"writing to {out_dir} would overwrite input image(s) {clash[:3]}; choose "
-                         f"another --out_path or set --suffix (e.g. --suffix _sr)")
+                         f"another --out_path or set --suffix (e.g. --suffix sr)")
     return mapping
+
+
+def list_inputs(opts: InferenceOptions) -> list[Path]:
+    """The input images. In folder mode an ``--out_path`` equal to or inside ``--in_path`` is
+    refused unless ``--suffix`` tells outputs apart; then files carrying it are skipped, so a
+    second run never super-resolves the first run's outputs."""
+    inputs = list_images(opts.in_path)
+    if not opts.in_path.is_dir():
+        return inputs
+    src, dst = opts.in_path.resolve(), opts.out_path.resolve()
+    if dst == src or src in dst.parents:
+        if not opts.suffix:
+            raise ValueError(f"--out_path {opts.out_path} is (inside) the input folder {opts.in_path}: "
+                             f"outputs would become inputs of the next run; use another folder, or set "
+                             f"--suffix (outputs carrying it are then skipped as inputs)")
+        tags = (suffix_part(opts.suffix), suffix_part(opts.suffix) + COMPARE_SUFFIX)
+        kept = [p for p in inputs if not p.stem.endswith(tags)]
+        if len(kept) < len(inputs):
+            print(f"note: {len(inputs) - len(kept)} file(s) ending in {tags[0]!r} in {opts.in_path} are "
+                  f"outputs of an earlier run and are skipped as inputs")
+        inputs = kept
+    return inputs
+
+
+def check_options(opts: InferenceOptions) -> None:
+    """Flag values out of range -> ``ValueError`` naming the flag and the valid range."""
+    checks = [("--chop_size", opts.chop_size, opts.chop_size >= 1, ">= 1"),
+              ("--chop_stride", opts.chop_stride, opts.chop_stride is None or 1 <= opts.chop_stride <= opts.chop_size,
+               f"in 1..--chop_size ({opts.chop_size})"),
+              ("--tile_batch", opts.tile_batch, opts.tile_batch >= 1, ">= 1"),
+              ("--steps", opts.steps, opts.steps is None or opts.steps >= 1, ">= 1"),
+              ("--infer_steps", opts.infer_steps, opts.infer_steps is None or opts.infer_steps >= 1, ">= 1")]
+    for flag, value, ok, valid in checks:
+        if not ok:
+            raise ValueError(f"{flag} {value} is out of range: it must be {valid}")
+    if opts.task.lower() not in TASKS:
+        raise ValueError(f"--task {opts.task}: this model does real-world x4 SR; the original's task names "
+                         f"for that are {', '.join(TASKS)} (any case)")
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a probe file there, or raise ``OSError`` naming it -- before any
+    model is built (a read-only folder used to fail after the first image was computed)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(folder / "probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(f"cannot write to the output folder {folder.absolute()} ({exc.strerror or exc}); "
+                      f"choose a writable --out_path") from None
+
+
+def apply_schedule_flags(cfg: DictConfig, opts: InferenceOptions) -> str:
+    """The original's ``--steps`` (diffusion steps) and ``--infer_steps`` (respacing) written into
+    the config; returns the sampler: ``one_step`` unless ``--one_step false`` (then ``ddim`` with
+    ``--ddim``, else ``ancestral``)."""
+    if opts.steps is not None:
+        cfg.diffusion.params.steps = opts.steps
+    if opts.infer_steps is not None:
+        steps = int(cfg.diffusion.params.steps)
+        cfg.diffusion.params.timestep_respacing = None if opts.infer_steps >= steps else opts.infer_steps
+    return "one_step" if opts.one_step else ("ddim" if opts.ddim else "ancestral")
 
 
 def _tile_bar(tiles: Iterator) -> Iterator:
     """A transient progress bar over the tiles of one image."""
-    tiles = list(tiles)
-    return iter(tqdm(tiles, desc="tiles", leave=False, dynamic_ncols=True))
+    return iter(tqdm(list(tiles), desc="tiles", leave=False, dynamic_ncols=True))
 
 
 def upscale_image(pipe: SRPipeline, image: LoadedImage, opts: InferenceOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -86,26 +178,72 @@ def upscale_image(pipe: SRPipeline, image: LoadedImage, opts: InferenceOptions) 
     return sr, alpha
 
 
-def run(opts: InferenceOptions) -> int:
-    """Process every input image; returns the exit status (1 if any image failed)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    inputs = list_images(opts.in_path)
-    targets = output_paths(inputs, opts.out_path, opts.suffix, opts.ext)
+@dataclass
+class Plan:
+    """What a run will load, resolved before anything is built."""
+
+    cfg: DictConfig
+    files: build.InferenceFiles
+    device: torch.device
+    sampler: str
+    precision: str
+
+
+def plan(opts: InferenceOptions) -> Plan:
+    """Config, flags and files: every problem knowable up front raises here, in milliseconds."""
     cfg = load_config(opts.config)
     sf = build.scale_factor(cfg)
     if opts.scale != sf:
         raise ConfigError(f"--scale {opts.scale} but {opts.config} is a x{sf} model (diffusion.params.sf)")
+    sampler = apply_schedule_flags(cfg, opts)
     device = build.pick_device(opts.device)
-    files = build.inference_files(cfg, opts.ckpt, opts.deploy)
-    sampler = "one_step" if opts.one_step else ("ddim" if opts.ddim else "ancestral")
-    pipe = build.build_pipeline(cfg, files, device, precision="fp32" if opts.fp32 else opts.precision,
-                                sampler=sampler, channels_last=opts.channels_last, compile=opts.compile)
+    precision = "fp32" if opts.fp32 else opts.precision
+    build.resolve_precision(precision, device, cfg)  # e.g. fp16 without CUDA
+    return Plan(cfg, build.inference_files(cfg, opts.ckpt, opts.deploy), device, sampler, precision)
+
+
+def load(opts: InferenceOptions, p: Plan) -> SRPipeline:
+    """The pipeline, with one "loading" line saying what and how long."""
+    tic = time.perf_counter()
+    print(f"loading {p.files.deploy or p.files.ckpt} + {p.files.autoencoder.name} on {p.device} ...", flush=True)
+    pipe = build.build_pipeline(p.cfg, p.files, p.device, precision=p.precision, sampler=p.sampler,
+                                channels_last=opts.channels_last, compile=opts.compile)
+    print(f"loaded in {time.perf_counter() - tic:.1f} s: {p.sampler.replace('_', '-')} sampler, precision "
+          f"{build.resolve_precision(p.precision, p.device, p.cfg).name}", flush=True)
+    return pipe
+
+
+def tile_size(opts: InferenceOptions, pipe: SRPipeline) -> int:
+    """``--chop_size`` raised to the model's minimum tile (smaller tiles are padded up to it
+    anyway, so they only multiply the work), with a message."""
+    if opts.chop_size < pipe.min_size:
+        print(f"note: --chop_size {opts.chop_size} is below the model's minimum tile of {pipe.min_size} LR "
+              f"pixels (tiles are padded to it); using {pipe.min_size}")
+        return pipe.min_size
+    return opts.chop_size
+
+
+def run(opts: InferenceOptions) -> int:
+    """Check everything, then process every input image; returns the exit status (1 if any image
+    failed)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    check_options(opts)
+    inputs = list_inputs(opts)
+    targets = output_paths(inputs, opts.out_path, opts.suffix, opts.ext)
+    if opts.ref_path is not None and not opts.ref_path.is_dir():
+        raise FileNotFoundError(f"--ref_path {opts.ref_path.absolute()} is not a folder (the GT images)")
+    pipe_plan = plan(opts)
+    check_writable(opts.out_path)
+    pipe = load(opts, pipe_plan)
+    opts.chop_size = tile_size(opts, pipe)
+    opts.chop_stride = None if opts.chop_stride is None else min(opts.chop_stride, opts.chop_size)
     mine = inputs[rank::world]
     failed: list[tuple[Path, str]] = []
     done = skipped = 0
-    bar = tqdm(mine, desc=f"SR x{sf}" + (f" [rank {rank}/{world}]" if world > 1 else ""), unit="img",
+    bar = tqdm(mine, desc=f"SR x{pipe.sf}" + (f" [rank {rank}/{world}]" if world > 1 else ""), unit="img",
                dynamic_ncols=True)
     for path in bar:
+        bar.set_postfix_str(path.name)
         target = targets[path]
         if opts.skip_existing and target.exists():
             skipped += 1
@@ -116,13 +254,30 @@ def run(opts: InferenceOptions) -> int:
             failed.append((path, str(exc)))
             tqdm.write(f"skipped: {exc}")
             continue
+        bar.set_postfix_str(f"{path.name} {image.rgb.shape[-1]}x{image.rgb.shape[-2]}")
         sr, alpha = upscale_image(pipe, image, opts)
         write_image(target, sr, alpha=alpha, mode=image.mode, bit_depth=image.bit_depth)
         if opts.compare:
-            save_compare(target.with_name(f"{target.stem}_compare.png"), image.rgb, sr)
+            save_compare(target.with_name(f"{target.stem}{COMPARE_SUFFIX}.png"), image.rgb, sr)
         done += 1
     summary = f"{done} image(s) written to {opts.out_path}" + (f", {skipped} already there" if skipped else "")
     if failed:
         summary += f"; {len(failed)} failed: " + ", ".join(str(p) for p, _ in failed)
     print(summary + (f" [rank {rank}]" if world > 1 else ""))
+    if opts.ref_path is not None:
+        score(opts, world)
     return 1 if failed else 0
+
+
+def score(opts: InferenceOptions, world: int) -> None:
+    """``--ref_path``: the metrics of the outputs against that GT folder, as the original runs
+    them after inference; the table is printed and saved under ``<out_path>/metrics``."""
+    from bimacosr.evaluation import evaluate, write_results
+
+    if world > 1:
+        print(f"note: --ref_path is scored by one process only; run: python metric.py --inp_imgs "
+              f"{opts.out_path} --gt_imgs {opts.ref_path} --log {opts.out_path / 'metrics'}")
+        return
+    result = evaluate([opts.out_path], opts.ref_path, device=opts.device)
+    write_results(result, opts.out_path / "metrics")
+    print(result.markdown(), end="")

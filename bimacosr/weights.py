@@ -21,6 +21,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bimacosr.config import REPO_ROOT
+
 __all__ = ["WeightFile", "RELEASED", "WEIGHTS_DIR", "MissingWeightsError", "DownloadError",
            "get", "resolve_weight", "download"]
 
@@ -106,16 +108,19 @@ def resolve_weight(path_or_name: str | os.PathLike, *, what: str) -> Path:
     """Return the path when the file exists, else raise ``MissingWeightsError``.
 
     A bare released name (``SinSR_v1.pth``) not in the working directory means
-    ``weights/<name>``. ``what`` names the role in
+    ``weights/<name>``; a relative path not found from the working directory is tried from the
+    repository root. ``what`` names the role in
     the message, e.g. ``"autoencoder (autoencoder.ckpt_path)"``.
     """
     path = Path(path_or_name)
     if not path.is_file() and path.name in RELEASED and path.parent == Path("."):
         path = WEIGHTS_DIR / path.name
+    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+        path = REPO_ROOT / path  # config paths like weights/x.pth work from any working folder
     if path.is_file():
         return path
     entry = RELEASED.get(path.name)
-    lines = [f"{what}: weight file not found: {path}"]
+    lines = [f"{what}: weight file not found: {path.absolute()}"]
     if entry is not None:
         lines += [f"  this is {entry.name}: {entry.what}; used by {entry.used_by}",
                   f"  it comes from: {entry.source}",

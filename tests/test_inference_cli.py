@@ -25,6 +25,9 @@ def workdir(tmp_path_factory):
     lr.mkdir()
     rgb = downscale(photo("astronaut"), 8)[:48, :40]
     Image.fromarray(rgb).save(lr / "astronaut.png")
+    big = root / "big"  # larger than the minimum tile (64 LR pixels): tiled runs
+    big.mkdir()
+    Image.fromarray(downscale(photo("astronaut"), 4)[:96, :80]).save(big / "astronaut.png")
     Image.fromarray(downscale(photo("coffee"), 8)[:30, :50]).save(lr / "coffee.JPG", quality=90)
     Image.fromarray(downscale(photo("camera"), 8)[:32, :32, 0]).save(lr / "camera_gray.png")
     rgba = np.concatenate([rgb[:20, :20], np.full((20, 20, 1), 128, np.uint8)], axis=2)
@@ -68,13 +71,13 @@ def test_single_file_16_bit_and_tiny(workdir, tmp_path):
 
 
 def test_tiled_run_matches_the_pipeline_and_is_seed_stable(workdir):
-    args = ["-i", "lr/astronaut.png", "--chop_size", "32", "--chop_stride", "24"]
+    args = ["-i", "big/astronaut.png", "--chop_size", "64", "--chop_stride", "48"]
     a, b = run(workdir, *args, "-o", "tiled_a"), run(workdir, *args, "-o", "tiled_b", "--blend", "gaussian")
     assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:] + b.stderr[-2000:]
     img_a = np.asarray(Image.open(workdir / "tiled_a/astronaut.png"))
     img_b = np.asarray(Image.open(workdir / "tiled_b/astronaut.png"))
-    assert img_a.shape == img_b.shape == (192, 160, 3) and not np.array_equal(img_a, img_b)
-    again = run(workdir, *args, "-o", "tiled_c")
+    assert img_a.shape == img_b.shape == (384, 320, 3) and not np.array_equal(img_a, img_b)
+    run(workdir, *args, "-o", "tiled_c")
     assert np.array_equal(img_a, np.asarray(Image.open(workdir / "tiled_c/astronaut.png")))
 
 
@@ -94,7 +97,7 @@ def test_wrong_checkpoint_kind_is_explained(workdir):
 def test_never_overwrites_an_input(workdir, tmp_path):
     shutil.copy(workdir / "lr/astronaut.png", tmp_path / "a.png")
     result = run(workdir, "-i", tmp_path, "-o", tmp_path)
-    assert result.returncode != 0 and "would overwrite input" in result.stderr
+    assert result.returncode != 0 and "outputs would become inputs" in result.stderr
     result = run(workdir, "-i", tmp_path, "-o", tmp_path, "--suffix", "_sr")
     assert result.returncode == 0 and (tmp_path / "a_sr.png").exists()
 
@@ -122,10 +125,10 @@ def test_packed_deploy_file_runs_batched_tiles(workdir):
     from bimacosr.build import export_checkpoint
 
     export_checkpoint(workdir / "data/smoke/weights/bimacosr.pth", CONFIG, workdir / "deploy.safetensors")
-    result = run(workdir, "-i", "lr/astronaut.png", "-o", "dep", "--deploy", "deploy.safetensors",
-                 "--chop_size", "32", "--tile_batch", "4", "--channels_last")
+    result = run(workdir, "-i", "big/astronaut.png", "-o", "dep", "--deploy", "deploy.safetensors",
+                 "--chop_size", "64", "--chop_stride", "16", "--tile_batch", "4", "--channels_last")
     assert result.returncode == 0, result.stderr[-2000:]
     with Image.open(workdir / "dep/astronaut.png") as im:
-        assert im.size == (160, 192)
+        assert im.size == (320, 384)
     wrong = run(workdir, "-i", "lr/astronaut.png", "-o", "dep2", "--deploy", "data/smoke/weights/sinsr.pth")
     assert wrong.returncode != 0 and "sinsr.pth" in wrong.stderr and "Traceback" not in wrong.stderr
