@@ -51,7 +51,7 @@ def test_missing_file_message(tmp_path, monkeypatch, name):
     with pytest.raises(MissingWeightsError) as info:
         weights.resolve_weight(f"weights/{name}", what="the teacher")
     msg = str(info.value)
-    assert msg.startswith(f"the teacher: weight file not found: weights/{name}")
+    assert msg.startswith(f"the teacher: weight file not found: {tmp_path / 'weights' / name}")
     assert weights.RELEASED[name].urls[0] in msg
     assert str(tmp_path / "weights" / name) in msg
     assert msg.endswith(f"python scripts/download_weights.py {name}")
