@@ -1,0 +1,78 @@
+"""The Gradio demo for real: ``app.py --smoke`` in a subprocess on a free 127.0.0.1 port, called
+over HTTP with gradio_client."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bimacosr.smoke import downscale, photo
+from tests.conftest import REPO
+
+START_TIMEOUT_S = 300  # gradio import + tiny smoke weights written and loaded, on a busy 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, log) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1.0)
+    pytest.fail(f"app.py did not answer on {url} within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def demo_url(tmp_path):
+    port, log = free_port(), tmp_path / "app.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--smoke", "--port", str(port)],
+                                cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_up(proc, url, log)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+
+
+@pytest.mark.slow
+def test_demo_over_http(demo_url, tmp_path):
+    from gradio_client import Client, handle_file
+
+    lr = downscale(photo("coffee"), 10)  # 60 x 40: one small tile
+    Image.fromarray(lr).save(tmp_path / "coffee.png")
+    client = Client(demo_url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "got"))
+    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/upscale"]
+    (before, after), panel, sr_file, status = client.predict(
+        handle_file(str(tmp_path / "coffee.png")), 64, 7, "gaussian", "fp32", api_name="/upscale")
+    sr = np.asarray(Image.open(sr_file))
+    assert sr.shape == (160, 240, 3) and os.path.basename(sr_file) == "coffee_x4.png"
+    assert np.array_equal(np.asarray(Image.open(after).convert("RGB")), sr)
+    assert np.asarray(Image.open(before)).shape[:2] == (160, 240)
+    assert Image.open(panel).width > 3 * 240
+    assert status.startswith("60x40 -> 240x160 in ") and "(fp32)" in status and "seed 7" in status
