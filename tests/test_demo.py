@@ -76,3 +76,31 @@ def test_demo_over_http(demo_url, tmp_path):
     assert np.asarray(Image.open(before)).shape[:2] == (160, 240)
     assert Image.open(panel).width > 3 * 240
     assert status.startswith("60x40 -> 240x160 in ") and "(fp32)" in status and "seed 7" in status
+
+
+@pytest.mark.slow
+def test_upscaler_matches_the_pipeline_and_explains_bad_inputs(tmp_path):
+    import gradio as gr
+    import torch
+
+    from bimacosr import build
+    from bimacosr.demo import Upscaler
+    from bimacosr.imageio import read_image, to_uint8
+    from bimacosr.smoke import smoke_inference
+
+    cfg, ckpt = smoke_inference()
+    files = build.inference_files(cfg, ckpt)
+    upscaler = Upscaler(cfg, files, torch.device("cpu"), max_side=64)
+    Image.fromarray(downscale(photo("astronaut"), 16)).save(tmp_path / "a.png")  # 32 x 32
+    got = upscaler(tmp_path / "a.png", tile=64, seed=3, blend="average", precision="fp32")
+    pipe = build.build_pipeline(cfg, files, torch.device("cpu"), precision="fp32")
+    want = pipe(read_image(tmp_path / "a.png").rgb, tile=64, generator=torch.Generator().manual_seed(3))
+    assert np.array_equal(got.sr, to_uint8(want)) and got.before.shape == got.sr.shape == (128, 128, 3)
+    assert np.array_equal(np.asarray(Image.open(got.file)), got.sr) and "(fp32)" in got.status
+    bf16, name = upscaler.pipeline("bf16")  # same modules, bf16 autocast
+    assert name == "bf16" and bf16.autocast == torch.bfloat16 and bf16.denoiser is upscaler.pipeline("fp32")[0].denoiser
+    Image.fromarray(downscale(photo("astronaut"), 4)).save(tmp_path / "big.png")  # 128 x 128
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for path, message in (("big.png", "at most 64 pixels a side"), ("bad.png", "cannot read image")):
+        with pytest.raises(gr.Error, match=message):
+            upscaler(tmp_path / path)
