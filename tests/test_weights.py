@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import types
-import urllib.error
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
