@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from bimacosr.atomic import atomic_write
 
-__all__ = ["CheckpointError", "LoadReport", "read_state_dict", "unwrap_state_dict",
-           "save_state_dict", "describe_state_dict", "load_state_dict_into"]
+__all__ = ["CheckpointError", "LoadReport", "KIND_LABELS", "read_state_dict", "unwrap_state_dict",
+           "save_state_dict", "describe_state_dict", "state_dict_kind", "load_state_dict_into"]
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,16 @@ def _kind(keys: Any) -> str:
     if {"encoder.conv_in.weight", "quantize.embedding.weight"} <= names:
         return "autoencoder"
     return "unknown"
+
+
+KIND_LABELS = _LABELS
+"""What :func:`state_dict_kind` returns -> the name people read."""
+
+
+def state_dict_kind(state_dict: Mapping[str, Any]) -> str:
+    """Classify a state_dict by its key names: ``'bimaco'``, ``'fp_unet'``, ``'autoencoder'`` or
+    ``'unknown'`` (:data:`KIND_LABELS` names them)."""
+    return _kind(state_dict)
 
 
 def describe_state_dict(state_dict: Mapping[str, Any]) -> str:

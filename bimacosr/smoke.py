@@ -16,12 +16,13 @@ from torch import nn
 
 from bimacosr import build
 from bimacosr.checkpoint import save_state_dict
-from bimacosr.config import to_plain
+from bimacosr.config import REPO_ROOT, load_config, to_plain
 from bimacosr.models import split_params
 from bimacosr.quant import binarize
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "cat")
 STUDENT_NAME = "bimacosr.pth"
+SMOKE_CACHE = REPO_ROOT / "data" / "smoke" / "demo"
 
 
 def photo(name: str) -> np.ndarray:
@@ -92,3 +93,17 @@ def write_smoke_assets(cfg: DictConfig, root: str | Path = ".", n_train: int = 8
         Image.fromarray(crop).save(hr_dir / f"val_{i:03d}.png")
         Image.fromarray(downscale(crop, sf)).save(lr_dir / f"val_{i:03d}.png")
     return weights
+
+
+def smoke_inference(cache: str | Path = SMOKE_CACHE) -> tuple[DictConfig, Path]:
+    """``configs/smoke.yaml`` with its files under ``cache`` (written there on first use, then
+    reused) and the path of its tiny random BiMaCo student: (config, checkpoint) for
+    ``build.inference_files``. Runs anywhere in seconds; the pictures it makes are noise."""
+    cache = Path(cache)
+    cfg = load_config(REPO_ROOT / "configs" / "smoke.yaml")
+    student = cache / Path(cfg.model.teacher_ckpt_path).with_name(STUDENT_NAME)
+    autoencoder = cache / cfg.autoencoder.ckpt_path
+    if not (student.is_file() and autoencoder.is_file()):
+        write_smoke_assets(cfg, cache, n_train=1, n_val=1)
+    cfg.autoencoder.ckpt_path = str(autoencoder)
+    return cfg, student

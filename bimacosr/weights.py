@@ -1,17 +1,21 @@
-"""The released weight files: where each comes from, where it goes, and fetching it.
+"""The released weight files: where each comes from, where it goes, fetching and checking it.
 
 ``resolve_weight`` turns a configured path into an existing file or a ``MissingWeightsError`` that
 says which file is missing, where it comes from, the exact path to put it at and the command that
-fetches it. ``download`` streams a file with urllib into a temp file in the target folder (tqdm
-progress), checks size/sha256 where published, then renames it into place atomically. No size or
-checksum has been published for any of these files, so none is checked: they stay ``None``.
+fetches it. ``download`` fetches a file -- a direct URL with urllib, or a Google Drive file with
+gdown -- into a temp file in the target folder (tqdm progress), checks that it loads as the right
+kind of file (its key layout: a VQ autoencoder, an FP UNet, a BiMaCo UNet, a config), records its
+size and sha256 in ``weights.lock.json`` beside it and renames it into place atomically. A file
+already there is checked against that lock file instead (or, when the lock has no entry for it,
+checked for its kind and recorded). No size or checksum has been published for any of these files,
+so the lock records what this machine first downloaded.
 """
 from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
-import secrets
 import shlex
 import ssl
 import urllib.error
@@ -21,12 +25,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bimacosr.atomic import atomic_write_text, temp_path
 from bimacosr.config import REPO_ROOT
 
-__all__ = ["WeightFile", "RELEASED", "WEIGHTS_DIR", "MissingWeightsError", "DownloadError",
-           "get", "resolve_weight", "download"]
+__all__ = ["WeightFile", "RELEASED", "TARGETS", "WEIGHTS_DIR", "LOCK_NAME", "WeightsError",
+           "MissingWeightsError", "DownloadError", "VerifyError", "Fetched", "get", "expand_targets",
+           "kind_problem", "resolve_weight", "download"]
 
-WEIGHTS_DIR = Path("weights")  # relative to the working directory, like the config's paths
+WEIGHTS_DIR = REPO_ROOT / "weights"
+LOCK_NAME = "weights.lock.json"
 BIMACOSR_REPO = "https://github.com/Kai-Liu001/BiMaCoSR"
 CHUNK = 1 << 20
 TIMEOUT_S = 30.0
@@ -36,45 +43,72 @@ _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionE
 
 @dataclass(frozen=True)
 class WeightFile:
-    """A released file. ``urls`` are direct downloads, tried in order (empty when there is none:
-    then ``page`` says where to get it by hand). ``size`` (bytes) and ``sha256`` only where
-    published."""
+    """A released file. ``urls`` are direct downloads, tried in order; ``drive_id`` a Google Drive
+    file id fetched with gdown when there is no URL. ``kind`` is what the file must hold: a
+    ``bimacosr.checkpoint.state_dict_kind`` (``bimaco``, ``fp_unet``, ``autoencoder``) or
+    ``config`` (a YAML mapping). ``size`` (bytes) and ``sha256`` only where published."""
 
     name: str
-    urls: tuple[str, ...]
     what: str
     used_by: str
-    page: str | None = None
+    kind: str
+    urls: tuple[str, ...] = ()
+    drive_id: str | None = None
     size: int | None = None
     sha256: str | None = None
 
     @property
     def path(self) -> Path:
-        """Where the code looks for it by default: ``weights/<name>``."""
+        """Where the code looks for it by default: ``<repo>/weights/<name>``."""
         return WEIGHTS_DIR / self.name
 
     @property
     def source(self) -> str:
-        """The URL(s) it comes from, or the page that links to it."""
-        return " or ".join(self.urls) if self.urls else f"{self.page} (no direct URL known)"
+        """Where it comes from, in words."""
+        if self.urls:
+            return " or ".join(self.urls)
+        return (f"Google Drive file {self.drive_id} (https://drive.google.com/uc?id={self.drive_id}, "
+                f"linked from the README of {BIMACOSR_REPO})")
 
 
 _RESSHIFT = "https://github.com/zsyOAOA/ResShift/releases/download/v2.0/"
 RELEASED: dict[str, WeightFile] = {f.name: f for f in (
-    WeightFile("BiMaCoSR.pth", (), "BiMaCoSR binary one-step student (its config: "
-               "configs/BiMaCoSR.yaml, same values as the released one)",
-               "inference_quant.py --ckpt / model.ckpt_path",
-               page=f"the Google Drive link in the README of {BIMACOSR_REPO}"),
-    WeightFile("resshift_realsrx4_s15_v1.pth", (_RESSHIFT + "resshift_realsrx4_s15_v1.pth",),
-               "full-precision ResShift x4 teacher (15 steps)",
-               "main_distill.py (model.teacher_ckpt_path)"),
-    WeightFile("SinSR_v1.pth", ("https://github.com/wyf0912/SinSR/releases/download/v1.0/"
-                                "SinSR_v1.pth",),
-               "full-precision SinSR one-step model, the student init",
-               "main_distill.py (quantparameter.train.pretained_model)"),
-    WeightFile("autoencoder_vq_f4.pth", (_RESSHIFT + "autoencoder_vq_f4.pth",),
-               "VQ-f4 autoencoder", "every job (autoencoder.ckpt_path)"),
+    WeightFile("BiMaCoSR.pth", "BiMaCoSR binary one-step student",
+               "inference_quant.py --ckpt", "bimaco", drive_id="1vh2hhHmvrz-LE0uqPXBk7mE8XZ_8W-NN"),
+    WeightFile("BiMaCoSR.yaml", "the config released with BiMaCoSR.pth (configs/BiMaCoSR.yaml "
+               "holds the same values; for reference only)", "nothing (optional)", "config",
+               drive_id="1LZfQG4bNb0IGoCTtPgk1YwO7FciPhHpp"),
+    WeightFile("resshift_realsrx4_s15_v1.pth", "full-precision ResShift x4 teacher (15 steps)",
+               "main_distill.py (model.teacher_ckpt_path)", "fp_unet",
+               urls=(_RESSHIFT + "resshift_realsrx4_s15_v1.pth",)),
+    WeightFile("SinSR_v1.pth", "full-precision SinSR one-step model, the student init",
+               "main_distill.py (quantparameter.train.pretained_model)", "fp_unet",
+               urls=("https://github.com/wyf0912/SinSR/releases/download/v1.0/SinSR_v1.pth",)),
+    WeightFile("autoencoder_vq_f4.pth", "VQ-f4 autoencoder", "every job (autoencoder.ckpt_path)",
+               "autoencoder", urls=(_RESSHIFT + "autoencoder_vq_f4.pth",)),
 )}
+
+_INFERENCE = ("autoencoder_vq_f4.pth", "BiMaCoSR.pth")
+TARGETS: dict[str, tuple[str, ...]] = {
+    "inference": _INFERENCE,
+    "train": _INFERENCE + ("resshift_realsrx4_s15_v1.pth", "SinSR_v1.pth"),
+    "all": tuple(RELEASED),
+}
+"""Named sets of files: what ``inference_quant.py`` needs, what training adds, everything."""
+
+
+class WeightsError(RuntimeError):
+    """A weight file cannot be fetched or is not what it should be; the message says the fix."""
+
+
+class DownloadError(WeightsError):
+    """A download failed (network, HTTP status, size/checksum, wrong kind); nothing was left
+    behind."""
+
+
+class VerifyError(WeightsError):
+    """A file already present is not what it should be (other bytes than the lock file records,
+    or the wrong kind of file); it was left as it is."""
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -85,8 +119,14 @@ class MissingWeightsError(FileNotFoundError):
         self.path, self.entry = path, entry
 
 
-class DownloadError(RuntimeError):
-    """A download failed (network, HTTP status, size/checksum); nothing was left behind."""
+@dataclass(frozen=True)
+class Fetched:
+    """The outcome of :func:`download`: the file's ``path`` and what was done: ``downloaded``,
+    ``verified`` (present and equal to the lock entry) or ``recorded`` (present, of the right kind,
+    not in the lock before)."""
+
+    path: Path
+    action: str
 
 
 def get(name: str) -> WeightFile:
@@ -97,20 +137,36 @@ def get(name: str) -> WeightFile:
     raise KeyError(f"unknown weight file {name!r}; known: {', '.join(RELEASED)}")
 
 
+def expand_targets(names: list[str]) -> list[str]:
+    """Target names (``inference``, ``train``, ``all``) and file names -> file names, each once,
+    in order. Raises ``KeyError`` naming the valid choices."""
+    files: list[str] = []
+    for name in names:
+        if name in TARGETS:
+            files += TARGETS[name]
+        else:
+            try:
+                files.append(get(name).name)
+            except KeyError:
+                raise KeyError(f"unknown target or file {name!r}; targets: {', '.join(TARGETS)}; "
+                               f"files: {', '.join(RELEASED)}") from None
+    return list(dict.fromkeys(files))
+
+
 def _fetch_command(entry: WeightFile, dest_dir: Path) -> str:
     """The download_weights.py command line that puts ``entry`` into ``dest_dir``."""
-    dest = "" if dest_dir == WEIGHTS_DIR else f" --dest {shlex.quote(str(dest_dir))}"
-    drive = "" if entry.urls else " --drive_id <id from that link> (needs: pip install gdown)"
-    return f"python scripts/download_weights.py {entry.name}{dest}{drive}"
+    same = Path(dest_dir).absolute() == WEIGHTS_DIR
+    dest = "" if same else f" --dest {shlex.quote(str(dest_dir))}"
+    return f"python scripts/download_weights.py {entry.name}{dest}"
 
 
 def resolve_weight(path_or_name: str | os.PathLike, *, what: str) -> Path:
     """Return the path when the file exists, else raise ``MissingWeightsError``.
 
     A bare released name (``SinSR_v1.pth``) not in the working directory means
-    ``weights/<name>``; a relative path not found from the working directory is tried from the
-    repository root. ``what`` names the role in
-    the message, e.g. ``"autoencoder (autoencoder.ckpt_path)"``.
+    ``<repo>/weights/<name>``; a relative path not found from the working directory is tried
+    from the repository root (config paths like ``weights/x.pth`` work from any folder). ``what``
+    names the role in the message, e.g. ``"autoencoder (autoencoder.ckpt_path)"``.
     """
     path = Path(path_or_name)
     if not path.is_file() and path.name in RELEASED and path.parent == Path("."):
@@ -120,6 +176,8 @@ def resolve_weight(path_or_name: str | os.PathLike, *, what: str) -> Path:
     if path.is_file():
         return path
     entry = RELEASED.get(path.name)
+    if entry is not None and path.parent == Path("weights"):
+        path = WEIGHTS_DIR / path.name  # the configs' weights/<name>: the repository's folder
     lines = [f"{what}: weight file not found: {path.absolute()}"]
     if entry is not None:
         lines += [f"  this is {entry.name}: {entry.what}; used by {entry.used_by}",
@@ -131,6 +189,11 @@ def resolve_weight(path_or_name: str | os.PathLike, *, what: str) -> Path:
     raise MissingWeightsError("\n".join(lines), path, entry)
 
 
+def _bar(desc: str, total: int | None, progress: bool) -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                disable=not progress, dynamic_ncols=True)
+
+
 def _stream(url: str, tmp: Path, desc: str, progress: bool) -> None:
     """Download ``url`` into ``tmp`` with a progress bar. Raises the network errors."""
     request = urllib.request.Request(url, headers={"User-Agent": "bimacosr-download"})
@@ -138,8 +201,7 @@ def _stream(url: str, tmp: Path, desc: str, progress: bool) -> None:
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
         done = 0
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                  disable=not progress) as bar:
+        with _bar(desc, total, progress) as bar:
             while chunk := response.read(CHUNK):
                 done += f.write(chunk)
                 bar.update(len(chunk))
@@ -147,20 +209,41 @@ def _stream(url: str, tmp: Path, desc: str, progress: bool) -> None:
             raise http.client.IncompleteRead(b"", total - done)
 
 
-def _drive(drive_id: str, tmp: Path, by_hand: str) -> None:
-    """Fetch a Google Drive file id into ``tmp`` with gdown (optional dependency)."""
+def _cause(e: BaseException) -> str:
+    """One line: the innermost reason of a chain of wrapped errors (requests -> urllib3 -> DNS)."""
+    while True:
+        inner = getattr(e, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = e.args[0] if e.args and isinstance(e.args[0], BaseException) else None
+        if inner is None:
+            return (str(e).splitlines() or [type(e).__name__])[0]
+        e = inner
+
+
+def _drive(entry: WeightFile, tmp: Path, progress: bool, by_hand: str) -> None:
+    """Fetch ``entry.drive_id`` into ``tmp`` with gdown (imported only here)."""
     try:
         import gdown
     except ImportError:
-        raise DownloadError(f"--drive_id needs gdown (pip install gdown); or {by_hand}") from None
-    cause = "no file came back"
-    try:
-        if gdown.download(url=f"https://drive.google.com/uc?id={drive_id}", output=str(tmp),
-                          quiet=False) is not None and tmp.is_file():
-            return
-    except Exception as e:  # gdown raises assorted types (requests, its own, OSError)
-        cause = str(e) or type(e).__name__
-    raise DownloadError(f"gdown could not fetch Drive id {drive_id} ({cause}); {by_hand}")
+        raise DownloadError(f"{entry.name} comes from Google Drive, which needs gdown "
+                            f"(pip install gdown); or {by_hand}") from None
+    bars: list[tqdm] = []  # opened at the first chunk, so a failed request shows no empty bar
+
+    def advance(done: int, total: int | None) -> None:
+        if not bars:
+            bars.append(_bar(entry.name, total, progress))
+        bars[0].update(done - bars[0].n)
+
+    with open(tmp, "wb") as f:
+        try:
+            gdown.download(id=entry.drive_id, output=f, quiet=True, progress=advance,
+                           timeout=TIMEOUT_S)
+        except Exception as e:  # gdown raises assorted types (requests, its own, OSError)
+            raise DownloadError(f"cannot download {entry.name} from Google Drive file "
+                                f"{entry.drive_id} ({_cause(e)}). no network? {by_hand}") from None
+        finally:
+            for bar in bars:
+                bar.close()
 
 
 def _digest(path: Path) -> tuple[int, str]:
@@ -179,7 +262,7 @@ def _reason(e: Exception) -> str:
     return str(getattr(e, "reason", None) or e) or type(e).__name__
 
 
-def _check(entry: WeightFile, size: int, sha256: str) -> None:
+def _check_published(entry: WeightFile, size: int, sha256: str) -> None:
     """Raise DownloadError when a published size or sha256 does not match."""
     if entry.size is not None and size != entry.size:
         raise DownloadError(f"{entry.name}: got {size} bytes, expected {entry.size}; "
@@ -189,29 +272,95 @@ def _check(entry: WeightFile, size: int, sha256: str) -> None:
                             f"{entry.sha256}; the download was discarded")
 
 
-def download(name: str, dest_dir: str | os.PathLike = WEIGHTS_DIR, force: bool = False, *,
-             drive_id: str | None = None, progress: bool = True) -> Path:
-    """Fetch a released file to ``dest_dir/<name>`` and return that path.
+def kind_problem(entry: WeightFile, path: Path) -> str | None:
+    """Why the file at ``path`` is not the kind ``entry`` says (None when it is): a weight file
+    must read safely and have the key layout of ``entry.kind``; a config must be a YAML mapping
+    with ``model`` and ``diffusion`` sections."""
+    if entry.kind == "config":
+        import yaml
 
-    An existing file is kept unless ``force``. ``drive_id`` fetches from Google Drive with gdown
-    instead of the registry URLs (the only way to script the BiMaCoSR checkpoint). The file
-    appears only once complete and verified; on failure no partial file is left behind.
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            return f"not a YAML file ({type(e).__name__})"
+        if not isinstance(data, dict) or not {"model", "diffusion"} <= set(data):
+            return "not a BiMaCoSR config (no model / diffusion sections)"
+        return None
+    # imported here: torch is not needed to list or fetch files
+    from bimacosr.checkpoint import KIND_LABELS, CheckpointError, read_state_dict, state_dict_kind
+
+    try:
+        found = state_dict_kind(read_state_dict(path, what=entry.name))
+    except CheckpointError as e:
+        return str(e).splitlines()[0]
+    if found != entry.kind:
+        return f"it is a {KIND_LABELS[found]} file, not a {KIND_LABELS[entry.kind]}"
+    return None
+
+
+def _read_lock(folder: Path) -> dict[str, dict]:
+    """The lock file's entries ``{name: {"size", "sha256", "source"}}`` ({} when there is none)."""
+    path = folder / LOCK_NAME
+    if not path.is_file():
+        return {}
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+        if not all(isinstance(v, dict) and {"size", "sha256"} <= set(v) for v in files.values()):
+            raise ValueError("entry without size/sha256")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise VerifyError(f"{path} is not a weights lock file ({e}); delete it, and the next run "
+                          f"records the files present again") from None
+    return files
+
+
+def _record(folder: Path, entry: WeightFile, size: int, sha256: str) -> None:
+    """Add or replace ``entry``'s line in the lock file (written atomically)."""
+    files = _read_lock(folder)
+    files[entry.name] = {"size": size, "sha256": sha256, "source": entry.source}
+    text = json.dumps({"comment": "sizes and sha256 of the weight files downloaded here "
+                                  "(scripts/download_weights.py checks present files against them)",
+                       "files": dict(sorted(files.items()))}, indent=2)
+    atomic_write_text(folder / LOCK_NAME, text + "\n")
+
+
+def _verify_present(entry: WeightFile, dest: Path) -> Fetched:
+    """Check a present file against its lock entry, or (none yet) for its kind and record it."""
+    refetch = f"fetch it again with: {_fetch_command(entry, dest.parent)} --force"
+    locked = _read_lock(dest.parent).get(entry.name)
+    size, sha256 = _digest(dest)
+    if locked is not None:
+        if (size, sha256) != (locked["size"], locked["sha256"]):
+            raise VerifyError(f"{dest} differs from what {dest.parent / LOCK_NAME} records "
+                              f"(size {size} vs {locked['size']}, sha256 {sha256[:12]}... vs "
+                              f"{str(locked['sha256'])[:12]}...): it changed after it was "
+                              f"downloaded; {refetch}")
+        return Fetched(dest, "verified")
+    problem = kind_problem(entry, dest)
+    if problem is not None:
+        raise VerifyError(f"{dest} is not {entry.name} ({entry.what}): {problem}; move it away "
+                          f"or {refetch}")
+    _record(dest.parent, entry, size, sha256)
+    return Fetched(dest, "recorded")
+
+
+def download(name: str, dest_dir: str | os.PathLike | None = None, force: bool = False, *,
+             progress: bool = True) -> Fetched:
+    """Put the released file ``name`` at ``dest_dir/<name>`` (default ``<repo>/weights``).
+
+    A present file is verified (see :class:`Fetched`) unless ``force``. A download appears only
+    once complete, of the right kind and recorded in the lock file; on failure no partial file is
+    left behind and a previous file is untouched. Raises ``DownloadError`` / ``VerifyError``.
     """
     entry = get(name)
-    dest = Path(dest_dir) / entry.name
+    folder = Path(dest_dir) if dest_dir is not None else WEIGHTS_DIR
+    dest = folder / entry.name
     if dest.is_file() and not force:
-        return dest
-    where = " or ".join(entry.urls) if entry.urls else f"it from {entry.page}"
-    by_hand = f"download {where} by hand and put it at {dest.absolute()}"
-    if drive_id is None and not entry.urls:
-        raise DownloadError(f"{entry.name} has no direct URL: {by_hand}, or run "
-                            f"{_fetch_command(entry, Path(dest_dir))}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+        return _verify_present(entry, dest)
+    by_hand = f"download it from {entry.source} by hand and put it at {dest.absolute()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(dest, ".part")
     try:
-        if drive_id is not None:
-            _drive(drive_id, tmp, by_hand)
-        else:
+        if entry.urls:
             errors = []
             for url in entry.urls:
                 try:
@@ -222,8 +371,16 @@ def download(name: str, dest_dir: str | os.PathLike = WEIGHTS_DIR, force: bool =
             else:
                 raise DownloadError(f"cannot download {entry.name} ({'; '.join(errors)}). "
                                     f"no network? {by_hand}")
-        _check(entry, *_digest(tmp))
+        else:
+            _drive(entry, tmp, progress, by_hand)
+        size, sha256 = _digest(tmp)
+        _check_published(entry, size, sha256)
+        problem = kind_problem(entry, tmp)
+        if problem is not None:
+            raise DownloadError(f"the file downloaded as {entry.name} from {entry.source} is not "
+                                f"{entry.what}: {problem}; it was discarded")
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-    return dest
+    _record(folder, entry, size, sha256)
+    return Fetched(dest, "downloaded")

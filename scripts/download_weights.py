@@ -1,18 +1,24 @@
-"""Download the released weight files into weights/ (see weights/README.md).
+"""Download the released weight files into <repo>/weights (see weights/README.md).
 
-    python scripts/download_weights.py --list
-    python scripts/download_weights.py autoencoder_vq_f4.pth SinSR_v1.pth
-    python scripts/download_weights.py all
-    python scripts/download_weights.py BiMaCoSR.pth --drive_id <Google Drive file id>  # needs gdown
+    python scripts/download_weights.py inference     # autoencoder + BiMaCoSR.pth: enough to run inference_quant.py
+    python scripts/download_weights.py train         # + the ResShift teacher and SinSR_v1.pth (main_distill.py)
+    python scripts/download_weights.py all           # every file, the released config included
+    python scripts/download_weights.py SinSR_v1.pth  # single files by name
+    python scripts/download_weights.py --list        # what is present
 
-BiMaCoSR.pth has no direct URL: get it from the Google Drive link in the README of
-https://github.com/Kai-Liu001/BiMaCoSR (or pass that link's file id with --drive_id).
+Public files come from the ResShift / SinSR GitHub releases; BiMaCoSR.pth (and its config) from
+Google Drive through gdown. Each download is checked to load as the right kind of file and its
+size and sha256 are recorded in weights.lock.json beside it; files already present are checked
+against that record. Exit status 0 when every requested file is present and verified.
 """
 import argparse
 import sys
 from pathlib import Path
 
-from bimacosr.weights import RELEASED, WEIGHTS_DIR, DownloadError, get, download
+from bimacosr.weights import LOCK_NAME, RELEASED, TARGETS, WEIGHTS_DIR, WeightsError, download, expand_targets
+
+ACTIONS = {"downloaded": "downloaded, recorded in", "verified": "present, matches",
+           "recorded": "present, recorded in"}
 
 
 def show(dest: Path) -> None:
@@ -23,40 +29,39 @@ def show(dest: Path) -> None:
         print(f"{entry.name:30s} {status:22s} {path}")
         print(f"    {entry.what}; used by {entry.used_by}")
         print(f"    from: {entry.source}")
+    print("targets: " + "; ".join(f"{name} = {' + '.join(files)}" for name, files in TARGETS.items()))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", help=f"files ({', '.join(RELEASED)}) or 'all'")
-    parser.add_argument("--dest", type=Path, default=WEIGHTS_DIR,
-                        help="target folder (default: weights)")
+    parser.add_argument("names", nargs="*",
+                        help=f"targets ({', '.join(TARGETS)}) or files ({', '.join(RELEASED)})")
+    parser.add_argument("--dest", type=Path, default=WEIGHTS_DIR, help="target folder (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="download again even if present")
-    parser.add_argument("--drive_id", help="Google Drive file id of the one named file (gdown)")
-    parser.add_argument("--list", action="store_true",
-                        help="list the files and whether they are present")
+    parser.add_argument("--with_config", action="store_true",
+                        help="also fetch BiMaCoSR.yaml, the released config (configs/BiMaCoSR.yaml has its values)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--list", action="store_true", help="list the files and whether they are present")
     args = parser.parse_args()
     if args.list or not args.names:
         show(args.dest)
         if not args.list:
-            print("\nname the files to download, or 'all'")
+            print("\nname a target or files to download, e.g. 'inference'")
         return 0
-    names = list(RELEASED) if args.names == ["all"] else args.names
-    if args.drive_id and len(names) != 1:
-        parser.error("--drive_id fetches exactly one named file")
     try:
-        names = [get(name).name for name in names]
+        names = expand_targets(args.names + (["BiMaCoSR.yaml"] if args.with_config else []))
     except KeyError as e:
         parser.error(e.args[0])
     failed = 0
     for name in names:
         try:
-            path = download(name, args.dest, args.force, drive_id=args.drive_id)
-        except DownloadError as e:
+            fetched = download(name, args.dest, args.force, progress=not args.no_progress)
+        except WeightsError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
         else:
-            print(f"{name}: {path}")
+            print(f"{name}: {ACTIONS[fetched.action]} {LOCK_NAME}: {fetched.path}")
     return 1 if failed else 0
 
 

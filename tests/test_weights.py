@@ -1,29 +1,86 @@
-"""Weights registry and downloader, all offline: file:// URLs, a fake urlopen, a fake gdown."""
+"""Weights registry, downloader, kind check and lock file, all offline: a local HTTP server on
+127.0.0.1, a fake urlopen, a fake gdown."""
 import hashlib
 import io
+import json
 import subprocess
 import sys
+import threading
 import types
-import urllib.error
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 
 from bimacosr import weights
-from bimacosr.weights import DownloadError, MissingWeightsError, WeightFile
+from bimacosr.config import REPO_ROOT
+from bimacosr.weights import DownloadError, MissingWeightsError, VerifyError, WeightFile
 from tests.conftest import REPO
 
-PAYLOAD = b"not really a checkpoint" * 1000
+# The smallest state dicts that look like each kind (checkpoint.state_dict_kind).
+LAYOUTS = {
+    "autoencoder": ("encoder.conv_in.weight", "quantize.embedding.weight"),
+    "fp_unet": ("input_blocks.0.0.weight", "time_embed.0.weight"),
+    "bimaco": ("input_blocks.1.0.in_layers.2.lora.A.weight", "time_embed.0.weight"),
+}
 
 
-def fake_entry(monkeypatch, tmp_path: Path, **kwargs) -> WeightFile:
-    """Register 'fake.pth' served from a local file:// URL."""
-    src = tmp_path / "served" / "fake.pth"
-    src.parent.mkdir()
-    src.write_bytes(PAYLOAD)
-    kwargs.setdefault("urls", (src.as_uri(),))
-    entry = WeightFile("fake.pth", what="a test file", used_by="tests", **kwargs)
-    monkeypatch.setitem(weights.RELEASED, entry.name, entry)
+def checkpoint_bytes(kind: str, value: float = 1.0) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({key: torch.full((2, 2), value) for key in LAYOUTS[kind]}, buffer)
+    return buffer.getvalue()
+
+
+class Server:
+    """Serves ``files`` (path -> bytes) on 127.0.0.1; counts the requests."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.requests = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.requests += 1
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        if not self.thread.is_alive():
+            return
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+def serve(monkeypatch, server: Server, name: str, body: bytes, kind: str, **kwargs) -> WeightFile:
+    """Register ``name`` (of ``kind``) as served by ``server`` with ``body``."""
+    server.files[f"/{name}"] = body
+    entry = WeightFile(name, "a test file", "tests", kind, urls=(f"{server.url}/{name}",), **kwargs)
+    monkeypatch.setitem(weights.RELEASED, name, entry)
     return entry
 
 
@@ -31,17 +88,39 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-def test_registry_has_the_released_files_and_no_invented_checksums():
-    assert set(weights.RELEASED) == {"BiMaCoSR.pth", "resshift_realsrx4_s15_v1.pth",
+def lock(folder: Path) -> dict:
+    return json.loads((folder / weights.LOCK_NAME).read_text())["files"]
+
+
+def test_registry_targets_and_no_invented_checksums():
+    assert set(weights.RELEASED) == {"BiMaCoSR.pth", "BiMaCoSR.yaml", "resshift_realsrx4_s15_v1.pth",
                                      "SinSR_v1.pth", "autoencoder_vq_f4.pth"}
+    assert weights.WEIGHTS_DIR == REPO_ROOT / "weights" and weights.WEIGHTS_DIR.is_absolute()
     for entry in weights.RELEASED.values():
-        assert entry.path == Path("weights") / entry.name
+        assert entry.path == REPO_ROOT / "weights" / entry.name
         assert entry.sha256 is None and entry.size is None
         assert all(url.endswith("/" + entry.name) for url in entry.urls)
-    assert weights.RELEASED["BiMaCoSR.pth"].urls == ()
+        assert bool(entry.urls) != bool(entry.drive_id)
+    assert weights.RELEASED["BiMaCoSR.pth"].drive_id == "1vh2hhHmvrz-LE0uqPXBk7mE8XZ_8W-NN"
+    assert weights.RELEASED["BiMaCoSR.yaml"].drive_id == "1LZfQG4bNb0IGoCTtPgk1YwO7FciPhHpp"
+    assert {e.name: e.kind for e in weights.RELEASED.values()} == {
+        "BiMaCoSR.pth": "bimaco", "BiMaCoSR.yaml": "config", "resshift_realsrx4_s15_v1.pth": "fp_unet",
+        "SinSR_v1.pth": "fp_unet", "autoencoder_vq_f4.pth": "autoencoder"}
     assert weights.get("SinSR_v1") is weights.RELEASED["SinSR_v1.pth"]
     with pytest.raises(KeyError, match="known: BiMaCoSR.pth"):
         weights.get("nope.pth")
+
+
+def test_target_expansion():
+    expand = weights.expand_targets
+    assert expand(["inference"]) == ["autoencoder_vq_f4.pth", "BiMaCoSR.pth"]
+    assert expand(["train"]) == ["autoencoder_vq_f4.pth", "BiMaCoSR.pth", "resshift_realsrx4_s15_v1.pth",
+                                 "SinSR_v1.pth"]
+    assert sorted(expand(["all"])) == sorted(weights.RELEASED)
+    assert expand(["SinSR_v1", "inference", "BiMaCoSR.pth", "SinSR_v1.pth"]) == [
+        "SinSR_v1.pth", "autoencoder_vq_f4.pth", "BiMaCoSR.pth"]
+    with pytest.raises(KeyError, match="unknown target or file 'infer'; targets: inference, train, all"):
+        expand(["infer"])
 
 
 @pytest.mark.parametrize("name", ["resshift_realsrx4_s15_v1.pth", "autoencoder_vq_f4.pth",
@@ -51,23 +130,24 @@ def test_missing_file_message(tmp_path, monkeypatch, name):
     with pytest.raises(MissingWeightsError) as info:
         weights.resolve_weight(f"weights/{name}", what="the teacher")
     msg = str(info.value)
-    assert msg.startswith(f"the teacher: weight file not found: {tmp_path / 'weights' / name}")
+    # the configs' weights/<name> means the repository's weights folder, from any working folder
+    assert msg.startswith(f"the teacher: weight file not found: {weights.WEIGHTS_DIR / name}")
     assert weights.RELEASED[name].urls[0] in msg
-    assert str(tmp_path / "weights" / name) in msg
     assert msg.endswith(f"python scripts/download_weights.py {name}")
     assert isinstance(info.value, FileNotFoundError) and info.value.entry.name == name
 
 
 def test_missing_file_elsewhere_and_bimacosr_and_unknown(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path / "repo_weights")
     with pytest.raises(MissingWeightsError, match="SinSR_v1.pth --dest ckpts$"):
         weights.resolve_weight("ckpts/SinSR_v1.pth", what="student init")
     with pytest.raises(MissingWeightsError) as info:
-        weights.resolve_weight("BiMaCoSR.pth", what="--ckpt")  # bare name -> weights/
+        weights.resolve_weight("BiMaCoSR.pth", what="--ckpt")  # bare name -> <repo>/weights/
     msg = str(info.value)
-    assert "Google Drive link in the README of https://github.com/Kai-Liu001/BiMaCoSR" in msg
-    assert str(tmp_path / "weights" / "BiMaCoSR.pth") in msg
-    assert "download_weights.py BiMaCoSR.pth --drive_id" in msg and "pip install gdown" in msg
+    assert "Google Drive file 1vh2hhHmvrz-LE0uqPXBk7mE8XZ_8W-NN" in msg
+    assert str(tmp_path / "repo_weights" / "BiMaCoSR.pth") in msg
+    assert msg.endswith("python scripts/download_weights.py BiMaCoSR.pth")
     with pytest.raises(MissingWeightsError, match="not a released file name") as info:
         weights.resolve_weight("mine.pth", what="--ckpt")
     assert info.value.entry is None
@@ -75,104 +155,176 @@ def test_missing_file_elsewhere_and_bimacosr_and_unknown(tmp_path, monkeypatch):
 
 def test_resolve_existing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "weights").mkdir()
-    (tmp_path / "weights" / "SinSR_v1.pth").write_bytes(b"x")
-    assert weights.resolve_weight("SinSR_v1.pth", what="x") == Path("weights/SinSR_v1.pth")
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path / "repo_weights")
+    (tmp_path / "repo_weights").mkdir()
+    (tmp_path / "repo_weights" / "SinSR_v1.pth").write_bytes(b"x")
+    assert weights.resolve_weight("SinSR_v1.pth", what="x") == tmp_path / "repo_weights" / "SinSR_v1.pth"
     (tmp_path / "other.pth").write_bytes(b"x")
     assert weights.resolve_weight(tmp_path / "other.pth", what="x") == tmp_path / "other.pth"
 
 
-def test_download_file_url_verified_atomic(tmp_path, monkeypatch):
-    fake_entry(monkeypatch, tmp_path, size=len(PAYLOAD),
-               sha256=hashlib.sha256(PAYLOAD).hexdigest().upper())
-    renames = []
-    real_replace = weights.os.replace
-    monkeypatch.setattr(weights.os, "replace", lambda a, b: (renames.append((Path(a), Path(b))),
-                                                             real_replace(a, b)))
+def test_download_over_http_records_then_verifies_then_detects_tampering(tmp_path, monkeypatch, server):
+    body = checkpoint_bytes("autoencoder")
+    serve(monkeypatch, server, "vq.pth", body, "autoencoder")
     dest = tmp_path / "w"
-    path = weights.download("fake", dest, progress=False)
-    assert path == dest / "fake.pth" and path.read_bytes() == PAYLOAD
-    [(src, dst)] = renames
-    assert dst == path and src.parent == dest and src.name.startswith(".fake.pth.")
-    assert leftovers(dest) == []
-    path.write_bytes(b"kept")
-    assert weights.download("fake", dest, progress=False).read_bytes() == b"kept"
-    assert weights.download("fake", dest, force=True).read_bytes() == PAYLOAD  # with a bar
+    fetched = weights.download("vq.pth", dest, progress=False)
+    assert fetched == weights.Fetched(dest / "vq.pth", "downloaded")
+    assert fetched.path.read_bytes() == body and leftovers(dest) == []
+    assert lock(dest) == {"vq.pth": {"size": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+                                     "source": f"{server.url}/vq.pth"}}
+    assert weights.download("vq.pth", dest, progress=False).action == "verified"
+    assert server.requests == 1  # a present file is not fetched again
+    fetched.path.write_bytes(checkpoint_bytes("autoencoder", 2.0))  # same size, other bytes
+    with pytest.raises(VerifyError) as info:
+        weights.download("vq.pth", dest, progress=False)
+    msg = str(info.value)
+    assert f"{dest / 'vq.pth'} differs from what {dest / weights.LOCK_NAME} records" in msg
+    assert msg.endswith(f"python scripts/download_weights.py vq.pth --dest {dest} --force")
+    assert weights.download("vq.pth", dest, force=True).action == "downloaded"  # with a bar
+    assert fetched.path.read_bytes() == body and server.requests == 2
+    assert weights.download("vq.pth", dest, progress=False).action == "verified"
+
+
+def test_wrong_kind_download_is_refused_and_removed(tmp_path, monkeypatch, server):
+    serve(monkeypatch, server, "vq.pth", checkpoint_bytes("fp_unet"), "autoencoder")
+    serve(monkeypatch, server, "student.pth", b"<html>quota exceeded</html>", "bimaco")
+    dest = tmp_path / "w"
+    with pytest.raises(DownloadError, match="is a FP Swin-UNet .* file, not a VQ-f4 autoencoder; "
+                                            "it was discarded"):
+        weights.download("vq.pth", dest, progress=False)
+    with pytest.raises(DownloadError, match="corrupt, truncated or not a weight file.*discarded"):
+        weights.download("student.pth", dest, progress=False)
+    assert list(dest.iterdir()) == []  # no file, no temp file, no lock
+
+
+def test_present_file_without_lock_entry(tmp_path, monkeypatch, server):
+    serve(monkeypatch, server, "teacher.pth", b"unused", "fp_unet")
+    dest = tmp_path / "w"
+    dest.mkdir()
+    (dest / "teacher.pth").write_bytes(checkpoint_bytes("bimaco"))
+    with pytest.raises(VerifyError, match="is not teacher.pth .*: it is a BiMaCo .* file, not a FP "
+                                          "Swin-UNet .*move it away or fetch it again"):
+        weights.download("teacher.pth", dest, progress=False)
+    assert (dest / "teacher.pth").is_file() and not (dest / weights.LOCK_NAME).exists()
+    (dest / "teacher.pth").write_bytes(checkpoint_bytes("fp_unet"))
+    assert weights.download("teacher.pth", dest, progress=False).action == "recorded"
+    assert weights.download("teacher.pth", dest, progress=False).action == "verified"
+    assert server.requests == 0
+    (dest / weights.LOCK_NAME).write_text("{not json")
+    with pytest.raises(VerifyError, match="is not a weights lock file .*delete it"):
+        weights.download("teacher.pth", dest, progress=False)
 
 
 @pytest.mark.parametrize("bad", [{"sha256": "0" * 64}, {"size": 5}])
-def test_verification_failure_keeps_nothing(tmp_path, monkeypatch, bad):
-    fake_entry(monkeypatch, tmp_path, **bad)
+def test_published_checksum_failure_keeps_nothing(tmp_path, monkeypatch, server, bad):
+    serve(monkeypatch, server, "vq.pth", checkpoint_bytes("autoencoder"), "autoencoder", **bad)
     dest = tmp_path / "w"
     dest.mkdir()
-    (dest / "fake.pth").write_bytes(b"old")
+    (dest / "vq.pth").write_bytes(b"old")
     with pytest.raises(DownloadError, match="sha256 mismatch|expected 5") as info:
-        weights.download("fake.pth", dest, force=True, progress=False)
+        weights.download("vq.pth", dest, force=True, progress=False)
     assert "discarded" in str(info.value)
-    assert (dest / "fake.pth").read_bytes() == b"old" and leftovers(dest) == []
+    assert (dest / "vq.pth").read_bytes() == b"old" and leftovers(dest) == []
 
 
-def test_network_failure_message(tmp_path, monkeypatch):
-    fake_entry(monkeypatch, tmp_path, urls=("http://127.0.0.1:9/fake.pth",))
-    def refuse(*args, **kwargs):
-        raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
-    monkeypatch.setattr(weights.urllib.request, "urlopen", refuse)
+def test_offline_failure_message_and_nothing_left(tmp_path, monkeypatch, server):
+    entry = serve(monkeypatch, server, "vq.pth", b"", "autoencoder")
+    server.close()  # nothing listens there any more: connection refused
     with pytest.raises(DownloadError) as info:
-        weights.download("fake.pth", tmp_path / "w", progress=False)
+        weights.download("vq.pth", tmp_path / "w", progress=False)
     msg = str(info.value)
-    assert "Connection refused" in msg
-    assert ("no network? download http://127.0.0.1:9/fake.pth by hand and put it at "
-            f"{tmp_path / 'w' / 'fake.pth'}") in msg
-    assert leftovers(tmp_path / "w") == [] and not (tmp_path / "w" / "fake.pth").exists()
-
-
-def test_truncated_stream_is_a_download_error(tmp_path, monkeypatch):
-    fake_entry(monkeypatch, tmp_path, urls=("https://example.invalid/fake.pth",))
-
-    class Response(io.BytesIO):
-        headers = {"Content-Length": str(len(PAYLOAD) + 10)}
-
-    monkeypatch.setattr(weights.urllib.request, "urlopen", lambda *a, **k: Response(PAYLOAD))
-    with pytest.raises(DownloadError, match="10 more expected.*no network"):
-        weights.download("fake.pth", tmp_path / "w", progress=False)
+    assert "\n" not in msg and "refused" in msg.lower()
+    assert (f"no network? download it from {entry.urls[0]} by hand and put it at "
+            f"{tmp_path / 'w' / 'vq.pth'}") in msg
     assert list((tmp_path / "w").iterdir()) == []
 
 
-def test_bimacosr_needs_a_drive_id_and_gdown(tmp_path, monkeypatch):
-    with pytest.raises(DownloadError, match="no direct URL.*README of https://github.com/Kai-Liu"):
-        weights.download("BiMaCoSR.pth", tmp_path)
-    monkeypatch.setitem(sys.modules, "gdown", None)  # import fails
-    with pytest.raises(DownloadError, match=r"pip install gdown\); or download it from"):
-        weights.download("BiMaCoSR.pth", tmp_path, drive_id="abc")
-    calls = []
+def test_truncated_stream_is_a_download_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(weights.RELEASED, "vq.pth", WeightFile("vq.pth", "x", "tests", "autoencoder",
+                                                               urls=("https://example.invalid/vq.pth",)))
 
-    def fake_download(url, output, quiet):
-        calls.append(url)
-        Path(output).write_bytes(PAYLOAD)
+    class Response(io.BytesIO):
+        headers = {"Content-Length": "1010"}
+
+    monkeypatch.setattr(weights.urllib.request, "urlopen", lambda *a, **k: Response(b"x" * 1000))
+    with pytest.raises(DownloadError, match="10 more expected.*no network"):
+        weights.download("vq.pth", tmp_path / "w", progress=False)
+    assert list((tmp_path / "w").iterdir()) == []
+
+
+def test_drive_files_come_through_gdown(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gdown", None)  # import fails
+    with pytest.raises(DownloadError, match=r"needs gdown \(pip install gdown\); or download it from "
+                                            r"Google Drive file 1vh2"):
+        weights.download("BiMaCoSR.pth", tmp_path, progress=False)
+    calls = []
+    body = checkpoint_bytes("bimaco")
+
+    def fake_download(*, id, output, quiet, progress, timeout):
+        calls.append(id)
+        half = len(body) // 2
+        output.write(body[:half])
+        progress(half, len(body))
+        output.write(body[half:])
+        progress(len(body), len(body))
         return output
 
     monkeypatch.setitem(sys.modules, "gdown", types.SimpleNamespace(download=fake_download))
-    assert weights.download("BiMaCoSR.pth", tmp_path, drive_id="abc").read_bytes() == PAYLOAD
-    assert calls == ["https://drive.google.com/uc?id=abc"] and leftovers(tmp_path) == []
+    fetched = weights.download("BiMaCoSR.pth", tmp_path / "w", progress=False)
+    assert fetched.action == "downloaded" and fetched.path.read_bytes() == body
+    assert calls == ["1vh2hhHmvrz-LE0uqPXBk7mE8XZ_8W-NN"] and leftovers(tmp_path / "w") == []
+    assert lock(tmp_path / "w")["BiMaCoSR.pth"]["sha256"] == hashlib.sha256(body).hexdigest()
+
+    def offline(**kwargs):
+        kwargs["output"].write(b"partial")
+        raise ConnectionError("Failed to resolve 'drive.google.com'")
+
+    monkeypatch.setitem(sys.modules, "gdown", types.SimpleNamespace(download=offline))
+    with pytest.raises(DownloadError, match="cannot download BiMaCoSR.yaml from Google Drive file "
+                                            "1LZfQG.*Failed to resolve.*no network"):
+        weights.download("BiMaCoSR.yaml", tmp_path / "v", progress=False)
+    assert list((tmp_path / "v").iterdir()) == []
+
+
+def test_config_kind(tmp_path):
+    entry = weights.RELEASED["BiMaCoSR.yaml"]
+    (tmp_path / "a.yaml").write_text((REPO / "configs/BiMaCoSR.yaml").read_text())
+    assert weights.kind_problem(entry, tmp_path / "a.yaml") is None
+    (tmp_path / "b.yaml").write_text("<html><body>Google Drive - Virus scan warning</body></html>\n")
+    assert "not a BiMaCoSR config" in weights.kind_problem(entry, tmp_path / "b.yaml")
 
 
 def run_script(*args, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "scripts/download_weights.py"), *args],
-                          capture_output=True, text=True, cwd=cwd, timeout=60)
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
-def test_script_list_and_failure(tmp_path):
-    (tmp_path / "weights").mkdir()
-    (tmp_path / "weights" / "SinSR_v1.pth").write_bytes(b"x" * 2**20)
+def test_script_targets_exit_status_and_lock(tmp_path):
+    dest = tmp_path / "w"
+    dest.mkdir()
+    (dest / "autoencoder_vq_f4.pth").write_bytes(checkpoint_bytes("autoencoder"))
+    (dest / "BiMaCoSR.pth").write_bytes(checkpoint_bytes("bimaco"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    first = run_script("inference", "--dest", dest, cwd=elsewhere)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == [
+        f"autoencoder_vq_f4.pth: present, recorded in weights.lock.json: {dest / 'autoencoder_vq_f4.pth'}",
+        f"BiMaCoSR.pth: present, recorded in weights.lock.json: {dest / 'BiMaCoSR.pth'}"]
+    second = run_script("inference", "--dest", dest, cwd=elsewhere)
+    assert second.returncode == 0 and second.stdout.count("present, matches weights.lock.json") == 2
+    (dest / "BiMaCoSR.pth").write_bytes(b"tampered")
+    third = run_script("inference", "--dest", dest, cwd=elsewhere)
+    assert third.returncode == 1 and "Traceback" not in third.stderr
+    assert f"error: {dest / 'BiMaCoSR.pth'} differs from" in third.stderr and "--force" in third.stderr
+    assert run_script("nope.pth", cwd=elsewhere).returncode == 2
+
+
+def test_script_list_resolves_against_the_repository(tmp_path):
     result = run_script("--list", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    lines = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()
-             if not line.startswith(" ")}
-    assert lines == {"BiMaCoSR.pth": "missing", "resshift_realsrx4_s15_v1.pth": "missing",
-                     "SinSR_v1.pth": "present", "autoencoder_vq_f4.pth": "missing"}
-    assert "present (1.0 MiB)" in result.stdout
+    lines = {line.split()[0]: line.split()[-1] for line in result.stdout.splitlines()
+             if line and not line.startswith((" ", "targets:"))}
+    assert lines == {name: str(REPO_ROOT / "weights" / name) for name in weights.RELEASED}
     assert weights.RELEASED["autoencoder_vq_f4.pth"].urls[0] in result.stdout
-    result = run_script("BiMaCoSR.pth", cwd=tmp_path)
-    assert result.returncode == 1
-    assert "by hand and put it at" in result.stderr and "Traceback" not in result.stderr
-    assert run_script("nope.pth", cwd=tmp_path).returncode == 2
+    assert "inference = autoencoder_vq_f4.pth + BiMaCoSR.pth" in result.stdout

@@ -1,0 +1,65 @@
+"""BiMaCoSR web demo (Gradio): upload a low-resolution image, get it 4x larger with a before/after
+slider, a comparison panel and the SR image as a PNG download.
+
+    python scripts/download_weights.py inference && python app.py     # then open http://127.0.0.1:7860
+    python app.py --smoke                                              # tiny random weights: starts anywhere
+    python app.py --deploy weights/BiMaCoSR.deploy.safetensors         # the packed 1-bit file
+
+The page is served on 127.0.0.1 only unless --host says otherwise. The logic is in bimacosr/demo.py.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from bimacosr import build
+from bimacosr.checkpoint import CheckpointError
+from bimacosr.config import DEFAULT_CONFIG, ConfigError, load_config
+from bimacosr.deploy import DeployFileError
+from bimacosr.smoke import smoke_inference
+from bimacosr.weights import WEIGHTS_DIR, MissingWeightsError
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="original YAML config (default: %(default)s)")
+    p.add_argument("--ckpt", type=Path, default=WEIGHTS_DIR / "BiMaCoSR.pth",
+                   help="denoiser weights (default: %(default)s)")
+    p.add_argument("--deploy", type=Path, default=None,
+                   help="packed 1-bit file from scripts/export_deploy.py (--ckpt unused)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny random weights of configs/smoke.yaml (written to data/smoke/demo on first use; "
+                        "--config/--ckpt/--deploy unused): checks the demo runs, the pictures are noise")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA if present)")
+    p.add_argument("--max_side", type=int, default=1024, help="largest LR side accepted (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    try:
+        if args.smoke:
+            cfg, ckpt, deploy = *smoke_inference(), None
+        else:
+            cfg, ckpt, deploy = load_config(args.config), args.ckpt, args.deploy
+        files = build.inference_files(cfg, ckpt, deploy)  # every file checked before anything is built
+        from bimacosr.demo import Upscaler, build_ui  # gradio takes seconds to import: after the checks
+
+        device = build.pick_device(args.device)
+        start = time.perf_counter()
+        print(f"loading {files.deploy or files.ckpt} and {files.autoencoder} on {device} ...", flush=True)
+        upscaler = Upscaler(cfg, files, device, max_side=args.max_side)
+        print(f"loaded in {time.perf_counter() - start:.1f} s", flush=True)
+    except (ConfigError, CheckpointError, DeployFileError, MissingWeightsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    note = "smoke mode: tiny random weights, the output is noise" if args.smoke else ""
+    build_ui(upscaler, note).launch(server_name=args.host, server_port=args.port, share=False,
+                              allowed_paths=[str(upscaler.outdir)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The web demo behind ``app.py``: upload an LR image, get the x4 SR with a before/after slider,
+a comparison panel and the SR as a PNG file.
+
+:class:`Upscaler` holds the pipeline, built once through :mod:`bimacosr.build`; a request runs it as
+``inference_quant.py`` does (same seed -> same noise, tiles, blending and precision give the same
+pixels). :func:`build_ui` lays out the Gradio page. ``app.py --smoke`` runs it on the tiny random
+weights of :func:`bimacosr.smoke.smoke_inference`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from bimacosr import build
+from bimacosr.config import REPO_ROOT
+from bimacosr.imageio import ImageReadError, find_images, read_image, to_uint8, write_image
+from bimacosr.pipeline import BLENDS, SRPipeline
+from bimacosr.visualize import compare_panel
+
+__all__ = ["UI_PRECISIONS", "Result", "Upscaler", "build_ui"]
+
+UI_PRECISIONS = ("auto", "fp32", "bf16")
+KEEP_OUTPUTS = 16  # SR files of the latest requests kept for download
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One request's output: ``before`` (bicubic x4 of the input) and ``sr``, uint8 [sH, sW, 3];
+    ``panel`` the comparison panel, uint8; ``file`` the SR PNG (grey, alpha and 16 bits kept as
+    ``inference_quant.py`` keeps them); ``status`` one line about the run."""
+
+    before: np.ndarray
+    sr: np.ndarray
+    panel: np.ndarray
+    file: Path
+    status: str
+
+
+class Upscaler:
+    """The SR pipeline built once (fp32 modules), run per request with a precision of
+    :data:`UI_PRECISIONS` (resolved by ``build.resolve_precision``: an fp16 autoencoder copy is made
+    the first time CUDA's ``auto`` asks for it). ``max_side`` bounds the LR input (pixels)."""
+
+    def __init__(self, cfg: DictConfig, files: build.InferenceFiles, device: torch.device,
+                 max_side: int = 1024) -> None:
+        self.cfg, self.device, self.max_side = cfg, device, max_side
+        base = build.build_pipeline(cfg, files, device, precision="fp32")
+        self._pipes: dict[str, SRPipeline] = {"fp32": base}
+        self._lock = threading.Lock()
+        self._outdir = tempfile.TemporaryDirectory(prefix="bimacosr-demo-")
+        self._count = 0
+        self.name = files.deploy.name if files.deploy is not None else files.ckpt.name
+
+    @property
+    def outdir(self) -> Path:
+        """Where the SR files of the latest requests are written."""
+        return Path(self._outdir.name)
+
+    def pipeline(self, precision: str) -> tuple[SRPipeline, str]:
+        """The pipeline for a UI precision and the precision's resolved name."""
+        prec = build.resolve_precision(precision, self.device, self.cfg)
+        with self._lock:
+            if prec.name not in self._pipes:
+                base = self._pipes["fp32"]
+                vq = base.autoencoder
+                if prec.autoencoder_dtype != torch.float32:
+                    vq = copy.deepcopy(vq).to(dtype=prec.autoencoder_dtype)
+                self._pipes[prec.name] = dataclasses.replace(base, autoencoder=vq, autocast=prec.autocast)
+            return self._pipes[prec.name], prec.name
+
+    def __call__(self, path: str | os.PathLike, tile: int = 256, seed: int = 12345,
+                 blend: str = "average", precision: str = "auto") -> Result:
+        """Super-resolve the image file at ``path``; raises ``gr.Error`` with a message for a user."""
+        if blend not in BLENDS or precision not in UI_PRECISIONS:
+            raise gr.Error(f"blend must be one of {BLENDS}, precision one of {UI_PRECISIONS}")
+        try:
+            image = read_image(path)
+        except ImageReadError as e:
+            raise gr.Error(str(e)) from None
+        h, w = image.rgb.shape[-2:]
+        if max(h, w) > self.max_side:
+            raise gr.Error(f"the image is {w}x{h}; this demo takes at most {self.max_side} pixels a side "
+                           f"(inference_quant.py has no limit)")
+        pipe, prec = self.pipeline(precision)
+        start = time.perf_counter()
+        generator = torch.Generator(pipe.device).manual_seed(int(seed))
+        try:
+            sr = pipe(image.rgb, tile=int(tile), blend=blend, generator=generator).cpu()
+        except ValueError as e:  # a tile size the pipeline refuses
+            raise gr.Error(str(e)) from None
+        took = time.perf_counter() - start
+        bicubic = F.interpolate(image.rgb, scale_factor=pipe.sf, mode="bicubic").clamp(0, 1)
+        alpha = None  # kept as inference_quant.py keeps it: bicubic, not through the model
+        if image.alpha is not None:
+            alpha = F.interpolate(image.alpha, scale_factor=pipe.sf, mode="bicubic").clamp(0, 1)
+        file = self._next_dir() / f"{Path(path).stem}_x{pipe.sf}.png"
+        write_image(file, sr, alpha=alpha, mode=image.mode, bit_depth=image.bit_depth)
+        status = (f"{w}x{h} -> {sr.shape[-1]}x{sr.shape[-2]} in {took:.1f} s on {self.device} ({prec}), "
+                  f"{self.name}, tile {int(tile)}, {blend} blending, seed {int(seed)}")
+        return Result(to_uint8(bicubic), to_uint8(sr), to_uint8(compare_panel(image.rgb, sr)), file, status)
+
+    def _next_dir(self) -> Path:
+        """A fresh folder for one request's file; only the latest KEEP_OUTPUTS are kept."""
+        with self._lock:
+            self._count += 1
+            folder = self.outdir / f"{self._count:06d}"
+            for old in sorted(self.outdir.iterdir())[:-KEEP_OUTPUTS + 1]:
+                shutil.rmtree(old, ignore_errors=True)
+        folder.mkdir()
+        return folder
+
+
+def build_ui(upscaler: Upscaler, note: str = "", title: str = "BiMaCoSR x4 super-resolution") -> gr.Blocks:
+    """The page: input image, tile size, seed, blending, precision and a button on the left; the
+    before/after slider, the comparison panel, the SR PNG and a status line on the right; ``note``
+    is shown under the title. The button's API name is ``/upscale`` (inputs in that order; outputs
+    slider, panel, file, status)."""
+    def run(path: str | None, tile: float, seed: float, blend: str, precision: str):
+        if path is None:
+            raise gr.Error("upload an image first")
+        r = upscaler(path, int(tile), int(seed), blend, precision)
+        return (r.before, r.sr), r.panel, str(r.file), r.status
+
+    examples = find_images(REPO_ROOT / "examples") if (REPO_ROOT / "examples").is_dir() else []
+    # analytics off: no telemetry or version-check requests leave the machine
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as page:
+        gr.Markdown(f"## {title}\nUpload a low-resolution photo; the model returns it 4x larger. "
+                    f"Weights: `{upscaler.name}` on `{upscaler.device}`." + (f"\n\n**{note}**" if note else ""))
+        with gr.Row():
+            with gr.Column(scale=1):
+                # image_mode None: the uploaded file as it is (16-bit, grey, alpha: read_image handles them)
+                image = gr.Image(type="filepath", image_mode=None, label="low-resolution input",
+                                 sources=["upload", "clipboard"])
+                tile = gr.Slider(64, 512, value=256, step=32, label="tile size (LR pixels)",
+                                 info="larger images are cut into tiles of this size")
+                seed = gr.Number(value=12345, precision=0, label="seed")
+                blend = gr.Radio(list(BLENDS), value="average", label="tile blending",
+                                 info="average: the original's; gaussian: seam-free")
+                precision = gr.Radio(list(UI_PRECISIONS), value="auto", label="precision")
+                button = gr.Button("Upscale x4", variant="primary")
+                if examples:
+                    gr.Examples([[str(p)] for p in examples], inputs=[image], label="examples/ (degraded photographs)")
+            with gr.Column(scale=2):
+                slider = gr.ImageSlider(label="before (bicubic x4) | after (BiMaCoSR x4)", format="png",
+                                        type="numpy")
+                with gr.Accordion("comparison panel (LR nearest | bicubic | SR, and a zoomed detail)", open=False):
+                    panel = gr.Image(label="comparison", format="png", type="numpy")
+                file = gr.File(label="SR image (PNG)")
+                status = gr.Textbox(label="run", interactive=False)
+        button.click(run, [image, tile, seed, blend, precision], [slider, panel, file, status], api_name="upscale")
+    return page

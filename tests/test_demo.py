@@ -1,0 +1,106 @@
+"""The Gradio demo for real: ``app.py --smoke`` in a subprocess on a free 127.0.0.1 port, called
+over HTTP with gradio_client."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bimacosr.smoke import downscale, photo
+from tests.conftest import REPO
+
+START_TIMEOUT_S = 300  # gradio import + tiny smoke weights written and loaded, on a busy 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, log) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1.0)
+    pytest.fail(f"app.py did not answer on {url} within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def demo_url(tmp_path):
+    port, log = free_port(), tmp_path / "app.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--smoke", "--port", str(port)],
+                                cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_up(proc, url, log)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+
+
+@pytest.mark.slow
+def test_demo_over_http(demo_url, tmp_path):
+    from gradio_client import Client, handle_file
+
+    lr = downscale(photo("coffee"), 10)  # 60 x 40: one small tile
+    Image.fromarray(lr).save(tmp_path / "coffee.png")
+    client = Client(demo_url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "got"))
+    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/upscale"]
+    (before, after), panel, sr_file, status = client.predict(
+        handle_file(str(tmp_path / "coffee.png")), 64, 7, "gaussian", "fp32", api_name="/upscale")
+    sr = np.asarray(Image.open(sr_file))
+    assert sr.shape == (160, 240, 3) and os.path.basename(sr_file) == "coffee_x4.png"
+    assert np.array_equal(np.asarray(Image.open(after).convert("RGB")), sr)
+    assert np.asarray(Image.open(before)).shape[:2] == (160, 240)
+    assert Image.open(panel).width > 3 * 240
+    assert status.startswith("60x40 -> 240x160 in ") and "(fp32)" in status and "seed 7" in status
+
+
+@pytest.mark.slow
+def test_upscaler_matches_the_pipeline_and_explains_bad_inputs(tmp_path):
+    import gradio as gr
+    import torch
+
+    from bimacosr import build
+    from bimacosr.demo import Upscaler
+    from bimacosr.imageio import read_image, to_uint8
+    from bimacosr.smoke import smoke_inference
+
+    cfg, ckpt = smoke_inference()
+    files = build.inference_files(cfg, ckpt)
+    upscaler = Upscaler(cfg, files, torch.device("cpu"), max_side=64)
+    Image.fromarray(downscale(photo("astronaut"), 16)).save(tmp_path / "a.png")  # 32 x 32
+    got = upscaler(tmp_path / "a.png", tile=64, seed=3, blend="average", precision="fp32")
+    pipe = build.build_pipeline(cfg, files, torch.device("cpu"), precision="fp32")
+    want = pipe(read_image(tmp_path / "a.png").rgb, tile=64, generator=torch.Generator().manual_seed(3))
+    assert np.array_equal(got.sr, to_uint8(want)) and got.before.shape == got.sr.shape == (128, 128, 3)
+    assert np.array_equal(np.asarray(Image.open(got.file)), got.sr) and "(fp32)" in got.status
+    bf16, name = upscaler.pipeline("bf16")  # same modules, bf16 autocast
+    assert name == "bf16" and bf16.autocast == torch.bfloat16 and bf16.denoiser is upscaler.pipeline("fp32")[0].denoiser
+    Image.fromarray(downscale(photo("astronaut"), 4)).save(tmp_path / "big.png")  # 128 x 128
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for path, message in (("big.png", "at most 64 pixels a side"), ("bad.png", "cannot read image")):
+        with pytest.raises(gr.Error, match=message):
+            upscaler(tmp_path / path)
