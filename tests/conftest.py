@@ -39,14 +39,14 @@ def load_fixture(relpath: str) -> dict:
     return torch.load(FIXTURES / relpath, map_location="cpu", weights_only=True)
 
 
-def fixture_denoiser(relpath: str, state_key: str = "state_dict") -> tuple[torch.nn.Module, dict]:
+def fixture_denoiser(relpath: str) -> tuple[torch.nn.Module, dict]:
     """A reference fixture's denoiser (built from its ``config``, its weights loaded, eval mode)
     and the fixture data."""
     from bimacosr.models import build_denoiser
 
     data = load_fixture(relpath)
     model = build_denoiser(data["config"])
-    model.load_state_dict(data[state_key])
+    model.load_state_dict(data["state_dict"])
     return model.eval(), data
 
 
