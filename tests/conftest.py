@@ -1,14 +1,31 @@
+"""Shared test setup: the reference folder (one place), the `slow` tier, and a tiny-model kit.
+
+Tiers: ``python -m pytest -q -m "not slow"`` is the everyday run; ``python -m pytest -q`` runs
+everything (CI, README). A test is marked ``slow`` only when it is an end-to-end run (torchrun,
+CLI subprocesses beyond the first few, training runs) or an optimisation loop.
+
+Kit (session-scoped, built once, shared; treat them as read-only):
+``smoke_config``, ``smoke_assets`` (``configs/smoke.yaml``'s random weights and photographs,
+written once; copy them with ``smoke_assets.copy_to(dest)`` before writing next to them),
+``tiny_fp_denoiser``, ``tiny_bimaco_denoiser``, ``tiny_vq``, ``tiny_pipeline`` (the smoke models
+with the smoke weights, in eval mode), and ``fixture_denoiser(relpath)`` (a reference fixture's
+model with its weights, and the fixture data).
+"""
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 torch.set_num_threads(max(2, torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("BIMACOSR_REFERENCE", REPO.parent / "shared" / "reference"))
 FIXTURES = REFERENCE / "fixtures"
+SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +37,91 @@ def reference() -> Path:
 
 def load_fixture(relpath: str) -> dict:
     return torch.load(FIXTURES / relpath, map_location="cpu", weights_only=True)
+
+
+def fixture_denoiser(relpath: str) -> tuple[torch.nn.Module, dict]:
+    """A reference fixture's denoiser (built from its ``config``, its weights loaded, eval mode)
+    and the fixture data."""
+    from bimacosr.models import build_denoiser
+
+    data = load_fixture(relpath)
+    model = build_denoiser(data["config"])
+    model.load_state_dict(data["state_dict"])
+    return model.eval(), data
+
+
+# -- tiny-model kit: configs/smoke.yaml --------------------------------------------------------
+@dataclass(frozen=True)
+class SmokeAssets:
+    """What ``write_smoke_assets`` wrote under ``root`` (the folder the smoke config's relative
+    paths start from). Shared by the whole session: never write under ``root``."""
+
+    root: Path
+    weights: dict[str, Path]  # role (teacher, sinsr, student, autoencoder) -> absolute path
+
+    def copy_to(self, dest: Path) -> Path:
+        """A private copy of the assets (``dest/data/smoke/...``) to run CLIs in; returns ``dest``."""
+        shutil.copytree(self.root / "data", dest / "data", dirs_exist_ok=True)
+        return dest
+
+
+@pytest.fixture(scope="session")
+def smoke_config() -> DictConfig:
+    """``configs/smoke.yaml``, read-only (load your own copy to change it)."""
+    from bimacosr.config import load_config
+
+    cfg = load_config(SMOKE_CONFIG)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def smoke_assets(tmp_path_factory, smoke_config) -> SmokeAssets:
+    from bimacosr.smoke import write_smoke_assets
+
+    root = tmp_path_factory.mktemp("smoke_assets")
+    return SmokeAssets(root, write_smoke_assets(smoke_config, root))
+
+
+def _loaded(model: torch.nn.Module, path: Path) -> torch.nn.Module:
+    from bimacosr.checkpoint import load_state_dict_into
+
+    load_state_dict_into(model, path)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_fp_denoiser(smoke_config, smoke_assets) -> torch.nn.Module:
+    """The smoke FP teacher UNet with the smoke teacher weights."""
+    from bimacosr.config import to_plain
+    from bimacosr.models import build_denoiser
+
+    return _loaded(build_denoiser(to_plain(smoke_config.model_teacher.params)), smoke_assets.weights["teacher"])
+
+
+@pytest.fixture(scope="session")
+def tiny_bimaco_denoiser(smoke_config, smoke_assets) -> torch.nn.Module:
+    """The smoke BiMaCo (binarized) student with the smoke student weights."""
+    from bimacosr.config import to_plain
+    from bimacosr.models import build_denoiser
+
+    return _loaded(build_denoiser(to_plain(smoke_config.model.params)), smoke_assets.weights["student"])
+
+
+@pytest.fixture(scope="session")
+def tiny_vq(smoke_config, smoke_assets) -> torch.nn.Module:
+    """The smoke VQ-f4 autoencoder with the smoke weights."""
+    from bimacosr.config import to_plain
+    from bimacosr.models.autoencoder import VQAutoencoder
+
+    return _loaded(VQAutoencoder(**to_plain(smoke_config.autoencoder.params)), smoke_assets.weights["autoencoder"])
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(smoke_config, tiny_bimaco_denoiser, tiny_vq):
+    """``SRPipeline`` of the smoke student, autoencoder and schedule (one step)."""
+    from bimacosr.config import to_plain
+    from bimacosr.diffusion import Schedule
+    from bimacosr.pipeline import SRPipeline
+
+    return SRPipeline(tiny_bimaco_denoiser, tiny_vq, Schedule.from_config(to_plain(smoke_config.diffusion.params)))

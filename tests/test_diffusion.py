@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,10 +11,11 @@ from bimacosr.diffusion.sampling import (ddim_step, predict_x0, prior_sample, q_
                                          sample_ancestral, sample_ddim, sample_one_step)
 from bimacosr.diffusion.schedule import Schedule, space_timesteps
 from bimacosr.parity import check_file
+from tests.conftest import FIXTURES
 
 torch.set_num_threads(2)
 
-PIPELINE = Path(__file__).resolve().parents[1].parent / "shared/reference/fixtures/pipeline"
+PIPELINE = FIXTURES / "pipeline"
 RELEASED = {
     "schedule_name": "exponential", "schedule_kwargs": {"power": 0.3}, "steps": 15,
     "min_noise_level": 0.04, "etas_end": 0.99, "kappa": 2.0, "predict_type": "xstart",

@@ -18,9 +18,9 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from bimacosr.evaluation import EvaluationError, evaluate, missing_weights, pair_by_name
 from bimacosr.parity import check_file
+from tests.conftest import FIXTURES, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-G_METRICS = REPO.parent / "shared/reference/fixtures/pipeline/g_metrics.pt"
+G_METRICS = FIXTURES / "pipeline/g_metrics.pt"
 LEARNED = ["lpips", "dists", "fid", "musiq", "maniqa-pipal", "clipiqa", "clipiqa+"]
 
 

@@ -3,15 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bimacosr.checkpoint import load_state_dict_into
-from bimacosr.config import load_config, to_plain
-from bimacosr.diffusion import Schedule
 from bimacosr.parity import check_file
-from bimacosr.models import build_denoiser
-from bimacosr.models.autoencoder import VQAutoencoder
-from bimacosr.pipeline import SRPipeline, pad_to_multiple, tile_starts
-from bimacosr.smoke import downscale, photo, write_smoke_assets
-from tests.conftest import FIXTURES, REPO
+from bimacosr.pipeline import pad_to_multiple, tile_starts
+from bimacosr.smoke import downscale, photo
+from tests.conftest import FIXTURES
 
 
 @pytest.mark.parametrize("name", ["a_vq_autoencoder.pt", "b_eta_schedule.pt", "c_one_step_inference.pt",
@@ -42,18 +37,6 @@ def test_tile_starts_follow_the_original_rule():
     assert tile_starts(56, 40, 32) == [0, 16]
 
 
-@pytest.fixture(scope="module")
-def smoke_pipeline(tmp_path_factory):
-    root = tmp_path_factory.mktemp("smoke")
-    cfg = load_config(REPO / "configs/smoke.yaml")
-    weights = write_smoke_assets(cfg, root)
-    denoiser = build_denoiser(to_plain(cfg.model.params))
-    load_state_dict_into(denoiser, weights["student"])
-    vq = VQAutoencoder(**to_plain(cfg.autoencoder.params))
-    load_state_dict_into(vq, weights["autoencoder"])
-    return SRPipeline(denoiser.eval(), vq.eval(), Schedule.from_config(to_plain(cfg.diffusion.params)))
-
-
 def photo_lr() -> torch.Tensor:
     lr = downscale(photo("astronaut"), 4)[:64, :96].copy()
     return torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255
@@ -63,11 +46,11 @@ def column_jumps(sr: torch.Tensor) -> torch.Tensor:
     return (sr[0, :, :, 1:] - sr[0, :, :, :-1]).abs().mean(dim=(0, 1))
 
 
-def test_gaussian_blending_leaves_no_seam(smoke_pipeline):
+def test_gaussian_blending_leaves_no_seam(tiny_pipeline):
     lr = photo_lr()  # 64 x 96 LR, tiles of 64 every 32: HR seams at columns 128 and 256
     ratios = {}
     for blend in ("average", "gaussian"):
-        sr = smoke_pipeline(lr, tile=64, tile_stride=32, blend=blend, generator=torch.Generator().manual_seed(0))
+        sr = tiny_pipeline(lr, tile=64, tile_stride=32, blend=blend, generator=torch.Generator().manual_seed(0))
         assert sr.shape == (1, 3, 256, 384) and 0 <= sr.min() and sr.max() <= 1
         jumps = column_jumps(sr)
         ratios[blend] = max(jumps[127], jumps[255]) / jumps.median()
@@ -75,22 +58,22 @@ def test_gaussian_blending_leaves_no_seam(smoke_pipeline):
     assert ratios["gaussian"] < 1.5
 
 
-def test_untiled_equals_single_tile_and_is_seeded(smoke_pipeline):
+def test_untiled_equals_single_tile_and_is_seeded(tiny_pipeline):
     lr = photo_lr()[..., :40, :40]
-    a = smoke_pipeline(lr, tile=256, generator=torch.Generator().manual_seed(3))
-    b = smoke_pipeline(lr, tile=256, generator=torch.Generator().manual_seed(3))
-    c = smoke_pipeline(lr, tile=256, generator=torch.Generator().manual_seed(4))
+    a = tiny_pipeline(lr, tile=256, generator=torch.Generator().manual_seed(3))
+    b = tiny_pipeline(lr, tile=256, generator=torch.Generator().manual_seed(3))
+    c = tiny_pipeline(lr, tile=256, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (1, 3, 160, 160)
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 17)])
-def test_any_lr_size_works(smoke_pipeline, size):
-    sr = smoke_pipeline(torch.rand(1, 3, *size), generator=torch.Generator().manual_seed(0))
+def test_any_lr_size_works(tiny_pipeline, size):
+    sr = tiny_pipeline(torch.rand(1, 3, *size), generator=torch.Generator().manual_seed(0))
     assert sr.shape == (1, 3, 4 * size[0], 4 * size[1]) and torch.isfinite(sr).all()
 
 
-def test_bad_tiling_arguments(smoke_pipeline):
+def test_bad_tiling_arguments(tiny_pipeline):
     with pytest.raises(ValueError, match="blend"):
-        smoke_pipeline(torch.rand(1, 3, 8, 8), blend="median")
+        tiny_pipeline(torch.rand(1, 3, 8, 8), blend="median")
     with pytest.raises(ValueError, match="stride"):
-        smoke_pipeline(torch.rand(1, 3, 8, 8), tile=16, tile_stride=32)
+        tiny_pipeline(torch.rand(1, 3, 8, 8), tile=16, tile_stride=32)

@@ -21,9 +21,6 @@ from bimacosr.data.datasets import (
 )
 from bimacosr.data.transforms import area_matrix, area_resize, augment, pad_to_square, random_crop
 from bimacosr.imageio import ImageReadError, read_image, write_image
-from tests.conftest import REPO
-
-SMOKE = OmegaConf.load(REPO / "configs/smoke.yaml")
 
 
 def write(path: Path, rgb_uint8: np.ndarray) -> Path:
@@ -178,13 +175,13 @@ def test_paired_folder_errors(pairs: tuple[Path, Path], tmp_path: Path) -> None:
         PairedFolderDataset(hr, lr, "webp")
 
 
-def test_builders_from_config_sections(photos: Path, pairs: tuple[Path, Path]) -> None:
-    train = OmegaConf.merge(SMOKE.data.train, {"params": {"dir_paths": [str(photos)]}})
+def test_builders_from_config_sections(photos: Path, pairs: tuple[Path, Path], smoke_config) -> None:
+    train = OmegaConf.merge(smoke_config.data.train, {"params": {"dir_paths": [str(photos)]}})
     ds = build_train_dataset(train, seed=1)
     assert len(ds) == 3 and ds.gt_size == 64 and ds.blur2.pad_size == 15 and ds.seed == 1
     assert ds[0]["gt"].shape == (3, 64, 64)
     lr, hr = pairs
-    val = OmegaConf.merge(SMOKE.data.val, {"params": {"dir_path": str(lr), "dir_path_extra": str(hr)}})
+    val = OmegaConf.merge(smoke_config.data.val, {"params": {"dir_path": str(lr), "dir_path_extra": str(hr)}})
     assert len(build_val_dataset(val)) == 2
     with pytest.raises(ValueError, match=r"data.train.type must be one of \['realesrgan'\], got 'paired'"):
         build_train_dataset(OmegaConf.merge(train, {"type": "paired"}))

@@ -15,21 +15,18 @@ from bimacosr.deploy import (FP_SINSR_BYTES, DeployBinaryConv2d, DeployBinaryLin
                              load_deploy, set_mode, to_deploy)
 from bimacosr.deploy.check import layerwise_max_diff
 from bimacosr.deploy.format import checksum as _checksum
-from bimacosr.models import build_denoiser, split_params
+from bimacosr.models import build_denoiser
 from bimacosr.models.swin import WindowAttention, relative_position_index
 from bimacosr.quant.bimaco import SparseBranch
-from bimacosr.smoke import write_smoke_assets
-from tests.conftest import REPO, load_fixture
+from tests.conftest import REPO, SMOKE_CONFIG, fixture_denoiser, load_fixture
 
 LIMIT_BYTES = 23.7e6  # 1/20 of the FP SinSR file
 
 
 @pytest.fixture(scope="module")
 def fixture():
-    data = load_fixture("denoiser/bimaco_unet_forward.pt")
-    model = build_denoiser(data["config"])
-    model.load_state_dict(data["state_dict"])
-    return data, model.eval()
+    model, data = fixture_denoiser("denoiser/bimaco_unet_forward.pt")
+    return data, model
 
 
 @pytest.fixture(scope="module")
@@ -93,16 +90,10 @@ def test_fp16_side_branches(fixture, fixture_file, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    root = tmp_path_factory.mktemp("smoke")
-    cfg_path = REPO / "configs/smoke.yaml"
-    weights = write_smoke_assets(load_config(cfg_path), root, n_train=1, n_val=1)
-    out = root / "smoke_deploy.safetensors"
-    info = export_checkpoint(weights["student"], cfg_path, out)
-    params = to_plain(load_config(cfg_path).model.params)
-    simulated = build_denoiser(params)
-    simulated.load_state_dict(torch.load(weights["student"], weights_only=True))
-    return simulated.eval(), info, weights["student"]
+def smoke(smoke_assets, tiny_bimaco_denoiser, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "smoke_deploy.safetensors"
+    info = export_checkpoint(smoke_assets.weights["student"], SMOKE_CONFIG, out)
+    return tiny_bimaco_denoiser, info, smoke_assets.weights["student"]
 
 
 def test_smoke_checkpoint_export_load(smoke):
@@ -124,7 +115,7 @@ def test_export_script(smoke, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("export_deploy", REPO / "scripts/export_deploy.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    ckpt, config, out = smoke[2], REPO / "configs/smoke.yaml", tmp_path / "cli.safetensors"
+    ckpt, config, out = smoke[2], SMOKE_CONFIG, tmp_path / "cli.safetensors"
     assert script.main(["--ckpt", str(ckpt), "--config", str(config), "--out", str(out), "--check"]) == 0
     printed = capsys.readouterr().out
     assert f"{out.stat().st_size:,} bytes" in printed and "per layer" in printed
@@ -205,7 +196,7 @@ def test_wrong_files_are_refused_with_a_named_error(fixture_file, tmp_path):
             assert problem in message, message
 
 
-def test_export_refuses_a_full_precision_model(tmp_path):
-    params, _ = split_params(load_fixture("denoiser/bimaco_unet_forward.pt")["config"])
+def test_export_refuses_a_full_precision_model(tiny_fp_denoiser, smoke_config, tmp_path):
+    params = to_plain(smoke_config.model_teacher.params)
     with pytest.raises(ValueError, match="no BiMaCo layers"):
-        export_deploy(build_denoiser(params), params, tmp_path / "fp.safetensors")
+        export_deploy(tiny_fp_denoiser, params, tmp_path / "fp.safetensors")

@@ -10,7 +10,7 @@ from bimacosr.parity import check_file
 from bimacosr.models import build_denoiser
 from bimacosr.quant import QUANT_KEYS
 from bimacosr.models.swin import SwinTransformerBlock, shift_window_mask
-from tests.conftest import FIXTURES, REFERENCE, REPO
+from tests.conftest import FIXTURES, REFERENCE, REPO, fixture_denoiser
 
 TINY = dict(image_size=16, in_channels=6, model_channels=32, out_channels=3, cond_lq=True,
             attention_resolutions=[16], dropout=0, channel_mult=[1, 1], num_res_blocks=[1, 1],
@@ -43,10 +43,7 @@ def test_forward_fixtures(name):
 
 @pytest.fixture(scope="module")
 def fp_fixture():
-    data = torch.load(FIXTURES / "denoiser/fp_unet_forward.pt", weights_only=True)
-    model = build_denoiser(data["config"]).eval()
-    model.load_state_dict(data["state_dict"])
-    return model, data
+    return fixture_denoiser("denoiser/fp_unet_forward.pt")
 
 
 def reference_mask(h: int, w: int, ws: int, s: int) -> torch.Tensor:

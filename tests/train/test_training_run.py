@@ -10,18 +10,15 @@ import torch
 from omegaconf import OmegaConf
 
 from bimacosr.config import load_config
-from bimacosr.smoke import write_smoke_assets
-from tests.conftest import REPO
+from tests.conftest import REPO, SMOKE_CONFIG
 
-SMOKE = REPO / "configs/smoke.yaml"
+SMOKE = SMOKE_CONFIG
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's per-worker default: same kernels everywhere
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    write_smoke_assets(load_config(SMOKE), root)
-    return root
+def root(smoke_assets, tmp_path_factory):
+    return smoke_assets.copy_to(tmp_path_factory.mktemp("train"))
 
 
 def config(root, name, **train):
@@ -43,6 +40,7 @@ def weights(run, step, name="model.pth"):
     return torch.load(run / "checkpoints" / f"step_{step:07d}" / name, weights_only=True)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(root):
     cfg = config(root, "noqueue", **{"train.queue_size": 0, "train.val_freq": 0, "train.iterations": 2})
     two = distill(root, cfg, root / "two", nproc=2)
@@ -57,9 +55,17 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(root):
     assert [k for k in a if not torch.equal(a[k], b[k])] == []  # bit for bit
 
 
-def test_resume_continues_bit_identically(root):
+@pytest.fixture(scope="module")
+def straight(root):
+    """4 iterations in one go (checkpoints at 2 and 4, validation at 3): the run the resume test
+    compares against and the inference test loads."""
     cfg = config(root, "resume", **{"train.save_freq": 2, "train.val_freq": 3, "train.iterations": 4})
-    straight = distill(root, cfg, root / "straight")
+    return cfg, distill(root, cfg, root / "straight")
+
+
+@pytest.mark.slow
+def test_resume_continues_bit_identically(root, straight):
+    cfg, straight = straight
     first = distill(root, cfg, root / "split", "--iterations", "2")
     second = distill(root, cfg, root / "split", "--resume")
     for result in (straight, first, second):
@@ -75,10 +81,10 @@ def test_resume_continues_bit_identically(root):
     assert [r.split(",")[0] for r in rows] == ["step", "1", "2", "3", "4"]
 
 
-def test_saved_student_runs_in_inference_and_curves_plot(root):
+@pytest.mark.slow
+def test_saved_student_runs_in_inference_and_curves_plot(root, straight):
+    assert straight[1].returncode == 0, straight[1].stderr[-3000:]
     run = root / "straight"
-    if not (run / "checkpoints/step_0000004/ema.pth").exists():
-        pytest.skip("needs the run of test_resume_continues_bit_identically")
     result = subprocess.run([sys.executable, str(REPO / "inference_quant.py"), "--config", str(SMOKE),
                              "--ckpt", str(run / "checkpoints/step_0000004/ema.pth"), "-i", "data/smoke/val/LR",
                              "-o", str(root / "sr_from_run")], cwd=root, capture_output=True, text=True, env=ENV)
@@ -87,6 +93,7 @@ def test_saved_student_runs_in_inference_and_curves_plot(root):
     assert plot.returncode == 0 and (run / "curves.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_continues(root):
     cfg = config(root, "long", **{"train.iterations": 1000, "train.val_freq": 0, "train.save_freq": 1000})
     proc = subprocess.Popen([sys.executable, str(REPO / "main_distill.py"), "--cfg_path", str(cfg), "--save_dir", "sig"],
