@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="deploy file to write (.safetensors)")
     p.add_argument("--fp16", action="store_true", help="store the side branches as float16")
     p.add_argument("--check", action="store_true", help="load back and compare with the simulated model")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     try:
         info = export_checkpoint(args.ckpt, args.config, args.out, fp16=args.fp16)
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"max |deploy - simulated| on a random 64x64 input: per layer {per_layer:.3g}, "
                   f"whole model {whole:.3g}")
     except (CheckpointError, ConfigError, DeployFileError, MissingWeightsError, ValueError) as err:
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

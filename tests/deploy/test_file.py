@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bimacosr.checkpoint import CheckpointError
 from bimacosr.config import load_config, to_plain
 from bimacosr.build import export_checkpoint
 from bimacosr.deploy import (FP_SINSR_BYTES, DeployBinaryConv2d, DeployBinaryLinear, DeployFileError, export_deploy,
@@ -121,6 +122,23 @@ def test_export_script(smoke, tmp_path, capsys):
     assert f"{out.stat().st_size:,} bytes" in printed and "per layer" in printed
     assert script.main(["--ckpt", str(tmp_path / "nope.pth"), "--config", str(config), "--out", str(out)]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_export_script_names_a_wrong_checkpoint(smoke_assets, tmp_path, capsys):
+    """The FP teacher's weights are not a BiMaCo checkpoint: the message names that file (not an
+    "in-memory checkpoint"), nothing is written, and ``--debug`` shows the exception instead."""
+    spec = importlib.util.spec_from_file_location("export_deploy", REPO / "scripts/export_deploy.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    wrong, out = smoke_assets.weights["teacher"], tmp_path / "wrong.safetensors"
+    args = ["--ckpt", str(wrong), "--config", str(SMOKE_CONFIG), "--out", str(out)]
+    assert script.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: denoiser checkpoint {wrong} does not match the model"), err
+    assert "in-memory" not in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(CheckpointError, match=str(wrong)):
+        script.main([*args, "--debug"])
 
 
 def test_released_size_file_is_at_most_one_twentieth(tmp_path):
