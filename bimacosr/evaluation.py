@@ -129,7 +129,10 @@ class Evaluation:
             "skipped": [asdict(s) for s in self.skipped],
             "folders": [{"sr_dir": f.sr_dir, "images": len(f.pairing.pairs), "scores": f.scores,
                          "unpaired_sr": f.pairing.unpaired_sr,
-                         "unpaired_gt": f.pairing.unpaired_gt} for f in self.folders],
+                         "unpaired_gt": f.pairing.unpaired_gt,
+                         "channel_mismatch": [{k: r[k] for k in ("sr_file", "gt_file", "channel_mismatch")}
+                                              for r in f.rows if "channel_mismatch" in r]}
+                        for f in self.folders],
         }
 
     def markdown(self) -> str:
@@ -300,20 +303,44 @@ def build_metrics(names: list[str], has_gt: bool, weights_dir: Path | None, devi
     return built, skipped, notes
 
 
+_CHANNELS = {"gray": 1, "gray_alpha": 2, "rgb": 3, "rgba": 4}
+
+
+def channel_mismatch(sr_mode: str, gt_mode: str) -> str | None:
+    """How an SR/GT pair of different channel layouts (``imageio`` modes) is compared, or None
+    when both have the same layout. Every image is scored as RGB: gray is replicated to 3
+    channels, alpha is left out."""
+    if sr_mode == gt_mode:
+        return None
+    how = [f"SR {sr_mode} ({_CHANNELS[sr_mode]} ch) vs GT {gt_mode} ({_CHANNELS[gt_mode]} ch)"]
+    grays = [side for side, mode in (("SR", sr_mode), ("GT", gt_mode)) if mode.startswith("gray")]
+    if len(grays) == 1:
+        how.append(f"{grays[0]} gray replicated to 3 channels")
+    if {sr_mode, gt_mode} & {"rgba", "gray_alpha"}:
+        how.append("alpha ignored")
+    return "; ".join(how) + "; compared as RGB"
+
+
 def _score_folder(sr_dir: Path, gt_dir: Path | None, pairing: Pairing,
                   metrics: dict[str, torch.nn.Module], device: torch.device) -> FolderResult:
     """Per-image FR/NR scores, their means, and FID for one SR folder."""
     rows = []
     for sr_path, gt_path in tqdm(pairing.pairs, desc=str(sr_dir), unit="img", file=sys.stderr,
                                  disable=None):
-        sr = read_image(sr_path).rgb.to(device)
-        gt = read_image(gt_path).rgb.to(device) if gt_path is not None else None
+        sr_image = read_image(sr_path)
+        gt_image = read_image(gt_path) if gt_path is not None else None
+        sr = sr_image.rgb.to(device)
+        gt = gt_image.rgb.to(device) if gt_image is not None else None
         if gt is not None and sr.shape != gt.shape:
             raise EvaluationError(f"size mismatch: {sr_path} is {sr.shape[3]}x{sr.shape[2]}, "
                                   f"{gt_path} is {gt.shape[3]}x{gt.shape[2]}")
         row: dict[str, Any] = {"folder": str(sr_dir), "image": sr_path.stem,
                                "sr_file": sr_path.name,
                                "gt_file": gt_path.name if gt_path is not None else ""}
+        note = channel_mismatch(sr_image.mode, gt_image.mode) if gt_image is not None else None
+        if note:
+            print(f"warning: {sr_path} and {gt_path} differ in channels: {note}", file=sys.stderr)
+            row["channel_mismatch"] = note
         with torch.no_grad():
             for name, metric in metrics.items():
                 if METRICS[name].kind == "fr":
@@ -368,8 +395,8 @@ def write_results(result: Evaluation, out_dir: str | Path) -> dict[str, Path]:
     per_image = [m for m in result.metrics if METRICS[m].kind != "folder"
                  and m not in {s.metric for s in result.skipped}]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, ["folder", "image", "sr_file", "gt_file", *per_image],
-                            lineterminator="\n")
+    writer = csv.DictWriter(buf, ["folder", "image", "sr_file", "gt_file", *per_image,
+                                  "channel_mismatch"], lineterminator="\n")
     writer.writeheader()
     for folder in result.folders:
         writer.writerows({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()}

@@ -16,7 +16,7 @@ from PIL import Image, ImageFilter
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from bimacosr.evaluation import EvaluationError, evaluate, missing_weights, pair_by_name
+from bimacosr.evaluation import EvaluationError, channel_mismatch, evaluate, missing_weights, pair_by_name
 from bimacosr.parity import check_file
 from tests.conftest import FIXTURES, REPO
 
@@ -125,7 +125,10 @@ def test_learned_metrics_skipped_with_their_files(run, photos):
     assert "niqe" in summary["notes"] and "basicsr" in summary["notes"]["niqe"]
     for folder in summary["folders"]:
         assert set(folder["scores"]) == {"psnr", "ssim", "niqe"}
-    assert set(rows[0]) == {"folder", "image", "sr_file", "gt_file", "psnr", "ssim", "niqe"}
+    assert set(rows[0]) == {"folder", "image", "sr_file", "gt_file", "psnr", "ssim", "niqe",
+                            "channel_mismatch"}
+    assert all(r["channel_mismatch"] == "" for r in rows)
+    assert all(f["channel_mismatch"] == [] for f in summary["folders"])
     lines = table.splitlines()
     assert lines[0].startswith("| SR folder | PSNR ↑ | SSIM ↑ | LPIPS ↓")
     assert len([ln for ln in lines if ln.startswith(f"| {photos}")]) == 2
@@ -158,6 +161,34 @@ def test_metric_py_clean_error_for_missing_folder(photos, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: folder not found: {tmp_path / 'nope'}"
     assert not (tmp_path / "out").exists()
+
+
+def test_gray_sr_against_colour_gt_is_warned_and_recorded(photos, tmp_path):
+    """A gray result scored against a colour GT: one warning naming both files, and the CSV and
+    JSON say how they were compared (gray replicated to 3 channels)."""
+    sr_dir = tmp_path / "sr_gray"
+    sr_dir.mkdir()
+    Image.open(photos / "sr_jpeg" / "astronaut.png").convert("L").save(sr_dir / "astronaut.png")
+    proc = _metric_py("--inp_imgs", str(sr_dir), "--gt_imgs", str(photos / "gt"), "--metrics", "psnr",
+                      "--log", str(tmp_path / "out"), home=photos / "home")
+    assert proc.returncode == 0, proc.stderr
+    warnings = [ln for ln in proc.stderr.splitlines() if "differ in channels" in ln]
+    assert warnings == [f"warning: {sr_dir / 'astronaut.png'} and {photos / 'gt' / 'astronaut.png'} differ "
+                        f"in channels: SR gray (1 ch) vs GT rgb (3 ch); SR gray replicated to 3 channels; "
+                        f"compared as RGB"]
+    note = warnings[0].split("channels: ", 1)[1]
+    (row,) = csv.DictReader((tmp_path / "out" / "metrics_per_image.csv").open())
+    assert row["channel_mismatch"] == note
+    folder = json.loads((tmp_path / "out" / "metrics_summary.json").read_text())["folders"][0]
+    assert folder["channel_mismatch"] == [{"sr_file": "astronaut.png", "gt_file": "astronaut.png",
+                                           "channel_mismatch": note}]
+
+
+def test_channel_mismatch_notes():
+    assert channel_mismatch("rgb", "rgb") is None
+    assert channel_mismatch("rgb", "gray") == ("SR rgb (3 ch) vs GT gray (1 ch); GT gray replicated to 3 "
+                                               "channels; compared as RGB")
+    assert channel_mismatch("rgba", "rgb").endswith("alpha ignored; compared as RGB")
 
 
 def test_weights_dir_links_files_into_cache(tmp_path, monkeypatch):
