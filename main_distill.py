@@ -8,26 +8,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from bimacosr.checkpoint import CheckpointError
-from bimacosr.config import ConfigError
 from bimacosr.train.trainer import TrainOptions, train
-from bimacosr.weights import MissingWeightsError
 
 
 def parse_args() -> TrainOptions:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg_path", type=Path, required=True, help="original YAML training config")
     p.add_argument("--save_dir", type=Path, required=True, help="run folder: checkpoints, logs, validation grids")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue a run: alone = latest checkpoint in --save_dir, or a checkpoints/step_* folder")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                   help="continue a run: alone = the newest checkpoint in --save_dir that loads (newer broken "
+                        "ones are skipped with a warning), or PATH = a checkpoints/step_* folder")
     p.add_argument("--steps", type=int, default=None, help="override diffusion.params.steps (teacher steps)")
     p.add_argument("--iterations", type=int, default=None, help="override train.iterations")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one error line")
     return TrainOptions(**vars(p.parse_args()))
 
 
 if __name__ == "__main__":
-    options = parse_args()
-    try:
-        sys.exit(train(options))
-    except (ConfigError, CheckpointError, MissingWeightsError, FileNotFoundError, ValueError) as exc:
-        sys.exit(f"error: {exc}")
+    sys.exit(train(parse_args()))

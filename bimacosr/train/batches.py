@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from bimacosr.imageio import ImageReadError
+
 
 def chunk_seed(seed: int, step: int, chunk: int) -> int:
     """A 63-bit seed for micro-batch ``chunk`` of ``step``."""
@@ -88,8 +90,19 @@ class PlanSampler(Sampler[list[tuple[int, int]]]):
         return max(self.end - self.start + 1, 0)
 
 
+class TrainingDataError(RuntimeError):
+    """A training image that cannot be read. ``str()`` is one line naming the file and the fix, also
+    when a ``DataLoader`` worker raised it (the loader rebuilds it from a message that holds the
+    worker's traceback: only that traceback's last line, this error's own, is kept)."""
+
+    def __init__(self, message: str):
+        last = message.rstrip().splitlines()[-1]
+        super().__init__(last.split(f"{type(self).__name__}: ", 1)[-1])
+
+
 class EpochIndexed(Dataset):
-    """Wraps a dataset with ``set_epoch``: item ``(epoch, index)`` is ``dataset[index]`` at that epoch."""
+    """Wraps a dataset with ``set_epoch``: item ``(epoch, index)`` is ``dataset[index]`` at that epoch.
+    An unreadable image raises :class:`TrainingDataError`."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -100,7 +113,11 @@ class EpochIndexed(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         self.dataset.set_epoch(epoch)
-        return self.dataset[index]
+        try:
+            return self.dataset[index]
+        except ImageReadError as exc:
+            raise TrainingDataError(f"training image {exc.path} cannot be read ({exc.reason}): replace or "
+                                    f"remove it, then continue with --resume") from None
 
 
 class PairPool:

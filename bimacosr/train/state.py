@@ -18,12 +18,13 @@ import json
 import os
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bimacosr.checkpoint import CheckpointError, save_state_dict
+from bimacosr.checkpoint import CheckpointError, read_state_dict, save_state_dict
 
 STEP_PREFIX = "step_"
 
@@ -79,24 +80,61 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def find_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint folder to resume from: ``resume`` = ``"latest"`` (newest in ``run_dir``),
-    a step folder, or a file inside one; ``None`` starts fresh."""
+def resume_candidates(run_dir: Path, resume: str | None) -> list[Path]:
+    """The checkpoint folders to try, in order: ``resume`` = ``"latest"`` gives every complete one
+    in ``run_dir``, newest first (the trainer falls back past those that do not load); a step
+    folder or a file inside one gives just that folder; ``None`` starts fresh (no folder)."""
     if resume is None:
-        return None
+        return []
     if resume == "latest":
         found = list_checkpoints(run_dir)
         if not found:
             raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
-        return found[-1]
+        return found[::-1]
     path = Path(resume)
     folder = path.parent if path.is_file() else path
     if not (folder / "trainer.pth").is_file():
         raise CheckpointError(f"--resume {resume}: not a checkpoint folder (expected {folder / 'trainer.pth'}); "
                               f"pass a checkpoints/step_* folder, or --resume alone for the latest")
-    return folder
+    return [folder]
 
 
-def load_trainer_state(folder: Path) -> dict[str, Any]:
-    """``trainer.pth`` of a checkpoint folder (``torch.load(weights_only=True)``)."""
-    return torch.load(folder / "trainer.pth", map_location="cpu", weights_only=True)
+@dataclass
+class Checkpoint:
+    """The three files of a checkpoint folder, read (not yet applied to a model)."""
+
+    folder: Path
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    trainer: dict[str, Any]
+
+
+def read_checkpoint(folder: Path) -> Checkpoint:
+    """Read ``model.pth``, ``ema.pth`` and ``trainer.pth``; a missing, truncated or corrupt file
+    raises ``CheckpointError`` naming it."""
+    model = read_state_dict(folder / "model.pth", what="resumed student")
+    ema = read_state_dict(folder / "ema.pth", what="resumed EMA")
+    path = folder / "trainer.pth"
+    try:
+        trainer = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, EOF, bad pickle: all mean "not a readable file"
+        reason = str(exc).splitlines()[0][:160] if str(exc) else "-"
+        raise CheckpointError(f"{path} is corrupt or truncated ({type(exc).__name__}: {reason})") from None
+    return Checkpoint(folder, model, ema, trainer)
+
+
+def load_resume(run_dir: Path, resume: str | None) -> tuple[Checkpoint | None, list[str]]:
+    """The first of :func:`resume_candidates` that reads completely, and one line per newer
+    checkpoint skipped (which and why). Raises ``CheckpointError`` when none reads."""
+    skipped: list[str] = []
+    for folder in resume_candidates(run_dir, resume):
+        try:
+            return read_checkpoint(folder), skipped
+        except CheckpointError as exc:
+            if resume != "latest":
+                raise
+            skipped.append(f"skipped checkpoint {folder}: {str(exc).splitlines()[0]}")
+    if skipped:
+        raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} loads ("
+                              + "; ".join(skipped) + "); start without --resume or restore one")
+    return None, skipped

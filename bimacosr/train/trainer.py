@@ -7,29 +7,32 @@ README (exact resume, atomic checkpoints, EMA kept across resumes, NaN guard, si
 """
 from __future__ import annotations
 
-import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from bimacosr import build
-from bimacosr.checkpoint import CheckpointError, load_state_dict_into, read_state_dict
+from bimacosr.checkpoint import CheckpointError, load_state_dict_into
 from bimacosr.config import ConfigError, load_config, require
 from bimacosr.data.datasets import build_train_dataset, build_val_dataset
 from bimacosr.data.degradation import degrade
 from bimacosr.train import state
-from bimacosr.train.batches import BatchPlan, EpochIndexed, PairPool, PlanSampler, chunk_seed
+from bimacosr.train.batches import BatchPlan, EpochIndexed, PairPool, PlanSampler, TrainingDataError, chunk_seed
 from bimacosr.train.distill import distill_loss, ema_update, lr_at
+from bimacosr.train.group import Dist, PeerFailed, init_distributed
 from bimacosr.train.logs import RunLogger
+from bimacosr.train.parentwatch import watch_parent
+from bimacosr.train.runlock import RunLock, RunLockedError
 from bimacosr.train.validate import validate
 
 
@@ -42,54 +45,22 @@ class TrainOptions:
     resume: str | None = None
     steps: int | None = None
     iterations: int | None = None
-
-
-@dataclass
-class Dist:
-    """This process's place in the job (``rank 0 of 1`` without ``torchrun``)."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def any(self, flag: bool) -> bool:
-        """True if ``flag`` is set on any rank."""
-        if self.world == 1:
-            return flag
-        value = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
-
-
-def init_distributed() -> Dist:
-    """NCCL on CUDA, gloo on CPU, from torchrun's environment; a plain process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local % max(torch.cuda.device_count(), 1)) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, device)
+    debug: bool = False
 
 
 class Trainer:
     """Holds the models, optimizer, EMA and data of a run; ``fit()`` trains to the end."""
 
-    def __init__(self, opts: TrainOptions, env: Dist):
+    def __init__(self, opts: TrainOptions, env: Dist, cfg: DictConfig | None = None):
         self.opts, self.env = opts, env
-        cfg = load_config(opts.cfg_path)
+        cfg = cfg if cfg is not None else load_config(opts.cfg_path)
         if opts.steps:
             cfg.diffusion.params.steps = opts.steps
         require(cfg, "model.params", "model_teacher.params", "model.teacher_ckpt_path", "autoencoder.params",
                 "autoencoder.ckpt_path", "diffusion.params", "degradation", "data.train", source=str(opts.cfg_path))
         self.cfg, self.tcfg = cfg, cfg.train
         self.run_dir = Path(opts.save_dir)
+        resume = state.load_resume(self.run_dir, opts.resume)  # read (falling back) before building models
         self.seed = int(self.tcfg.seed)
         self.iterations = int(opts.iterations or self.tcfg.iterations)
         self.base_lr = float(self.tcfg.lr)
@@ -106,9 +77,7 @@ class Trainer:
         self.teacher = build.build_teacher(cfg, env.device)
         self.student = student = build.build_student(cfg, env.device)
         self.vq = build.build_autoencoder(cfg, env.device, build.resolve_precision("auto", env.device, cfg).autoencoder_dtype)
-        self.model = (DistributedDataParallel(student, device_ids=[env.device] if env.device.type == "cuda" else None,
-                                              find_unused_parameters=True, forward_sync_buffers=False)
-                      if env.world > 1 else student)
+        self.model = student  # wrapped by DistributedDataParallel in fit(): no collective while setting up
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=self.base_lr,
                                            weight_decay=float(self.tcfg.weight_decay))
         self.ema = {k: v.detach().clone() for k, v in student.state_dict().items()}
@@ -121,20 +90,26 @@ class Trainer:
         self.grad_clip = self.tcfg.grad_clip
         self.step, self.best_psnr = 0, float("-inf")
         self.stop_signal: int | None = None
-        self._resume()
+        self._resume(*resume)
+        self.saved_step = self.step
         self.logger = RunLogger(self.run_dir, self.step, enabled=env.main)
 
-    def _resume(self) -> None:
-        folder = state.find_resume(self.run_dir, self.opts.resume)
-        if folder is None:
+    def _resume(self, found: state.Checkpoint | None, skipped: list[str]) -> None:
+        """Apply the checkpoint read by :func:`state.load_resume` (plain ``--resume``: the newest
+        that reads completely), saying which newer ones were skipped and why."""
+        if self.env.main:
+            for line in skipped:
+                print(f"warning: {line}", file=sys.stderr)
+        if found is None:
             return
-        load_state_dict_into(self.student, folder / "model.pth", what="resumed student")
-        ema = read_state_dict(folder / "ema.pth", what="resumed EMA")
+        folder, ema, saved = found.folder, found.ema, found.trainer
+        if skipped and self.env.main:
+            print(f"resuming from {folder}", file=sys.stderr)
+        load_state_dict_into(self.student, found.model, what="resumed student", path=folder / "model.pth")
         missing = sorted(set(self.ema) - set(ema))
         if missing:
             raise CheckpointError(f"{folder / 'ema.pth'} lacks {len(missing)} EMA entries, e.g. {missing[:3]}")
         self.ema = {k: ema[k].to(v.device, v.dtype) for k, v in self.ema.items()}
-        saved = state.load_trainer_state(folder)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scaler.load_state_dict(saved["scaler"])
         self.step, self.best_psnr = int(saved["step"]), float(saved["best_psnr"])
@@ -220,21 +195,38 @@ class Trainer:
                 raise RuntimeError(f"the student's weights differ between ranks at step {self.step} "
                                    f"(checksums {checksums}); not saving a diverged model")
         path = None
-        if self.env.main:
-            trainer = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                       "best_psnr": self.best_psnr, "pools": pools, "replica_checksums": checksums,
-                       "config": OmegaConf.to_yaml(self.cfg)}
-            path = state.save_checkpoint(self.run_dir, self.step, self.student.state_dict(), self.ema, trainer,
-                                         keep_last=int(self.tcfg.keep_last))
-        if self.env.world > 1:
-            dist.barrier()
+        with self.env.together():  # a failed write (disk full) stops every rank, not just rank 0
+            if self.env.main:
+                trainer = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                           "best_psnr": self.best_psnr, "pools": pools, "replica_checksums": checksums,
+                           "config": OmegaConf.to_yaml(self.cfg)}
+                path = state.save_checkpoint(self.run_dir, self.step, self.student.state_dict(), self.ema,
+                                             trainer, keep_last=int(self.tcfg.keep_last))
+        self.saved_step = self.step
         return path
 
     def _on_signal(self, signum: int, _frame) -> None:
         self.stop_signal = signum
 
+    def _next_batch(self, batches) -> dict:
+        """The next batch on every rank, or the same error on every rank (an unreadable training
+        image on any of them), after saving the steps done since the last checkpoint."""
+        try:
+            with self.env.together():
+                return next(batches)
+        except Exception:
+            if self.step > self.saved_step:
+                path = self.save()
+                if self.env.main:
+                    tqdm.write(f"checkpoint saved: {path}", file=sys.stderr)
+            raise
+
     def fit(self) -> int:
         """Train from ``self.step`` to ``iterations``; returns the process exit status."""
+        if self.env.world > 1:
+            self.model = DistributedDataParallel(
+                self.student, device_ids=[self.env.device] if self.env.device.type == "cuda" else None,
+                find_unused_parameters=True, forward_sync_buffers=False)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
         if self.env.main:
@@ -244,7 +236,9 @@ class Trainer:
         bar = tqdm(total=self.iterations, initial=self.step, desc="distill", unit="it",
                    disable=not self.env.main, dynamic_ncols=True)
         tic, first = time.perf_counter(), self.step
-        for batch in self._loader():
+        batches = iter(self._loader())
+        for _ in range(self.iterations - self.step):
+            batch = self._next_batch(batches)
             self.step += 1
             loss = self.train_step(batch, self.step)
             lr = self.optimizer.param_groups[0]["lr"]
@@ -270,22 +264,56 @@ class Trainer:
         return 0
 
     def _validate(self) -> None:
-        if self.env.main:
-            psnr = validate(self.student, self.vq, self.schedule, self.val_set, self.run_dir, self.step, self.sf,
-                            self.logger, seed=self.seed)
-            if psnr > self.best_psnr:
-                self.best_psnr = psnr
-                state.save_best(self.run_dir, self.step, psnr, self.student.state_dict(), self.ema)
-            self.student.train()
-        if self.env.world > 1:
-            dist.barrier()
+        with self.env.together():  # rank 0 validates; an unreadable validation pair stops every rank
+            if self.env.main:
+                psnr = validate(self.student, self.vq, self.schedule, self.val_set, self.run_dir, self.step,
+                                self.sf, self.logger, seed=self.seed)
+                if psnr > self.best_psnr:
+                    self.best_psnr = psnr
+                    state.save_best(self.run_dir, self.step, psnr, self.student.state_dict(), self.ema)
+                self.student.train()
+
+
+REPORTED = (ConfigError, CheckpointError, RunLockedError, TrainingDataError, PeerFailed, FloatingPointError,
+            OSError, ValueError)
+"""Errors whose message says everything (file, flag, fix): printed as one ``error:`` line."""
+
+
+def _setup(opts: TrainOptions, env: Dist, lock: RunLock) -> Trainer:
+    """Config, run-folder lock, then models and data -- each stage agreed by every rank, so a
+    problem stops all of them before the next (no model is built when the config or the lock fails)."""
+    with env.together():
+        cfg = load_config(opts.cfg_path)
+        if env.main:
+            taken_over = lock.acquire()
+            if taken_over:
+                print(f"warning: {taken_over}", file=sys.stderr)
+    with env.together():
+        return Trainer(opts, env, cfg)
 
 
 def train(opts: TrainOptions) -> int:
-    """Set up the process group, build the run and train it."""
+    """Set up the process group, build the run and train it; returns the exit status.
+
+    Errors in :data:`REPORTED` end the run with one ``error:`` line, printed by rank 0 whichever
+    rank hit it (the other ranks exit quietly with the same status); ``opts.debug`` raises them
+    instead, with their tracebacks. Under ``torchrun`` the workers stop when the launcher dies.
+    """
     env = init_distributed()
+    if env.world > 1:
+        watch_parent(what=f"rank {env.rank}")
+    lock = RunLock(opts.save_dir)
     try:
-        return Trainer(opts, env).fit()
+        return _setup(opts, env, lock).fit()
+    except REPORTED as exc:
+        if opts.debug:
+            raise
+        if env.main:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        if getattr(exc, "agreed", False):
+            dist.barrier()  # the other ranks leave after rank 0 has printed (torchrun stops the rest)
+        return 1
     finally:
+        lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()

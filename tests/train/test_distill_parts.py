@@ -72,7 +72,7 @@ def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path, monkeypatch):
     for step in (1, 2, 3):
         state.save_checkpoint(tmp_path, step, tiny_state(step), tiny_state(-step), {"optimizer": {}}, keep_last=2)
     assert [p.name for p in state.list_checkpoints(tmp_path)] == ["step_0000002", "step_0000003"]
-    assert state.find_resume(tmp_path, "latest").name == "step_0000003"
+    assert [p.name for p in state.resume_candidates(tmp_path, "latest")] == ["step_0000003", "step_0000002"]
 
     real_replace = os.replace
     def crash(src, dst):  # the process dies between writing and renaming
@@ -83,12 +83,30 @@ def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         state.save_checkpoint(tmp_path, 4, tiny_state(4), tiny_state(-4), {"optimizer": {}}, keep_last=2)
     monkeypatch.setattr(os, "replace", real_replace)
-    latest = state.find_resume(tmp_path, "latest")
-    assert latest.name == "step_0000003"
-    assert torch.equal(torch.load(latest / "model.pth", weights_only=True)["w"], torch.full((3,), 3.0))
-    assert state.load_trainer_state(latest)["step"] == 3
+    latest, skipped = state.load_resume(tmp_path, "latest")
+    assert latest.folder.name == "step_0000003" and skipped == []
+    assert torch.equal(latest.model["w"], torch.full((3,), 3.0)) and latest.trainer["step"] == 3
     with pytest.raises(CheckpointError, match="not a checkpoint folder"):
-        state.find_resume(tmp_path, str(tmp_path / "nope"))
+        state.resume_candidates(tmp_path, str(tmp_path / "nope"))
+    assert state.load_resume(tmp_path, None) == (None, [])
+
+
+@pytest.mark.parametrize("name", ["model.pth", "ema.pth", "trainer.pth"])
+def test_resume_falls_back_past_a_truncated_checkpoint(tmp_path, name):
+    for step in (1, 2):
+        state.save_checkpoint(tmp_path, step, tiny_state(step), tiny_state(-step), {"optimizer": {}}, keep_last=3)
+    newest = tmp_path / "checkpoints/step_0000002" / name
+    newest.write_bytes(newest.read_bytes()[:100])
+    found, skipped = state.load_resume(tmp_path, "latest")
+    assert found.folder.name == "step_0000001" and found.trainer["step"] == 1
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipped checkpoint {newest.parent}: ")
+    assert str(newest) in skipped[0] and "corrupt" in skipped[0]
+    with pytest.raises(CheckpointError, match=str(newest)):  # an explicit choice does not fall back
+        state.load_resume(tmp_path, str(newest.parent))
+    older = tmp_path / "checkpoints/step_0000001" / name
+    older.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no checkpoint in .* loads .*step_0000002.*step_0000001"):
+        state.load_resume(tmp_path, "latest")
 
 
 @pytest.mark.slow

@@ -1,6 +1,9 @@
-"""main_distill.py as users run it: smoke assets, 1 vs 2 processes, exact resume, signals, bad input."""
+"""main_distill.py as users run it: smoke assets, 1 vs 2 processes, exact resume, signals, bad input,
+one error line per failure (under torchrun too), the run-folder lock, resume past a broken checkpoint."""
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +37,16 @@ def distill(root, cfg, save_dir, *extra, nproc=1, timeout=600):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
     return subprocess.run([*launcher, str(REPO / "main_distill.py"), "--cfg_path", str(cfg), "--save_dir", str(save_dir), *extra],
                           cwd=root, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def worker_tracebacks(stderr):
+    """Traceback lines from our code (torchrun's own ChildFailedError report is not ours)."""
+    return [line for line in stderr.splitlines() if line.lstrip().startswith('File "')
+            and ("bimacosr" in line or "main_distill.py" in line)]
 
 
 def weights(run, step, name="model.pth"):
@@ -140,3 +153,101 @@ def test_non_finite_loss_stops_without_touching_the_weights(root, monkeypatch):
     with pytest.raises(FloatingPointError, match="non-finite loss.*weights are unchanged"):
         run.train_step(batch, 1)
     assert all(torch.equal(before[k], v) for k, v in run.student.state_dict().items())
+
+
+def malformed(root):
+    path = root / "malformed.yaml"
+    path.write_text(f"_base_: {SMOKE}\ntrain:\n  iterations: [1, 2\n")
+    return path
+
+
+def test_malformed_yaml_is_one_error_line(root):
+    cfg = malformed(root)
+    result = distill(root, cfg, root / "malformed_run", timeout=120)
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [f"error: cannot parse config {cfg}, line 4 column 1: did not find "
+                                          f"expected ',' or ']' (fix the YAML there)"], result.stderr
+    assert "Traceback" not in result.stderr and not (root / "malformed_run").exists()
+    debug = distill(root, cfg, root / "malformed_run", "--debug", timeout=120)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+@pytest.mark.slow
+def test_malformed_yaml_under_torchrun_is_one_error_line_from_rank_0(root):
+    result = distill(root, malformed(root), root / "malformed_run2", nproc=2, timeout=300)
+    assert result.returncode != 0
+    assert len(error_lines(result.stderr)) == 1 and "cannot parse config" in result.stderr, result.stderr
+    assert worker_tracebacks(result.stderr) == []
+    assert not (root / "malformed_run2").exists()
+
+
+HOLD = ("import sys, time; from bimacosr.train.runlock import RunLock; RunLock(sys.argv[1]).acquire(); "
+        "print('held', flush=True); time.sleep(120)")
+
+
+def test_second_run_on_a_locked_folder_is_refused(root):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(root / "locked")], stdout=subprocess.PIPE, text=True,
+                              env={**ENV, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = distill(root, config(root, "locked"), root / "locked", timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 1
+    (line,) = error_lines(result.stderr)
+    assert line.startswith(f"error: {root / 'locked'} is in use by another training: pid {holder.pid} on host ")
+    assert "Traceback" not in result.stderr and sorted(p.name for p in (root / "locked").iterdir()) == [".lock"]
+
+
+@pytest.mark.slow
+def test_stale_lock_taken_over_and_resume_falls_back_past_a_truncated_checkpoint(root):
+    cfg = config(root, "fallback", **{"train.save_freq": 1, "train.val_freq": 0, "train.iterations": 2})
+    run = root / "fallback"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    run.mkdir()
+    (run / ".lock").write_text(f"pid={dead.stdout.strip()}\nhost={socket.gethostname()}\nsince=earlier\n")
+    first = distill(root, cfg, run)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"warning: took over the stale lock {run / '.lock'}: pid {dead.stdout.strip()} " in first.stderr
+    assert (run / ".lock").read_text() == ""  # released at the end
+
+    broken = run / "checkpoints/step_0000002/model.pth"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    explicit = distill(root, cfg, run, "--resume", str(broken.parent), "--iterations", "3")
+    assert explicit.returncode == 1 and "Traceback" not in explicit.stderr
+    (line,) = error_lines(explicit.stderr)
+    assert line.startswith(f"error: resumed student {broken} is corrupt, truncated or not a weight file")
+
+    again = distill(root, cfg, run, "--resume", "--iterations", "3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"warning: skipped checkpoint {broken.parent}: resumed student {broken} is corrupt" in again.stderr
+    assert f"resuming from {run / 'checkpoints/step_0000001'}" in again.stderr
+    rows = (run / "train_log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["step", "1", "2", "3"]  # step 2 trained again
+    assert set(weights(run, 2)) == set(weights(run, 3))  # the broken step 2 was rewritten
+
+
+@pytest.mark.slow
+def test_corrupt_training_image_stops_every_rank_once_after_saving(root):
+    from bimacosr.data.datasets import build_train_dataset
+    from bimacosr.train.batches import BatchPlan
+
+    data = root / "data/smoke/train_corrupt"
+    shutil.copytree(root / "data/smoke/train", data, dirs_exist_ok=True)
+    cfg = config(root, "corrupt", **{"train.save_freq": 100, "train.val_freq": 0, "train.iterations": 3,
+                                     "train.num_workers": 1, "data.train.params.dir_paths": [str(data)]})
+    loaded = load_config(cfg)
+    paths = build_train_dataset(loaded.data.train, seed=int(loaded.train.seed)).paths
+    plans = [BatchPlan(len(paths), 4, 2, rank, 2, int(loaded.train.seed)) for rank in (0, 1)]
+    used = {step: {i for plan in plans for i in plan.indices(step)} for step in (1, 2)}
+    bad = paths[min(used[2] - used[1])]  # read at step 2, not at step 1
+    bad.write_bytes(bad.read_bytes()[:200])
+    result = distill(root, cfg, root / "corrupt_run", nproc=2, timeout=600)
+    assert result.returncode != 0
+    (line,) = error_lines(result.stderr)
+    assert line.startswith(f"error: training image {bad} cannot be read ("), result.stderr[-3000:]
+    assert line.endswith("replace or remove it, then continue with --resume")
+    assert worker_tracebacks(result.stderr) == [] and "Connection" not in result.stderr
+    saved = sorted(p.name for p in (root / "corrupt_run/checkpoints").iterdir())
+    assert saved == ["step_0000001"]  # the step done before the bad batch is not lost
