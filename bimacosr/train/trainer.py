@@ -231,10 +231,18 @@ class Trainer:
             signal.signal(sig, self._on_signal)
         if self.env.main:
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml")
+        with tqdm(total=self.iterations, initial=self.step, desc="distill", unit="it",
+                  disable=not self.env.main, dynamic_ncols=True) as bar:  # closed before any error line
+            stopped = self._train(bar)
+        self.logger.close()
+        if stopped and self.env.main:
+            print(f"stopped by signal at step {self.step}; continue with --resume")
+        return 0
+
+    def _train(self, bar: tqdm) -> bool:
+        """The steps up to ``iterations``; True when a signal stopped them (after a save)."""
         log_every, save_every = int(self.tcfg.log_freq[0]), int(self.tcfg.save_freq)
         val_every = int(self.tcfg.val_freq)
-        bar = tqdm(total=self.iterations, initial=self.step, desc="distill", unit="it",
-                   disable=not self.env.main, dynamic_ncols=True)
         tic, first = time.perf_counter(), self.step
         batches = iter(self._loader())
         for _ in range(self.iterations - self.step):
@@ -255,13 +263,8 @@ class Trainer:
                 if self.env.main and (stop or last):
                     tqdm.write(f"checkpoint saved: {path}")
             if stop:
-                bar.close()
-                if self.env.main:
-                    print(f"stopped by signal at step {self.step}; continue with --resume")
-                return 0
-        bar.close()
-        self.logger.close()
-        return 0
+                return True
+        return False
 
     def _validate(self) -> None:
         with self.env.together():  # rank 0 validates; an unreadable validation pair stops every rank
