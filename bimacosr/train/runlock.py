@@ -23,14 +23,19 @@ class RunLockedError(RuntimeError):
 
 
 def _alive(pid: int) -> bool:
-    """Whether ``pid`` is a running process on this host."""
+    """Whether ``pid`` is a running process on this host (a zombie, dead but not yet reaped by
+    its parent, is not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:  # no /proc (not Linux): kill() said it exists
+        return True
 
 
 def _fields(text: str) -> dict[str, str]:

@@ -251,3 +251,44 @@ def test_corrupt_training_image_stops_every_rank_once_after_saving(root):
     assert worker_tracebacks(result.stderr) == [] and "Connection" not in result.stderr
     saved = sorted(p.name for p in (root / "corrupt_run/checkpoints").iterdir())
     assert saved == ["step_0000001"]  # the step done before the bad batch is not lost
+
+
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_killing_the_torchrun_launcher_stops_its_workers_and_frees_the_folder(root):
+    from bimacosr.train.runlock import RunLock
+
+    cfg = config(root, "orphan", **{"train.iterations": 1000, "train.val_freq": 0, "train.save_freq": 1000})
+    err = root / "orphan.err"
+    with err.open("w") as stderr:
+        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                     str(REPO / "main_distill.py"), "--cfg_path", str(cfg), "--save_dir", "orphan"],
+                                    cwd=root, stdout=subprocess.DEVNULL, stderr=stderr, env=ENV)
+    log = root / "orphan/train_log.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2 and all(map(_running, workers))
+    launcher.kill()
+    launcher.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(map(_running, workers)):
+        time.sleep(0.1)
+    assert not any(map(_running, workers)), "workers outlived the launcher by 10 s"
+    assert err.read_text().count(f"the launcher (pid {launcher.pid}) is gone") == 2
+    lock = RunLock(root / "orphan")
+    assert lock.acquire().endswith("is no longer running")  # the folder is free for the next run
+    lock.release()
