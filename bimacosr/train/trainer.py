@@ -11,6 +11,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,7 +209,7 @@ class Trainer:
     def _on_signal(self, signum: int, _frame) -> None:
         self.stop_signal = signum
 
-    def _next_batch(self, batches) -> dict:
+    def _next_batch(self, batches: Iterator[dict]) -> dict:
         """The next batch on every rank, or the same error on every rank (an unreadable training
         image on any of them), after saving the steps done since the last checkpoint."""
         try:
