@@ -25,6 +25,7 @@ def test_unknown_check_is_refused():
     assert out.returncode == 2 and "invalid choice: 'warp_drive'" in out.stderr
 
 
+@pytest.mark.slow
 def test_dry_run_on_cpu(smoke_assets, tmp_path):
     rows = tmp_path / "rows.json"
     out = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--config", str(REPO / "configs/smoke.yaml"),

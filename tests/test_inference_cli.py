@@ -41,6 +41,7 @@ def run(workdir, *args, env=None):
                           cwd=workdir, capture_output=True, text=True, timeout=600, env=env)
 
 
+@pytest.mark.slow
 def test_folder_with_every_kind_of_input(workdir):
     result = run(workdir, "-i", "lr", "-o", "out", "--compare")
     assert result.returncode == 1  # one file is corrupt: reported, skipped, non-zero exit
@@ -89,12 +90,14 @@ def test_missing_weights_name_the_file_and_the_fix(workdir):
     assert "download_weights.py" in result.stderr
 
 
+@pytest.mark.slow
 def test_wrong_checkpoint_kind_is_explained(workdir):
     result = run(workdir, "-i", "lr/astronaut.png", "-o", "x", "--ckpt", "data/smoke/weights/sinsr.pth")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "FP SinSR/ResShift checkpoint" in result.stderr and "student init" in result.stderr
 
 
+@pytest.mark.slow
 def test_never_overwrites_an_input(workdir, tmp_path):
     shutil.copy(workdir / "lr/astronaut.png", tmp_path / "a.png")
     result = run(workdir, "-i", tmp_path, "-o", tmp_path)
