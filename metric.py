@@ -13,7 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bimacosr.evaluation import METRICS, EvaluationError, evaluate, write_results
+from bimacosr.evaluation import METRICS, EvaluationError, evaluate, metric_name, write_results
+
+
+def metric_type(text: str) -> str:
+    try:
+        return metric_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,9 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="SR folder(s); each becomes one row of the table")
     parser.add_argument("--gt_imgs", metavar="DIR", help="GT folder (full-reference metrics, FID)")
     parser.add_argument("--log", required=True, metavar="DIR", help="folder for the results")
-    parser.add_argument("--metrics", nargs="+", type=str.lower, choices=list(METRICS),
-                        default=list(METRICS), metavar="NAME",
-                        help=f"subset of: {' '.join(METRICS)} (default: all)")
+    parser.add_argument("--log_name", metavar="NAME",
+                        help="also write the original's log, <log>/test_<NAME>_<yymmdd-HHMMSS>.log")
+    parser.add_argument("--metrics", nargs="+", type=metric_type, default=list(METRICS), metavar="NAME",
+                        help=f"subset of: {' '.join(METRICS)}, any case, also the original's MANIQA / CLIPIQA+ "
+                             f"(default: all)")
     parser.add_argument("--weights_dir", metavar="DIR",
                         help="folder holding metric weight files by their file names")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -39,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate(args.inp_imgs, args.gt_imgs, args.metrics, args.weights_dir,
                           args.device)
-        paths = write_results(result, args.out or args.log)
+        paths = write_results(result, args.out or args.log, args.log_name)
     except (EvaluationError, OSError) as exc:  # OSError: unreadable image, unwritable output
         print(f"error: {exc}", file=sys.stderr)
         return 2

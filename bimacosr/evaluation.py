@@ -20,6 +20,7 @@ import json
 import math
 import shutil
 import sys
+import time
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -80,6 +81,20 @@ METRICS: dict[str, MetricSpec] = {
         ("clip", "RN50.pt"), ("pyiqa", "CLIP-IQA+_learned_prompts-603f3273.pth")),
         modules=_CLIP_MODULES),
 }
+
+# The original's and the paper's spellings (metric.py flags are case-insensitive).
+ALIASES: dict[str, str] = {**{spec.label.lower(): name for name, spec in METRICS.items()},
+                           "maniqa": "maniqa-pipal", "clip_iqa": "clipiqa", "clipiqa_plus": "clipiqa+"}
+
+
+def metric_name(text: str) -> str:
+    """The METRICS key for ``text`` in any case and the original's spellings (``MANIQA``,
+    ``CLIPIQA+``, ``CLIP-IQA``); raises ValueError naming the known names."""
+    key = text.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in METRICS:
+        raise ValueError(f"unknown metric {text!r}; known: {', '.join(METRICS)} (any case; also MANIQA, CLIP-IQA)")
+    return key
 
 
 @dataclass(frozen=True)
@@ -189,9 +204,14 @@ def images_by_stem(folder: Path) -> dict[str, Path]:
     return found
 
 
-def pair_by_name(sr_dir: Path, gt_dir: Path | None) -> Pairing:
-    """Match SR and GT images by file stem; raise EvaluationError when nothing pairs."""
+def pair_by_name(sr_dir: Path, gt_dir: Path | None, sr_suffix: str = "") -> Pairing:
+    """Match SR and GT images by file stem; raise EvaluationError when nothing pairs.
+
+    ``sr_suffix`` (e.g. ``_out``, inference's ``--suffix``): only SR files whose stem ends with it
+    are scored, paired by the stem without it (``a_out.png`` with ``a.png``)."""
     sr = images_by_stem(sr_dir)
+    if sr_suffix:
+        sr = {stem[: -len(sr_suffix)]: p for stem, p in sr.items() if stem.endswith(sr_suffix)}
     if not sr:
         raise EvaluationError(f"no images in {sr_dir}")
     if gt_dir is None:
@@ -359,8 +379,9 @@ def _score_folder(sr_dir: Path, gt_dir: Path | None, pairing: Pairing,
 
 def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
              metrics: list[str] | None = None, weights_dir: str | Path | None = None,
-             device: str | None = None) -> Evaluation:
-    """Score every SR folder (paired with ``gt_dir`` by file stem when given).
+             device: str | None = None, sr_suffix: str = "") -> Evaluation:
+    """Score every SR folder (paired with ``gt_dir`` by file stem when given; ``sr_suffix`` as
+    :func:`pair_by_name`).
 
     With a GT folder only paired images are scored (no-reference metrics included), so every
     row has every metric; unpaired files are reported (stderr and ``Pairing``).
@@ -375,7 +396,7 @@ def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
     wdir = Path(weights_dir) if weights_dir is not None else None
     if wdir is not None and not wdir.is_dir():
         raise EvaluationError(f"weights folder not found: {wdir}")
-    pairings = [(Path(d), pair_by_name(Path(d), gt)) for d in sr_dirs]
+    pairings = [(Path(d), pair_by_name(Path(d), gt, sr_suffix)) for d in sr_dirs]
     for d, p in pairings:
         for side, files in (("SR", p.unpaired_sr), ("GT", p.unpaired_gt)):
             if files:
@@ -389,8 +410,9 @@ def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
     return Evaluation(names, str(gt) if gt else None, folders, skipped, notes, str(dev))
 
 
-def write_results(result: Evaluation, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``metrics_per_image.csv``, ``metrics_summary.json`` and ``metrics_table.md``."""
+def write_results(result: Evaluation, out_dir: str | Path, log_name: str | None = None) -> dict[str, Path]:
+    """Write ``metrics_per_image.csv``, ``metrics_summary.json`` and ``metrics_table.md``; with
+    ``log_name`` also the original's log, ``test_<log_name>_<yymmdd-HHMMSS>.log``."""
     out = Path(out_dir)
     per_image = [m for m in result.metrics if METRICS[m].kind != "folder"
                  and m not in {s.metric for s in result.skipped}]
@@ -404,10 +426,26 @@ def write_results(result: Evaluation, out_dir: str | Path) -> dict[str, Path]:
     summary = json.dumps(_json_safe(result.summary()), indent=2, allow_nan=False)
     paths = {"csv": out / "metrics_per_image.csv", "json": out / "metrics_summary.json",
              "markdown": out / "metrics_table.md"}
-    for key, text in (("csv", buf.getvalue()), ("json", summary + "\n"),
-                      ("markdown", result.markdown())):
+    texts = {"csv": buf.getvalue(), "json": summary + "\n", "markdown": result.markdown()}
+    if log_name is not None:
+        paths["log"] = out / f"test_{log_name}_{time.strftime('%y%m%d-%H%M%S')}.log"
+        texts["log"] = original_log(result, per_image)
+    for key, text in texts.items():
         atomic_write_text(paths[key], text)
     return paths
+
+
+def original_log(result: Evaluation, per_image: list[str]) -> str:
+    """The original metric.py's log lines (docs/pipeline.md §7.2): per image
+    ``<dir>/<file> | PSNR: x.xxxxxx; ...``, then each folder's means to 4 decimals."""
+    lines = []
+    for folder in result.folders:
+        for row in folder.rows:
+            cells = "; ".join(f"{METRICS[m].label}: {row[m]:.6f}" for m in per_image)
+            lines.append(f"{folder.sr_dir}/{Path(row['sr_file']).name} | {cells}")
+        means = [m for m in result.metrics if m in folder.scores]
+        lines.append(f"{folder.sr_dir} | " + "; ".join(f"{METRICS[m].label}: {folder.scores[m]:.4f}" for m in means))
+    return "\n".join(lines) + "\n"
 
 
 def _json_safe(value: Any) -> Any:

@@ -278,6 +278,6 @@ def score(opts: InferenceOptions, world: int) -> None:
         print(f"note: --ref_path is scored by one process only; run: python metric.py --inp_imgs "
               f"{opts.out_path} --gt_imgs {opts.ref_path} --log {opts.out_path / 'metrics'}")
         return
-    result = evaluate([opts.out_path], opts.ref_path, device=opts.device)
+    result = evaluate([opts.out_path], opts.ref_path, device=opts.device, sr_suffix=suffix_part(opts.suffix))
     write_results(result, opts.out_path / "metrics")
     print(result.markdown(), end="")

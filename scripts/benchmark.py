@@ -1,155 +1,192 @@
-"""Speed, peak memory and file size of the SR pipeline variants, on the same random weights/inputs.
+"""Speed of the SR pipeline variants on the same random weights and inputs, interleaved.
 
 Variants (released architecture, random weights: speed does not depend on the values):
-``resshift`` FP UNet, 15 ancestral steps | ``sinsr`` FP UNet, one step | ``sim`` BiMaCo UNet as
-trained (simulated binarization), one step | ``deploy`` packed 1-bit file, integer execution.
-Each (variant, LR size) runs in a fresh process, so its peak memory is its own (peak RSS on CPU,
-``torch.cuda.max_memory_allocated`` on CUDA). Times are split encode / UNet / decode.
+``resshift`` FP UNet, 15 ancestral steps, fp32 | ``sinsr`` FP UNet, one step, fp32 (the reference,
+as the original runs it on CPU) | ``sinsr_bf16`` the same under bf16 autocast (the best plain FP
+option) | ``sim`` BiMaCo UNet as trained (simulated binarization) | ``deploy`` the packed 1-bit file
+with this project's defaults (``--precision auto``, the fused kernel when it builds).
 
-    python scripts/benchmark.py --sizes 64 256 --variants deploy            # per-stage table (LR 64², 256²)
-    python scripts/benchmark.py --variants resshift sinsr sim deploy --json bench.json --plot bench.png
-    python scripts/benchmark.py --variants deploy --sizes 1024 --tile 256   # memory flat with tiling
+All variants live in one process and run **interleaved**: each round runs every variant once, in
+an order rotated by one per round, after one warm-up round. A shared, noisy machine slows every
+variant of a round alike, so the ratios (from the same rounds) stay meaningful. Per stage
+(encode / UNet / decode / total) the table gives the median and min-max wall seconds and the
+process CPU seconds; the JSON rows keep ``variant, lr, encode, unet, decode, total`` (medians).
+``--memory`` instead runs each variant once in a fresh process and reports its peak memory.
+
+    python scripts/benchmark.py --sizes 64 --rounds 5 --json bench.json
+    python scripts/benchmark.py --variants sinsr deploy --sizes 64 128 --memory
 """
+from __future__ import annotations
+
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("resshift", "sinsr", "sim", "deploy")
+from bimacosr import build
+from bimacosr.config import DEFAULT_CONFIG, load_config
+from bimacosr.deploy import export_deploy, load_deploy
+from bimacosr.pipeline import SRPipeline
+from bimacosr.smoke import randomize
+
+VARIANTS = ("resshift", "sinsr", "sinsr_bf16", "sim", "deploy")
+STAGES = ("encode", "unet", "decode", "total")
 
 
-def export_random_deploy(path: Path) -> None:
-    """The packed file of a random-weight BiMaCo UNet (built here, so the measured processes
-    never hold the simulated model)."""
-    from bimacosr.config import load_config, to_plain
-    from bimacosr.deploy import export_deploy
-    from bimacosr.models import build_denoiser
-    from bimacosr.smoke import randomize
-
+def build_variant(variant: str, cfg, device: torch.device, deploy_file: Path) -> SRPipeline:
+    """The pipeline of ``variant`` with random weights (seeded: every variant sees the same)."""
     torch.manual_seed(0)
-    params = to_plain(load_config(REPO / "configs/BiMaCoSR.yaml").model.params)
-    export_deploy(randomize(build_denoiser(params)).eval(), params, path)  # no all-zero (untrained) layers
-
-
-def measure(variant: str, size: int, device: str, tile: int, repeat: int, deploy_file: Path | None) -> dict:
-    """Seconds per stage (best of ``repeat``) for one ``size x size`` LR image."""
-    from bimacosr.config import load_config, to_plain
-    from bimacosr.deploy import load_deploy
-    from bimacosr.diffusion import Schedule
-    from bimacosr.models import build_denoiser, split_params
-    from bimacosr.models.autoencoder import VQAutoencoder
-    from bimacosr.pipeline import SRPipeline
-
-    torch.manual_seed(0)
-    cfg, dev = load_config(REPO / "configs/BiMaCoSR.yaml"), torch.device(device)
-    params = to_plain(cfg.model.params)
+    precision = "auto" if variant == "deploy" else "bf16" if variant == "sinsr_bf16" else "fp32"
+    prec = build.resolve_precision(precision, device, cfg)
     if variant == "deploy":
-        unet, size_bytes = load_deploy(deploy_file, device=dev), deploy_file.stat().st_size
+        denoiser = load_deploy(deploy_file, device=device)
     else:
-        unet = build_denoiser(split_params(params)[0] if variant in ("resshift", "sinsr") else params).eval()
-        size_bytes = sum(t.numel() * t.element_size() for t in unet.state_dict().values())
-    vq = VQAutoencoder(**to_plain(cfg.autoencoder.params)).eval().to(dev)
-    vq = vq.half() if dev.type == "cuda" else vq
-    schedule = Schedule.from_config(to_plain(cfg.diffusion.params))
-    pipe = SRPipeline(unet.to(dev), vq, schedule.to(dev), sampler="ancestral" if variant == "resshift" else "one_step")
-    stages = {"encode": 0.0, "unet": 0.0, "decode": 0.0}
+        role = "student" if variant == "sim" else "fp"
+        denoiser = randomize(build.build_denoiser_from_config(cfg, role)).eval().to(device)
+    vq = build.build_autoencoder(cfg, device, prec.autoencoder_dtype, weights=False)
+    if variant == "deploy" and build.autoencoder_channels_last(device):  # the project's default
+        vq = vq.to(memory_format=torch.channels_last)
+    schedule = build.build_schedule(cfg, device)
+    return SRPipeline(denoiser, vq, schedule, sampler="ancestral" if variant == "resshift" else "one_step",
+                      sf=schedule.sf, autocast=prec.autocast)
 
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+
+def export_random_deploy(cfg, path: Path) -> None:
+    """The packed file of a random-weight BiMaCo UNet (no all-zero, untrained output layers)."""
+    torch.manual_seed(0)
+    export_deploy(randomize(build.build_denoiser_from_config(cfg, "student")).eval(), build.plain_params(cfg), path)
+
+
+class StageTimer:
+    """Wraps ``vq.encode`` / ``vq.decode`` / ``denoiser.forward`` of a pipeline to add up their
+    wall and process CPU seconds per call of the pipeline."""
+
+    def __init__(self, pipe: SRPipeline, sync: Callable[[], None]):
+        self.sync, self.wall, self.cpu = sync, dict.fromkeys(STAGES, 0.0), dict.fromkeys(STAGES, 0.0)
+        vq = pipe.autoencoder
+        vq.encode, vq.decode = self.wrap("encode", vq.encode), self.wrap("decode", vq.decode)
+        pipe.denoiser.forward = self.wrap("unet", pipe.denoiser.forward)
+
+    def wrap(self, stage: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            self.sync()
+            wall, cpu = time.perf_counter(), time.process_time()
             out = fn(*args, **kwargs)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            stages[name] += time.perf_counter() - t0
+            self.sync()
+            self.wall[stage] += time.perf_counter() - wall
+            self.cpu[stage] += time.process_time() - cpu
             return out
-        return wrapper
+        return timed
 
-    vq.encode, vq.decode, pipe.denoiser.forward = timed("encode", vq.encode), timed("decode", vq.decode), \
-        timed("unet", pipe.denoiser.forward)
-    lr = torch.rand(1, 3, size, size)
-    best = None
-    for _ in range(repeat):
-        stages.update(encode=0.0, unet=0.0, decode=0.0)
-        t0 = time.perf_counter()
-        pipe(lr, tile=tile, generator=torch.Generator(dev).manual_seed(0))
-        total = time.perf_counter() - t0
-        if best is None or total < best["total"]:
-            best = {**stages, "total": total}
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"variant": variant, "lr": size, "device": device, "threads": torch.get_num_threads(), **best,
-            "peak_mib": peak / 2**20, "file_mb": size_bytes / 1e6}
+    def run(self, fn: Callable[[], object]) -> tuple[dict[str, float], dict[str, float]]:
+        """Call ``fn`` once; its per-stage (wall, cpu) seconds."""
+        self.wall, self.cpu = dict.fromkeys(STAGES, 0.0), dict.fromkeys(STAGES, 0.0)
+        self.wrap("total", fn)()
+        return dict(self.wall), dict(self.cpu)
+
+
+def interleaved(variants: list[str], size: int, rounds: int, cfg, device: torch.device, deploy_file: Path) -> list[dict]:
+    """One row per variant: median / min / max wall and median CPU seconds per stage over
+    ``rounds`` interleaved rounds (order rotated each round; one warm-up round not counted)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    timers = {}
+    for v in variants:
+        pipe = build_variant(v, cfg, device, deploy_file)
+        timers[v] = (pipe, StageTimer(pipe, sync))
+    lr = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    walls = {v: [] for v in variants}
+    cpus = {v: [] for v in variants}
+    for r in range(rounds + 1):
+        for v in variants[r % len(variants):] + variants[: r % len(variants)]:
+            pipe, timer = timers[v]
+            wall, cpu = timer.run(lambda: pipe(lr, tile=max(size, 64), generator=torch.Generator(device).manual_seed(0)))
+            if r:
+                walls[v].append(wall)
+                cpus[v].append(cpu)
+    rows = []
+    for v in variants:
+        med = {s: statistics.median(w[s] for w in walls[v]) for s in STAGES}
+        rows.append({"variant": v, "lr": size, **med, "device": str(device), "threads": torch.get_num_threads(),
+                     "precision": build.resolve_precision("auto" if v == "deploy" else "bf16" if v == "sinsr_bf16"
+                                                          else "fp32", device, cfg).name,
+                     "rounds": rounds, "min": {s: min(w[s] for w in walls[v]) for s in STAGES},
+                     "max": {s: max(w[s] for w in walls[v]) for s in STAGES},
+                     "cpu": {s: statistics.median(c[s] for c in cpus[v]) for s in STAGES}})
+    ref = next((r for r in rows if r["variant"] == "sinsr"), None)
+    for row in rows:
+        row["vs_sinsr"] = {s: ref[s] / row[s] for s in STAGES} if ref else None
+    return rows
 
 
 def table(rows: list[dict]) -> str:
-    base = {r["lr"]: r for r in rows if r["variant"] == "sinsr"}
-    lines = ["| variant | LR -> SR | device | encode s | UNet s | decode s | end-to-end s | UNet vs SinSR | "
-             "e2e vs SinSR | peak MiB | file MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | LR -> SR | precision | encode s | UNet s | decode s | total s (min-max) | CPU s | "
+             "UNet vs SinSR | total vs SinSR |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ref = base.get(r["lr"])
-        ratio = (lambda k: f"{ref[k] / r[k]:.2f}x" if ref else "-")
-        lines.append(f"| {r['variant']} | {r['lr']}² -> {4 * r['lr']}² | {r['device']} ({r['threads']} thr) | "
-                     f"{r['encode']:.2f} | {r['unet']:.2f} | {r['decode']:.2f} | {r['total']:.2f} | "
-                     f"{ratio('unet')} | {ratio('total')} | {r['peak_mib']:.0f} | {r['file_mb']:.1f} |")
+        ratio = (lambda s: f"{r['vs_sinsr'][s]:.2f}x" if r["vs_sinsr"] else "-")
+        lines.append(f"| {r['variant']} | {r['lr']}² -> {4 * r['lr']}² | {r['precision']} | {r['encode']:.3f} | "
+                     f"{r['unet']:.3f} | {r['decode']:.3f} | {r['total']:.3f} ({r['min']['total']:.3f}-"
+                     f"{r['max']['total']:.3f}) | {r['cpu']['total']:.2f} | {ratio('unet')} | {ratio('total')} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{r['variant']}\n{r['lr']}²" for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for ax, key, title in zip(axes, ("unet", "total", "file_mb"), ("UNet s", "end-to-end s", "file MB")):
-        ax.bar(labels, [r[key] for r in rows], color="#4878a8")
-        ax.set_title(title)
-        ax.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+def peak_memory(variant: str, size: int, cfg, device: torch.device, deploy_file: Path) -> dict:
+    """Peak memory (RSS on CPU, allocated on CUDA) of building and running ``variant`` once."""
+    pipe = build_variant(variant, cfg, device, deploy_file)
+    pipe(torch.rand(1, 3, size, size), tile=max(size, 64), generator=torch.Generator(device).manual_seed(0))
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    file_mb = (deploy_file.stat().st_size if variant == "deploy" else
+               sum(t.numel() * t.element_size() for t in pipe.denoiser.state_dict().values())) / 1e6
+    return {"variant": variant, "lr": size, "peak_mib": peak / 2**20, "file_mb": file_mb}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--sizes", type=int, nargs="+", default=[64], help="LR sides")
-    p.add_argument("--tile", type=int, default=256, help="tile size in LR pixels")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS,
+                   default=["sinsr", "sinsr_bf16", "deploy"] if build.native_bf16() else ["sinsr", "deploy"],
+                   help="default: sinsr, deploy, and sinsr_bf16 where this CPU has native bf16 (emulated bf16 "
+                        "is >10x slower than fp32)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[64], help="LR sides (one tile each)")
+    p.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds (after one warm-up)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="architecture (random weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--json", type=Path)
-    p.add_argument("--plot", type=Path, help="bar-chart PNG")
+    p.add_argument("--memory", action="store_true", help="peak memory per variant, each in a fresh process")
+    p.add_argument("--json", type=Path, help="write the rows here")
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device, cfg = torch.device(args.device), load_config(args.config)
     if args.one:
-        deploy = Path(args.one[2]) if args.one[2] != "-" else None
-        print(json.dumps(measure(args.one[0], int(args.one[1]), args.device, args.tile, args.repeat, deploy)))
+        print(json.dumps(peak_memory(args.one[0], int(args.one[1]), cfg, device, Path(args.one[2]))))
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        deploy = Path(tmp) / "bimacosr_deploy.safetensors"
+        deploy_file = Path(tmp) / "bimacosr_deploy.safetensors"
         if "deploy" in args.variants:
-            export_random_deploy(deploy)
+            export_random_deploy(cfg, deploy_file)
         for size in args.sizes:
-            for variant in args.variants:
-                cmd = [sys.executable, __file__, "--one", variant, str(size), str(deploy) if variant == "deploy" else "-",
-                       "--device", args.device, "--tile", str(args.tile), "--repeat", str(args.repeat)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
-    print("\n" + table(rows))
+            if args.memory:
+                for v in args.variants:
+                    cmd = [sys.executable, __file__, "--one", v, str(size), str(deploy_file), "--device", args.device,
+                           "--threads", str(args.threads), "--config", str(args.config)]
+                    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                    rows.append(json.loads(out.strip().splitlines()[-1]))
+                    print(f"| {v} | {size}² | peak {rows[-1]['peak_mib']:.0f} MiB | file {rows[-1]['file_mb']:.1f} MB |",
+                          flush=True)
+            else:
+                rows += interleaved(args.variants, size, args.rounds, cfg, device, deploy_file)
+                print(table([r for r in rows if r["lr"] == size]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
-    if args.plot:
-        plot(rows, args.plot)
     return 0
 
 

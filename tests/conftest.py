@@ -93,35 +93,32 @@ def _loaded(model: torch.nn.Module, path: Path) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def tiny_fp_denoiser(smoke_config, smoke_assets) -> torch.nn.Module:
     """The smoke FP teacher UNet with the smoke teacher weights."""
-    from bimacosr.config import to_plain
-    from bimacosr.models import build_denoiser
+    from bimacosr import build
 
-    return _loaded(build_denoiser(to_plain(smoke_config.model_teacher.params)), smoke_assets.weights["teacher"])
+    return _loaded(build.build_denoiser_from_config(smoke_config, "teacher"), smoke_assets.weights["teacher"])
 
 
 @pytest.fixture(scope="session")
 def tiny_bimaco_denoiser(smoke_config, smoke_assets) -> torch.nn.Module:
     """The smoke BiMaCo (binarized) student with the smoke student weights."""
-    from bimacosr.config import to_plain
-    from bimacosr.models import build_denoiser
+    from bimacosr import build
 
-    return _loaded(build_denoiser(to_plain(smoke_config.model.params)), smoke_assets.weights["student"])
+    return _loaded(build.build_denoiser_from_config(smoke_config, "student"), smoke_assets.weights["student"])
 
 
 @pytest.fixture(scope="session")
 def tiny_vq(smoke_config, smoke_assets) -> torch.nn.Module:
     """The smoke VQ-f4 autoencoder with the smoke weights."""
-    from bimacosr.config import to_plain
-    from bimacosr.models.autoencoder import VQAutoencoder
+    from bimacosr import build
 
-    return _loaded(VQAutoencoder(**to_plain(smoke_config.autoencoder.params)), smoke_assets.weights["autoencoder"])
+    return _loaded(build.build_autoencoder(smoke_config, weights=False), smoke_assets.weights["autoencoder"])
 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(smoke_config, tiny_bimaco_denoiser, tiny_vq):
     """``SRPipeline`` of the smoke student, autoencoder and schedule (one step)."""
-    from bimacosr.config import to_plain
-    from bimacosr.diffusion import Schedule
+    from bimacosr import build
     from bimacosr.pipeline import SRPipeline
 
-    return SRPipeline(tiny_bimaco_denoiser, tiny_vq, Schedule.from_config(to_plain(smoke_config.diffusion.params)))
+    schedule = build.build_schedule(smoke_config)
+    return SRPipeline(tiny_bimaco_denoiser, tiny_vq, schedule, sf=schedule.sf)

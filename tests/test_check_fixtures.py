@@ -13,6 +13,7 @@ def run(*paths) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", ["denoiser", "baselines"])
 def test_shared_fixture_folders_pass(folder):
     result = run(FIXTURES / folder)

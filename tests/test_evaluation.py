@@ -16,7 +16,8 @@ from PIL import Image, ImageFilter
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from bimacosr.evaluation import EvaluationError, channel_mismatch, evaluate, missing_weights, pair_by_name
+from bimacosr.evaluation import (EvaluationError, channel_mismatch, evaluate, metric_name, missing_weights,
+                                 pair_by_name, write_results)
 from bimacosr.parity import check_file
 from tests.conftest import FIXTURES, REPO
 
@@ -199,3 +200,38 @@ def test_weights_dir_links_files_into_cache(tmp_path, monkeypatch):
     assert missing_weights("musiq") == [tmp_path / "home/hub/pyiqa/musiq_koniq_ckpt-e95806b9.pth"]
     assert missing_weights("musiq", local) == []
     assert (tmp_path / "home/hub/pyiqa/musiq_koniq_ckpt-e95806b9.pth").read_bytes() == b"x"
+
+
+def test_metric_names_in_the_original_spellings():
+    import metric
+    assert [metric_name(n) for n in ("PSNR", "MANIQA", "CLIPIQA+", "clip-iqa", "Maniqa-PIPAL")] == \
+        ["psnr", "maniqa-pipal", "clipiqa+", "clipiqa", "maniqa-pipal"]
+    with pytest.raises(ValueError, match="unknown metric 'brisque'; known: psnr"):
+        metric_name("brisque")
+    args = metric.parse_args(["--inp_imgs", "a", "--log", "l", "--metrics", "PSNR", "MANIQA", "--log_name", "x"])
+    assert args.metrics == ["psnr", "maniqa-pipal"] and args.log_name == "x"
+    with pytest.raises(SystemExit):
+        metric.parse_args(["--inp_imgs", "a", "--log", "l", "--metrics", "brisque"])
+
+
+def test_log_name_writes_the_original_log(photos, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(photos / "home"))
+    result = evaluate([photos / "sr_jpeg"], photos / "gt", ["psnr", "ssim"], device="cpu")
+    paths = write_results(result, tmp_path, log_name="RealSR")
+    assert paths["log"].parent == tmp_path and paths["log"].name.startswith("test_RealSR_")
+    lines = paths["log"].read_text().splitlines()
+    astro = next(r for r in result.folders[0].rows if r["image"] == "astronaut")
+    assert lines[0] == f"{photos / 'sr_jpeg'}/astronaut.png | PSNR: {astro['psnr']:.6f}; SSIM: {astro['ssim']:.6f}"
+    assert lines[-1] == (f"{photos / 'sr_jpeg'} | PSNR: {result.folders[0].scores['psnr']:.4f}; "
+                         f"SSIM: {result.folders[0].scores['ssim']:.4f}")
+    assert "log" not in write_results(result, tmp_path / "plain")
+
+
+def test_pairing_with_the_inference_suffix(tmp_path):
+    for sub, names in (("sr", ["a_out.png", "b_out.png", "a.png"]), ("gt", ["a.png", "b.png"])):
+        (tmp_path / sub).mkdir()
+        for name in names:
+            Image.new("RGB", (8, 8)).save(tmp_path / sub / name)
+    pairing = pair_by_name(tmp_path / "sr", tmp_path / "gt", "_out")
+    assert [(s.name, g.name) for s, g in pairing.pairs] == [("a_out.png", "a.png"), ("b_out.png", "b.png")]
+    assert pairing.unpaired_sr == [] and pairing.unpaired_gt == []

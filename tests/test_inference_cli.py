@@ -1,5 +1,6 @@
 """inference_quant.py end to end, as a user runs it: tiny random checkpoints, real photographs."""
 import os
+import json
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,7 @@ def run(workdir, *args, env=None):
                           cwd=workdir, capture_output=True, text=True, timeout=600, env=env)
 
 
+@pytest.mark.slow
 def test_folder_with_every_kind_of_input(workdir):
     result = run(workdir, "-i", "lr", "-o", "out", "--compare")
     assert result.returncode == 1  # one file is corrupt: reported, skipped, non-zero exit
@@ -88,12 +90,14 @@ def test_missing_weights_name_the_file_and_the_fix(workdir):
     assert "download_weights.py" in result.stderr
 
 
+@pytest.mark.slow
 def test_wrong_checkpoint_kind_is_explained(workdir):
     result = run(workdir, "-i", "lr/astronaut.png", "-o", "x", "--ckpt", "data/smoke/weights/sinsr.pth")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "FP SinSR/ResShift checkpoint" in result.stderr and "student init" in result.stderr
 
 
+@pytest.mark.slow
 def test_never_overwrites_an_input(workdir, tmp_path):
     shutil.copy(workdir / "lr/astronaut.png", tmp_path / "a.png")
     result = run(workdir, "-i", tmp_path, "-o", tmp_path)
@@ -134,3 +138,20 @@ def test_packed_deploy_file_runs_batched_tiles(workdir):
         assert im.size == (320, 384)
     wrong = run(workdir, "-i", "lr/astronaut.png", "-o", "dep2", "--deploy", "data/smoke/weights/sinsr.pth")
     assert wrong.returncode != 0 and "sinsr.pth" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+@pytest.mark.slow
+def test_ref_path_scores_the_suffixed_outputs_against_gt(workdir, tmp_path):
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    Image.fromarray(downscale(photo("astronaut"), 2)[:192, :160]).save(gt / "astronaut.png")  # 4x the LR crop
+    lr = tmp_path / "lr"
+    lr.mkdir()
+    Image.fromarray(downscale(photo("astronaut"), 8)[:48, :40]).save(lr / "astronaut.png")
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "hub")}  # no metric weights: learned metrics skipped
+    result = run(workdir, "-i", lr, "-o", lr, "--suffix", "out", "--ref_path", gt, env=env)
+    assert result.returncode == 0, result.stderr
+    assert (lr / "astronaut_out.png").exists() and (lr / "metrics" / "metrics_summary.json").exists()
+    assert f"| {lr} | " in result.stdout  # the table, one row, paired astronaut_out.png with astronaut.png
+    summary = json.loads((lr / "metrics" / "metrics_summary.json").read_text())
+    assert summary["folders"][0]["images"] == 1 and summary["folders"][0]["scores"]["psnr"] > 10

@@ -149,6 +149,7 @@ def files_config(folder: Path) -> Path:
     return cfg
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_from_any_folder(tmp_path, lr_dir):
     """Run from another folder with the default config: the repository's config is found, and
     each problem is one `error:` line without a traceback; nothing is written."""

@@ -46,6 +46,7 @@ def column_jumps(sr: torch.Tensor) -> torch.Tensor:
     return (sr[0, :, :, 1:] - sr[0, :, :, :-1]).abs().mean(dim=(0, 1))
 
 
+@pytest.mark.slow
 def test_gaussian_blending_leaves_no_seam(tiny_pipeline):
     lr = photo_lr()  # 64 x 96 LR, tiles of 64 every 32: HR seams at columns 128 and 256
     ratios = {}

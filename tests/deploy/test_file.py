@@ -97,6 +97,7 @@ def smoke(smoke_assets, tiny_bimaco_denoiser, tmp_path_factory):
     return tiny_bimaco_denoiser, info, smoke_assets.weights["student"]
 
 
+@pytest.mark.slow
 def test_smoke_checkpoint_export_load(smoke):
     simulated, info, _ = smoke
     assert info.binary_layers == 82 and info.ratio == FP_SINSR_BYTES / info.size_bytes
@@ -112,6 +113,7 @@ def test_smoke_checkpoint_export_load(smoke):
         assert len(diffs) == 82 and max(diffs.values()) < 1e-5
 
 
+@pytest.mark.slow
 def test_export_script(smoke, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("export_deploy", REPO / "scripts/export_deploy.py")
     script = importlib.util.module_from_spec(spec)
@@ -141,6 +143,7 @@ def test_export_script_names_a_wrong_checkpoint(smoke_assets, tmp_path, capsys):
         script.main([*args, "--debug"])
 
 
+@pytest.mark.slow
 def test_released_size_file_is_at_most_one_twentieth(tmp_path):
     """Full BiMaCoSR structure (random values, built on the meta device to skip SVD/top-k)."""
     params = to_plain(load_config(REPO / "configs/BiMaCoSR.yaml").model.params)

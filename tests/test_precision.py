@@ -1,0 +1,77 @@
+"""--precision: parsing, what ``auto`` resolves to on each device, and a bf16 run through the
+pipeline of a deploy model (every deploy layer under autocast)."""
+import pytest
+import torch
+
+import inference_quant
+from bimacosr import build
+from bimacosr.inference import plan
+from tests.conftest import REPO
+
+
+def test_native_bf16_reads_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert not build.native_bf16(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert build.native_bf16(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx2 amx_tile amx_bf16\n")
+    assert build.native_bf16(cpuinfo)
+    assert not build.native_bf16(tmp_path / "missing")  # no /proc (macOS, sandbox): fp32
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_on_cpu_uses_bf16_only_where_native(monkeypatch, smoke_config, native, expected):
+    monkeypatch.setattr(build, "native_bf16", lambda: native)
+    prec = build.resolve_precision("auto", torch.device("cpu"), smoke_config)
+    assert prec.name == expected and prec.autoencoder_dtype == torch.float32
+    assert prec.autocast == (torch.bfloat16 if native else None)
+
+
+def test_auto_on_cuda_follows_the_original_fp16_autoencoder(smoke_config):
+    from omegaconf import OmegaConf
+    cuda = torch.device("cuda")
+    assert build.resolve_precision("auto", cuda, smoke_config) == build.Precision("fp16", torch.float16, None)
+    cfg = OmegaConf.merge(smoke_config, {"autoencoder": {"use_fp16": False}})
+    assert build.resolve_precision("auto", cuda, cfg).name == "fp32"
+
+
+def test_explicit_precisions_and_refusals():
+    cpu = torch.device("cpu")
+    assert build.resolve_precision("bf16", cpu) == build.Precision("bf16", torch.float32, torch.bfloat16)
+    assert build.resolve_precision("fp32", cpu) == build.Precision("fp32", torch.float32, None)
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device.*bf16 or fp32"):
+        build.resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="must be one of"):
+        build.resolve_precision("int8", cpu)
+
+
+def test_cli_precision_flag_and_fp32_alias(smoke_assets, tmp_path, monkeypatch):
+    root = smoke_assets.copy_to(tmp_path)
+    monkeypatch.chdir(root)  # the smoke config's relative weight paths resolve here
+    base = ["-i", "lr", "-o", "out", "--config", str(REPO / "configs/smoke.yaml"),
+            "--ckpt", str(smoke_assets.weights["student"])]
+    assert plan(inference_quant.parse_args(base + ["--precision", "bf16"])).precision == "bf16"
+    assert plan(inference_quant.parse_args(base + ["--precision", "bf16", "--fp32"])).precision == "fp32"
+    assert plan(inference_quant.parse_args(base)).precision == "auto"
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        plan(inference_quant.parse_args(base + ["--precision", "fp16", "--device", "cpu"]))
+    with pytest.raises(SystemExit):
+        inference_quant.parse_args(base + ["--precision", "int8"])
+
+
+@pytest.mark.slow  # emulated bf16 on CPUs without it is slow (the autoencoder at 256²)
+def test_bf16_pipeline_through_a_deploy_model(smoke_config, tiny_bimaco_denoiser, tiny_vq, tmp_path):
+    from bimacosr.deploy import export_deploy, load_deploy
+    from bimacosr.pipeline import SRPipeline
+    export_deploy(tiny_bimaco_denoiser, build.plain_params(smoke_config), tmp_path / "d.safetensors")
+    deploy = load_deploy(tmp_path / "d.safetensors")
+    schedule = build.build_schedule(smoke_config)
+    lr = torch.rand(1, 3, 24, 20, generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for dtype in (None, torch.bfloat16):
+        pipe = SRPipeline(deploy, tiny_vq, schedule, sf=schedule.sf, autocast=dtype)
+        outs[dtype] = pipe(lr, generator=torch.Generator().manual_seed(0))
+    assert outs[None].shape == outs[torch.bfloat16].shape == (1, 3, 96, 80)
+    assert torch.isfinite(outs[torch.bfloat16]).all()
+    assert (outs[None] - outs[torch.bfloat16]).abs().mean() < 0.05  # bf16 rounding, not a different image
