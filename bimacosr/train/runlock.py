@@ -3,9 +3,10 @@
 The file holds the owner's pid, host and start time. The kernel releases a ``flock`` when its
 process dies however it dies (``kill -9`` included), so a lock that can be taken while the file
 still names an owner was left by a process that is gone: it is taken over with a one-line message.
-A lock held by a live process is refused with :class:`RunLockedError` naming that process. The
-file is emptied, not deleted, on release (deleting a flock file lets two processes lock two
-different files of the same name).
+A lock held by a live process is refused with :class:`RunLockedError` naming that process. On
+release the file is emptied; when the lock created the folder and nothing else was written there
+(a run that failed while setting up), file and folder are removed. A process that locked a file
+that was removed meanwhile notices (other inode than the path's) and locks the new one.
 """
 from __future__ import annotations
 
@@ -59,18 +60,32 @@ class RunLock:
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK_NAME
         self.fd: int | None = None
+        self.created_folder = False
+
+    def _lock_file(self) -> int:
+        """An open descriptor of ``self.path`` holding its ``flock``."""
+        while True:
+            if not self.path.parent.is_dir():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.created_folder = True
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held = self.path.read_text(errors="replace")
+                os.close(fd)
+                raise RunLockedError(
+                    f"{self.path.parent} is in use by another training: {_owner(held)} holds {self.path}; "
+                    f"wait for it to finish or stop it, or choose another --save_dir") from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # its owner removed the file between our open and flock: lock the new one
 
     def acquire(self) -> str | None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            held = self.path.read_text(errors="replace")
-            os.close(fd)
-            raise RunLockedError(
-                f"{self.path.parent} is in use by another training: {_owner(held)} holds {self.path}; "
-                f"wait for it to finish or stop it, or choose another --save_dir") from None
+        fd = self._lock_file()
         previous = os.read(fd, 4096).decode(errors="replace")
         record = f"pid={os.getpid()}\nhost={socket.gethostname()}\nsince={time.strftime('%Y-%m-%d %H:%M:%S')}\n"
         os.ftruncate(fd, 0)
@@ -86,10 +101,16 @@ class RunLock:
                 f"{'is no longer running' if dead else 'no longer holds it'}")
 
     def release(self) -> None:
-        """Empty the file and drop the lock (idempotent)."""
+        """Empty the file -- or remove file and folder when the lock created the folder and it
+        holds nothing else -- and drop the lock (idempotent)."""
         if self.fd is None:
             return
-        os.ftruncate(self.fd, 0)
+        folder = self.path.parent
+        if self.created_folder and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            self.path.unlink()
+            folder.rmdir()
+        else:
+            os.ftruncate(self.fd, 0)
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None

@@ -18,11 +18,24 @@ def test_second_lock_is_refused_naming_the_holder(tmp_path):
     assert first.acquire() is None  # creates the folder
     with pytest.raises(RunLockedError, match=rf"pid {os.getpid()} on host {socket.gethostname()}.*another --save_dir"):
         RunLock(tmp_path / "run").acquire()
+    (tmp_path / "run/train_log.csv").write_text("step\n")  # the run wrote something: the folder stays
     first.release()
     again = RunLock(tmp_path / "run")
     assert again.acquire() is None  # a clean release leaves no stale owner
     again.release()
     assert (tmp_path / "run/.lock").read_text() == ""
+
+
+def test_a_folder_the_lock_created_and_nothing_else_used_is_removed(tmp_path):
+    lock = RunLock(tmp_path / "new/run")
+    lock.acquire()
+    lock.release()
+    assert not (tmp_path / "new/run").exists() and (tmp_path / "new").is_dir()
+    (tmp_path / "kept").mkdir()
+    lock = RunLock(tmp_path / "kept")
+    lock.acquire()
+    lock.release()
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == [".lock"]
 
 
 def test_lock_of_a_killed_process_is_taken_over(tmp_path):
