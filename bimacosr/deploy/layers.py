@@ -176,8 +176,9 @@ class _DeployBinary(nn.Module):
         """The fused kernel's packed signs of ``taps [T, Cin, Cout]`` (cached)."""
         return self._cached(("bits",), lambda: kernels.pack_weight_bits(taps))
 
-    def _add_side(self, y: Tensor, xm: Tensor, use_smb: bool, use_lora: bool) -> Tensor:
-        """``y [M, Cout] += xm [M, Cin] @ (S + L)^T`` with the branches asked for (in place)."""
+    def _add_side(self, y: Tensor, xm: Tensor, use_smb: bool, use_lora: bool, fused: bool) -> Tensor:
+        """``y [M, Cout] += xm [M, Cin] @ (S + L)^T`` with the branches asked for (in place);
+        ``fused`` (sparse side): both by the kernel's ``side_add`` instead of torch products."""
         use_smb = use_smb and self.smb_values is not None
         use_lora = use_lora and self.lora_first is not None
         if not (use_smb or use_lora):
@@ -189,6 +190,11 @@ class _DeployBinary(nn.Module):
                     total = total + self.lora_second @ self.lora_first
                 return total.t().contiguous()
             return y.addmm_(xm, self._cached(("dense", use_smb, use_lora), merged))
+        if fused:
+            second_t = self._cached(("second_t",), lambda: self.lora_second.t().contiguous()) \
+                if use_lora else None
+            return kernels.side_add(y, xm, (self.lora_first, second_t) if use_lora else None,
+                                    (self.smb_indices, self.smb_values) if use_smb else None)
         if use_lora:
             y.addmm_(xm @ self.lora_first.t(), self.lora_second.t())
         if use_smb:
@@ -311,7 +317,7 @@ class DeployBinaryConv2d(_DeployBinary):
             raise RuntimeError(f"{type(self).__name__} ({self.in_channels} channels, stride {st}) "
                                f"got a {h}-pixel-high input whose output is as high: the simulated "
                                f"layer would use its SMB/LRMB there, which were not deployed (docs/quirks.md Q7)")
-        y = self._add_side(y, xm, use_smb=True, use_lora=h == ho)
+        y = self._add_side(y, xm, use_smb=True, use_lora=h == ho, fused=path == "fused")
         return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
 
     def _binary_int(self, xm: Tensor, scale: Tensor, b: int, h: int, w: int, ho: int,
@@ -400,7 +406,7 @@ class DeployBinaryLinear(_DeployBinary):
             y.mul_(self.alpha)
             if self.bias is not None:
                 y.add_(self.bias)
-        y = self._add_side(y, xm, use_smb=True, use_lora=True)
+        y = self._add_side(y, xm, use_smb=True, use_lora=True, fused=path == "fused")
         return y.view(*x.shape[:-1], self.out_features)
 
 

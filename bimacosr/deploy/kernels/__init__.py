@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["ENV", "available", "binary_conv", "build_dir", "pack_weight_bits", "require", "status"]
+__all__ = ["ENV", "available", "binary_conv", "build_dir", "pack_weight_bits", "require", "side_add", "status"]
 
 ENV = "BIMACOSR_KERNEL"
 """``off``: never build or use the fused kernel; ``auto`` (default): build it on first use."""
@@ -134,3 +134,16 @@ def binary_conv(x: Tensor, bits: Tensor, mask: Tensor, alpha: Tensor, shift: Ten
                                           empty if slope is None else slope,
                                           empty if beta1 is None else beta1,
                                           kernel, stride, padding)
+
+
+
+def side_add(y: Tensor, x: Tensor, lora: tuple[Tensor, Tensor] | None,
+             smb: tuple[Tensor, Tensor] | None) -> Tensor:
+    """``y [M, Cout] += x [M, Cin] @ (S + second @ first)^T`` in place; ``lora`` = ``(first
+    [r, Cin], second_t [r, Cout])``, ``smb`` = ``(indices [2, n]`` (output, input), ``values
+    [n])``, duplicates adding up; float32, contiguous. Returns ``y``."""
+    empty = x.new_empty(0)
+    first, second_t = lora if lora is not None else (empty, empty)
+    indices, values = smb if smb is not None else (empty.long().view(2, 0), empty)
+    torch.ops.bimacosr.side_add(y, x, first, second_t, indices[0], indices[1], values)
+    return y
