@@ -24,9 +24,10 @@ laid out as ``[B*Ho*Wo, Cin]`` (channels last). Execution modes of the binary br
 
 All equal the simulated layer up to float summation order (about 1e-6 relative).
 
-Side branches act on the real-valued input, as 1x1 products on the channels-last matrix: the SMB
-as a CSR sparse matrix (``side="sparse"``, default on CPU) or merged with the LRMB into one dense
-matrix (``side="dense"``, default on CUDA). The branch rules (avg-pool / nearest shortcut when
+Side branches act on the real-valued input, as 1x1 products on the channels-last matrix:
+``side="sparse"`` (default on CPU) adds the LRMB as two thin products and the SMB as a sparse one
+-- both in the kernel's ``side_add`` on the fused path, a thin ``addmm`` and a CSR matrix
+otherwise; ``side="dense"`` (default on CUDA) merges both into one dense matrix. The branch rules (avg-pool / nearest shortcut when
 ``Cin == Cout`` and the height changes, LRMB only at equal heights, RPReLU on the binary branch
 only) are the simulated layer's. Every layer computes in float32 with autocast disabled (inputs
 of any float dtype, also under ``torch.autocast``) and returns the input's dtype.
