@@ -91,7 +91,8 @@ def run(names: list[str], size: int, rounds: int, batch: int) -> dict:
 
 def profile(name: str, size: int, batch: int, top: int) -> str:
     """The torch.profiler table (self CPU time) of one step of ``name``."""
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     model, autocast = build_variants([name])[name]
     gen = torch.Generator().manual_seed(1)

@@ -7,7 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from bimacosr.deploy import DeployBinaryConv2d, DeployBinaryLinear, kernels, set_mode, to_deploy
+from bimacosr.deploy import (
+    DeployBinaryConv2d,
+    DeployBinaryLinear,
+    kernels,
+    set_mode,
+    to_deploy,
+)
 from bimacosr.quant import BiMaCoConv2d, BiMaCoLinear
 
 TOL = 1e-4
@@ -50,7 +56,7 @@ def _check(layer: nn.Module, sim: nn.Module, x: torch.Tensor, modes=("fused", "i
         with torch.inference_mode():
             out = set_mode(layer, mode)(x)
         assert out.shape == ref.shape, mode
-        torch.testing.assert_close(out, ref, atol=TOL, rtol=0, msg=lambda m: f"{mode}: {m}")
+        torch.testing.assert_close(out, ref, atol=TOL, rtol=0, msg=lambda m, mode=mode: f"{mode}: {m}")
 
 
 RELEASED_CONVS = [  # (Cin, Cout, k, stride) of the released UNet; padding k // 2
