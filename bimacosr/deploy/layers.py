@@ -192,9 +192,10 @@ class _DeployBinary(nn.Module):
                 return total.t().contiguous()
             return y.addmm_(xm, self._cached(("dense", use_smb, use_lora), merged))
         if fused:
-            second_t = self._cached(("second_t",), lambda: self.lora_second.t().contiguous()) \
+            lora = self._cached(("lora_t",), lambda: (self.lora_first.t().contiguous(),
+                                                      self.lora_second.t().contiguous())) \
                 if use_lora else None
-            return kernels.side_add(y, xm, (self.lora_first, second_t) if use_lora else None,
+            return kernels.side_add(y, xm, lora,
                                     (self.smb_indices, self.smb_values) if use_smb else None)
         if use_lora:
             y.addmm_(xm @ self.lora_first.t(), self.lora_second.t())

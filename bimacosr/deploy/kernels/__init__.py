@@ -139,11 +139,11 @@ def binary_conv(x: Tensor, bits: Tensor, mask: Tensor, alpha: Tensor, shift: Ten
 
 def side_add(y: Tensor, x: Tensor, lora: tuple[Tensor, Tensor] | None,
              smb: tuple[Tensor, Tensor] | None) -> Tensor:
-    """``y [M, Cout] += x [M, Cin] @ (S + second @ first)^T`` in place; ``lora`` = ``(first
-    [r, Cin], second_t [r, Cout])``, ``smb`` = ``(indices [2, n]`` (output, input), ``values
+    """``y [M, Cout] += x [M, Cin] @ (S + second @ first)^T`` in place; ``lora`` = ``(first_t
+    [Cin, r], second_t [r, Cout])``, ``smb`` = ``(indices [2, n]`` (output, input), ``values
     [n])``, duplicates adding up; float32, contiguous. Returns ``y``."""
     empty = x.new_empty(0)
-    first, second_t = lora if lora is not None else (empty, empty)
+    first_t, second_t = lora if lora is not None else (empty, empty)
     indices, values = smb if smb is not None else (empty.long().view(2, 0), empty)
-    torch.ops.bimacosr.side_add(y, x, first, second_t, indices[0], indices[1], values)
+    torch.ops.bimacosr.side_add(y, x, first_t, second_t, indices[0], indices[1], values)
     return y
