@@ -1,42 +1,55 @@
-"""Deploy versions of the BiMaCo layers: binary weights as int8 signs, integer GEMMs.
+"""Deploy versions of the BiMaCo layers: binary weights as signs, exact binary products.
 
 ``DeployBinaryConv2d`` / ``DeployBinaryLinear`` compute what ``BiMaCoConv2d`` / ``BiMaCoLinear``
 (bimacosr/quant/bimaco.py, docs/denoiser.md §4) compute, with the weight binarized once, at
 construction: ``sign(W)`` is kept as int8 and ``alpha[o] = mean |W[o]|`` as float32.
 
-Binary branch, ``mode="int"``: the sign map of the input (int8, ``sign(0) = 0``) is multiplied
-with the int8 signs of the weight by ``torch._int_mm`` -- products of ±1 summed in int32, exact.
 For a linear (and a 1x1 conv) the per-token / per-pixel scale ``s`` factors out of the sum; for a
-``k x k`` conv it does not (``s`` is per *input* pixel), so the conv is decomposed per tap::
+``k x k`` conv it does not (``s`` is per *input* pixel), so the conv is a sum over taps::
 
     y[m, o] = alpha[o] * sum_t s_t[m] * (X_t[m, :] @ sign(W)[o, :, t])     (t = the k*k taps)
 
-with ``X_t`` the zero-padded, stride-subsampled sign map shifted to tap ``t``, laid out as
-``[B*Ho*Wo, Cin]`` (channels last). ``mode="float"`` runs the same sum as a float convolution /
-matmul of ``s*sign(x)`` with the ±1 weight (for devices without an int8 GEMM); both equal the
-simulated layer up to float summation order (about 1e-6 relative). ``"auto"`` picks ``"int"``.
+with ``X_t`` the zero-padded, stride-subsampled sign map (``sign(0) = 0``) shifted to tap ``t``,
+laid out as ``[B*Ho*Wo, Cin]`` (channels last). Execution modes of the binary branch:
 
-Side branches act on the real-valued input, as 1x1 products on the channels-last matrix: the SMB
-as a CSR sparse matrix (``side="sparse"``, default on CPU) or merged with the LRMB into one dense
-matrix (``side="dense"``, default on CUDA). The branch rules (avg-pool / nearest shortcut when
+* ``"fused"``: the C++ kernel of ``bimacosr.deploy.kernels`` (docs/kernel.md) -- one pass signs,
+  bit-packs and scales the NHWC input, an XOR-popcount GEMM sums the taps, and alpha, bias and
+  RPReLU are applied in its epilogue. CPU only; compiled on first use.
+* ``"int"`` (the stock PyTorch path): int8 sign maps times the int8 signs by ``torch._int_mm``
+  per tap, products of ±1 summed in int32, exact.
+* ``"float"``: a float convolution / matmul of ``s*sign(x)`` with the ±1 weight (for devices
+  without an int8 GEMM).
+* ``"auto"`` (default): ``"fused"`` on CPU when the kernel builds (else ``"int"``, with a
+  one-line notice), ``"int"`` elsewhere. ``BIMACOSR_KERNEL=off`` keeps ``"auto"`` off the kernel.
+
+All equal the simulated layer up to float summation order (about 1e-6 relative).
+
+Side branches act on the real-valued input, as 1x1 products on the channels-last matrix:
+``side="sparse"`` (default on CPU) adds the LRMB as two thin products and the SMB as a sparse one
+-- both in the kernel's ``side_add`` on the fused path, a thin ``addmm`` and a CSR matrix
+otherwise; ``side="dense"`` (default on CUDA) merges both into one dense matrix. The branch rules (avg-pool / nearest shortcut when
 ``Cin == Cout`` and the height changes, LRMB only at equal heights, RPReLU on the binary branch
-only) are the simulated layer's. Inputs of any float dtype are computed in float32 and cast back.
+only) are the simulated layer's. Every layer computes in float32 with autocast disabled (inputs
+of any float dtype, also under ``torch.autocast``) and returns the input's dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bimacosr.deploy import kernels
 from bimacosr.quant.bimaco import BiMaCoConv2d, BiMaCoLinear
 
 __all__ = ["DeployBinaryConv2d", "DeployBinaryLinear", "int_matmul", "to_deploy", "set_mode",
            "side_dropped"]
 
-MODES = ("auto", "int", "float")
+MODES = ("auto", "fused", "int", "float")
 SIDES = ("auto", "sparse", "dense")
 
 
@@ -116,7 +129,7 @@ class _DeployBinary(nn.Module):
             self.lora_first = self.lora_second = None
 
     # -- runtime caches ---------------------------------------------------------------------
-    def _cached(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
+    def _cached(self, key: tuple, make: Callable[[], Any]) -> Any:
         key = key + (self.alpha.device,)
         if key not in self._cache:
             with torch.no_grad():
@@ -151,11 +164,22 @@ class _DeployBinary(nn.Module):
             return self.side
         return "dense" if self.alpha.device.type == "cuda" else "sparse"
 
-    def _use_int(self) -> bool:
-        return self.mode in ("auto", "int")
+    def _path(self) -> str:
+        """The binary branch's execution: ``fused``, ``int`` or ``float`` (see the module doc)."""
+        if self.mode == "fused":
+            kernels.require()
+            return "fused"
+        if self.mode == "auto":
+            return "fused" if self.alpha.device.type == "cpu" and kernels.available() else "int"
+        return self.mode
 
-    def _add_side(self, y: Tensor, xm: Tensor, use_smb: bool, use_lora: bool) -> Tensor:
-        """``y [M, Cout] += xm [M, Cin] @ (S + L)^T`` with the branches asked for (in place)."""
+    def _weight_bits(self, taps: Tensor) -> tuple[Tensor, Tensor]:
+        """The fused kernel's packed signs of ``taps [T, Cin, Cout]`` (cached)."""
+        return self._cached(("bits",), lambda: kernels.pack_weight_bits(taps))
+
+    def _add_side(self, y: Tensor, xm: Tensor, use_smb: bool, use_lora: bool, fused: bool) -> Tensor:
+        """``y [M, Cout] += xm [M, Cin] @ (S + L)^T`` with the branches asked for (in place);
+        ``fused`` (sparse side): both by the kernel's ``side_add`` instead of torch products."""
         use_smb = use_smb and self.smb_values is not None
         use_lora = use_lora and self.lora_first is not None
         if not (use_smb or use_lora):
@@ -167,6 +191,12 @@ class _DeployBinary(nn.Module):
                     total = total + self.lora_second @ self.lora_first
                 return total.t().contiguous()
             return y.addmm_(xm, self._cached(("dense", use_smb, use_lora), merged))
+        if fused:
+            lora = self._cached(("lora_t",), lambda: (self.lora_first.t().contiguous(),
+                                                      self.lora_second.t().contiguous())) \
+                if use_lora else None
+            return kernels.side_add(y, xm, lora,
+                                    (self.smb_indices, self.smb_values) if use_smb else None)
         if use_lora:
             y.addmm_(xm @ self.lora_first.t(), self.lora_second.t())
         if use_smb:
@@ -180,6 +210,13 @@ class _DeployBinary(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, mode={self.mode}, side={self.side}, "
                 f"smb={self.smb_values is not None}, lora={self.lora_first is not None}")
+
+
+def _float32_context(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off while a deploy layer runs (it computes in float32 and returns ``x.dtype``)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _vector(t: Tensor, n: int, name: str) -> Tensor:
@@ -250,20 +287,29 @@ class DeployBinaryConv2d(_DeployBinary):
         return self.taps.permute(2, 1, 0).reshape(self.out_channels, self.in_channels, k, k)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.float32:
-            return self.forward(x.float()).to(x.dtype)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects [B, {self.in_channels}, H, W], got "
                              f"{list(x.shape)}")
+        with _float32_context(x):
+            return self._forward(x.float()).to(x.dtype)
+
+    def _forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
         k, st, p = self.kernel_size, self.stride, self.padding
         ho, wo = (h + 2 * p - k) // st + 1, (w + 2 * p - k) // st + 1
-        xm = x.permute(0, 2, 3, 1).reshape(-1, self.in_channels)  # [B*H*W, Cin]
-        scale = xm.abs().mean(dim=1).view(b, h, w)  # s, per pixel
-        y = self._binary_int(xm, scale, b, h, w, ho, wo) if self._use_int() else \
-            self._binary_float(x, scale)
-        y.mul_(self.alpha).add_(self.shift0)  # [B*Ho*Wo, Cout]
-        y = F.prelu(y, self.rprelu_slope).add_(self.rprelu_bias1)
+        xh = x.permute(0, 2, 3, 1).contiguous()  # NHWC; free for a channels-last input
+        xm = xh.view(-1, self.in_channels)  # [B*H*W, Cin]
+        path = self._path()
+        if path == "fused":
+            bits, mask = self._weight_bits(self.taps)
+            y = kernels.binary_conv(xh, bits, mask, self.alpha, self.shift0, self.rprelu_slope,
+                                    self.rprelu_bias1, k, st, p).view(-1, self.out_channels)
+        else:
+            scale = xm.abs().mean(dim=1).view(b, h, w)  # s, per pixel
+            y = self._binary_int(xm, scale, b, h, w, ho, wo) if path == "int" else \
+                self._binary_float(x, scale)
+            y.mul_(self.alpha).add_(self.shift0)  # [B*Ho*Wo, Cout]
+            y = F.prelu(y, self.rprelu_slope).add_(self.rprelu_bias1)
         if self.in_channels == self.out_channels and h != ho:
             out = y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
             if h < ho:
@@ -273,7 +319,7 @@ class DeployBinaryConv2d(_DeployBinary):
             raise RuntimeError(f"{type(self).__name__} ({self.in_channels} channels, stride {st}) "
                                f"got a {h}-pixel-high input whose output is as high: the simulated "
                                f"layer would use its SMB/LRMB there, which were not deployed (docs/quirks.md Q7)")
-        y = self._add_side(y, xm, use_smb=True, use_lora=h == ho)
+        y = self._add_side(y, xm, use_smb=True, use_lora=h == ho, fused=path == "fused")
         return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
 
     def _binary_int(self, xm: Tensor, scale: Tensor, b: int, h: int, w: int, ho: int,
@@ -337,22 +383,32 @@ class DeployBinaryLinear(_DeployBinary):
         return self.signs_t.t()
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.float32:
-            return self.forward(x.float()).to(x.dtype)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects [..., {self.in_features}], got "
                              f"{list(x.shape)}")
-        xm = x.reshape(-1, self.in_features)
-        scale = xm.abs().mean(dim=1, keepdim=True)  # s, per row / token
-        if self._use_int():
-            y = int_matmul(torch.sign(xm).to(torch.int8), self.signs_t).float().mul_(scale)
+        with _float32_context(x):
+            return self._forward(x.float()).to(x.dtype)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        xm = x.reshape(-1, self.in_features).contiguous()
+        path = self._path()
+        if path == "fused":
+            bits, mask = self._weight_bits(self.signs_t[None])
+            shift = self._cached(("shift",), lambda: self.alpha.new_zeros(self.out_features)
+                                 if self.bias is None else self.bias)
+            y = kernels.binary_conv(xm.view(1, 1, -1, self.in_features), bits, mask, self.alpha,
+                                    shift, None, None, 1, 1, 0).view(-1, self.out_features)
         else:
-            weight = self._cached(("float",), lambda: self.signs_t.float())
-            y = (scale * torch.sign(xm)) @ weight
-        y.mul_(self.alpha)
-        if self.bias is not None:
-            y.add_(self.bias)
-        y = self._add_side(y, xm, use_smb=True, use_lora=True)
+            scale = xm.abs().mean(dim=1, keepdim=True)  # s, per row / token
+            if path == "int":
+                y = int_matmul(torch.sign(xm).to(torch.int8), self.signs_t).float().mul_(scale)
+            else:
+                weight = self._cached(("float",), lambda: self.signs_t.float())
+                y = (scale * torch.sign(xm)) @ weight
+            y.mul_(self.alpha)
+            if self.bias is not None:
+                y.add_(self.bias)
+        y = self._add_side(y, xm, use_smb=True, use_lora=True, fused=path == "fused")
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -372,7 +428,7 @@ def to_deploy(model: nn.Module, mode: str = "auto", side: str = "auto") -> nn.Mo
 
 
 def set_mode(model: nn.Module, mode: str | None = None, side: str | None = None) -> nn.Module:
-    """Switch every deploy layer of ``model`` to ``mode`` (``int``/``float``/``auto``) and/or
+    """Switch every deploy layer of ``model`` to ``mode`` (``fused``/``int``/``float``/``auto``) and/or
     ``side`` (``sparse``/``dense``/``auto``). Returns the model."""
     for module in model.modules():
         if isinstance(module, _DeployBinary):

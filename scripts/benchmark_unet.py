@@ -1,0 +1,135 @@
+"""One UNet step at a square latent (released architecture, random weights), variants interleaved.
+
+Variants: ``fp32`` the FP (SinSR) UNet in float32 | ``fp_bf16`` the same under
+``torch.autocast("cpu", bfloat16)`` | ``deploy_int`` the deploy UNet on the stock PyTorch int8
+path | ``deploy_fused`` the deploy UNet on the fused 1-bit kernel (skipped, with the reason, when
+the kernel cannot be built). All live in one process and run in rounds, the order rotating each
+round, so a shared machine's load hits every variant alike; wall and process CPU time are
+reported as min / median / max, and the ratios come from the same rounds.
+
+    python scripts/benchmark_unet.py                          # 64² latent, 2 threads, 5 rounds
+    python scripts/benchmark_unet.py --rounds 9 --json unet.json
+    python scripts/benchmark_unet.py --profile deploy_fused    # where that variant's time goes
+"""
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+VARIANTS = ("fp32", "fp_bf16", "deploy_int", "deploy_fused")
+
+
+def build_variants(names: list[str]) -> dict[str, tuple[torch.nn.Module, torch.dtype | None]]:
+    """``name -> (UNet, autocast dtype or None)``; ``deploy_fused`` is left out (with a notice)
+    when the fused kernel is unavailable."""
+    from bimacosr.build import build_denoiser_from_config
+    from bimacosr.config import load_config
+    from bimacosr.deploy import kernels, set_mode, to_deploy
+    from bimacosr.smoke import randomize
+
+    torch.manual_seed(0)
+    cfg = load_config(REPO / "configs/BiMaCoSR.yaml")
+    out: dict[str, tuple[torch.nn.Module, torch.dtype | None]] = {}
+    if {"fp32", "fp_bf16"} & set(names):
+        fp = randomize(build_denoiser_from_config(cfg, "fp")).eval().requires_grad_(False)
+        out.update({n: (fp, torch.bfloat16 if n == "fp_bf16" else None) for n in ("fp32", "fp_bf16") if n in names})
+    if {"deploy_int", "deploy_fused"} & set(names):
+        student = randomize(build_denoiser_from_config(cfg, "student")).eval().requires_grad_(False)
+        deploy = to_deploy(student)
+        if "deploy_int" in names:
+            out["deploy_int"] = (set_mode(deploy, "int"), None)
+        if "deploy_fused" in names:
+            if kernels.available():
+                out["deploy_fused"] = (set_mode(copy.deepcopy(deploy), "fused"), None)
+            else:
+                print(f"deploy_fused skipped: {kernels.status()}", file=sys.stderr)
+    return {n: out[n] for n in names if n in out}
+
+
+def step(model: torch.nn.Module, autocast: torch.dtype | None, x: torch.Tensor, t: torch.Tensor,
+         lq: torch.Tensor) -> torch.Tensor:
+    ctx = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+    with torch.inference_mode(), ctx:
+        return model(x, t, lq=lq).float()
+
+
+def run(names: list[str], size: int, rounds: int, batch: int) -> dict:
+    variants = build_variants(names)
+    gen = torch.Generator().manual_seed(1)
+    x, lq = torch.randn(batch, 3, size, size, generator=gen), torch.rand(batch, 3, size, size, generator=gen) * 2 - 1
+    t = torch.zeros(batch, dtype=torch.long)
+    for name, (model, autocast) in variants.items():  # warm-up: caches, kernel build, allocator
+        step(model, autocast, x, t, lq)
+    wall: dict[str, list[float]] = {n: [] for n in variants}
+    cpu: dict[str, list[float]] = {n: [] for n in variants}
+    order = list(variants)
+    for r in range(rounds):
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            model, autocast = variants[name]
+            w0, c0 = time.perf_counter(), time.process_time()
+            step(model, autocast, x, t, lq)
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    rows = {}
+    for name in variants:
+        rows[name] = {"wall_min": min(wall[name]), "wall_median": statistics.median(wall[name]),
+                      "wall_max": max(wall[name]), "cpu_median": statistics.median(cpu[name])}
+        for ref in ("fp32", "fp_bf16"):
+            if ref in wall:  # ratio per round, then the median: both timed under the same load
+                rows[name][f"speedup_vs_{ref}"] = statistics.median(a / b for a, b in zip(wall[ref], wall[name]))
+    return {"size": size, "batch": batch, "rounds": rounds, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "variants": rows}
+
+
+def profile(name: str, size: int, batch: int, top: int) -> str:
+    """The torch.profiler table (self CPU time) of one step of ``name``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    model, autocast = build_variants([name])[name]
+    gen = torch.Generator().manual_seed(1)
+    x, lq = torch.randn(batch, 3, size, size, generator=gen), torch.rand(batch, 3, size, size, generator=gen)
+    t = torch.zeros(batch, dtype=torch.long)
+    step(model, autocast, x, t, lq)
+    with prof(activities=[ProfilerActivity.CPU]) as p:
+        step(model, autocast, x, t, lq)
+    return p.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--size", type=int, default=64, help="latent side (multiple of 64)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="also write the result here")
+    ap.add_argument("--profile", choices=VARIANTS, help="print a profile of this variant instead")
+    ap.add_argument("--top", type=int, default=25, help="rows of the profile table")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.profile:
+        print(profile(args.profile, args.size, args.batch, args.top))
+        return
+    result = run(args.variants, args.size, args.rounds, args.batch)
+    print(f"UNet step, {args.size}x{args.size} latent, batch {args.batch}, {result['threads']} threads, "
+          f"{args.rounds} rounds interleaved (seconds)")
+    print(f"{'variant':14s} {'min':>7s} {'median':>7s} {'max':>7s} {'cpu':>7s} {'vs fp32':>8s} {'vs bf16':>8s}")
+    for name, row in result["variants"].items():
+        ratios = [f"{row[k]:7.2f}x" if k in row else f"{'-':>8s}" for k in ("speedup_vs_fp32", "speedup_vs_fp_bf16")]
+        print(f"{name:14s} {row['wall_min']:7.3f} {row['wall_median']:7.3f} {row['wall_max']:7.3f} "
+              f"{row['cpu_median']:7.3f} {ratios[0]} {ratios[1]}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

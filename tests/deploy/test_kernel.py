@@ -1,0 +1,207 @@
+"""The fused 1-bit kernel vs the simulated BiMaCo layers (the released model's layer shapes), the
+stock-path fallback when the kernel cannot be built, and deploy layers under bf16 autocast."""
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bimacosr.deploy import (
+    DeployBinaryConv2d,
+    DeployBinaryLinear,
+    kernels,
+    set_mode,
+    to_deploy,
+)
+from bimacosr.quant import BiMaCoConv2d, BiMaCoLinear
+
+TOL = 1e-4
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def fused() -> None:
+    """The compiled kernel (built once per session, cached on disk); skips where it cannot build."""
+    if not kernels.available():
+        pytest.skip(kernels.status())
+
+
+def _randomize(layer: nn.Module, seed: int, weight_zeros: bool = False) -> nn.Module:
+    """Non-trivial bias / RPReLU, duplicate SMB positions, and optionally exact-zero weights."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "pr_" in name or name == "bias":
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (0.25 if "prelu" in name else 0.0))
+        layer.skip_connection.indices_float[:, 1] = layer.skip_connection.indices_float[:, 0]
+        if weight_zeros:
+            layer.weight.view(-1)[::5] = 0.0  # sign(0) = 0 on the weight side
+    return layer
+
+
+def _input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Random input with exact zeros: scattered ones, and (4-D) an all-zero pixel (s = 0)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    x.view(-1)[::7] = 0.0
+    if x.dim() == 4:
+        x[-1, :, 1, 2] = 0.0
+    return x
+
+
+def _check(layer: nn.Module, sim: nn.Module, x: torch.Tensor, modes=("fused", "int")) -> None:
+    with torch.no_grad():
+        ref = sim(x)
+    for mode in modes:
+        with torch.inference_mode():
+            out = set_mode(layer, mode)(x)
+        assert out.shape == ref.shape, mode
+        torch.testing.assert_close(out, ref, atol=TOL, rtol=0, msg=lambda m, mode=mode: f"{mode}: {m}")
+
+
+RELEASED_CONVS = [  # (Cin, Cout, k, stride) of the released UNet; padding k // 2
+    (160, 160, 3, 1),   # ResBlock conv, Cin == Cout: SMB + LRMB
+    (160, 160, 3, 2),   # Downsample: avg-pool shortcut, side branches dropped (Q7)
+    (320, 320, 3, 2),
+    (160, 320, 3, 1),   # Cin != Cout
+    (480, 160, 3, 1),   # Cin not a multiple of 64
+    (1280, 640, 3, 1),  # widest
+    (960, 640, 1, 1),   # ResBlock skip
+    (192, 768, 1, 1),   # Swin MLP fc1 / patch embed
+    (768, 192, 1, 1),
+]
+
+
+@pytest.mark.parametrize("cin,cout,k,stride", RELEASED_CONVS)
+def test_fused_conv_equals_the_simulated_layer(fused, cin, cout, k, stride):
+    torch.manual_seed(cin + cout + k)
+    sim = _randomize(BiMaCoConv2d.from_float(nn.Conv2d(cin, cout, k, stride, k // 2)), cin)
+    h, w = (5, 7) if stride == 1 else (6, 10)  # the Downsample's avg-pool shortcut needs even sizes
+    modes = ("fused", "int") if cin * cout <= 320 * 320 else ("fused",)  # _int_mm is slow on AVX2
+    _check(DeployBinaryConv2d.from_simulated(sim), sim, _input((2, cin, h, w), cout), modes)
+
+
+@pytest.mark.parametrize("cin,cout,k,stride", [(70, 33, 3, 1), (64, 64, 3, 2), (5, 9, 1, 1)])
+def test_fused_conv_with_zero_weights_and_odd_channels(fused, cin, cout, k, stride):
+    torch.manual_seed(cin)
+    sim = _randomize(BiMaCoConv2d.from_float(nn.Conv2d(cin, cout, k, stride, k // 2), rank=3), cin,
+                     weight_zeros=True)
+    layer = DeployBinaryConv2d.from_simulated(sim)
+    assert (layer.signs() == 0).any()
+    _check(layer, sim, _input((3, cin, 5, 7) if stride == 1 else (3, cin, 6, 4), cin))
+
+
+def test_fused_conv_on_a_channels_last_all_zero_input(fused):
+    sim = _randomize(BiMaCoConv2d.from_float(nn.Conv2d(16, 24, 3, 1, 1), rank=2), 1)
+    x = torch.zeros(1, 16, 4, 5).contiguous(memory_format=torch.channels_last)
+    _check(DeployBinaryConv2d.from_simulated(sim), sim, x)
+
+
+@pytest.mark.parametrize("cin,cout,shape,bias", [
+    (192, 576, (4, 65, 192), True),    # Swin qkv on [windows, tokens, C] (3-D)
+    (192, 192, (2, 3, 5, 192), True),  # more leading axes
+    (160, 640, (5, 160), True),        # time embedding (2-D)
+    (640, 1280, (1, 640), False),      # one row, no bias
+    (70, 9, (3, 70), True),            # Cin not a multiple of 64
+])
+def test_fused_linear_equals_the_simulated_layer(fused, cin, cout, shape, bias):
+    torch.manual_seed(cin + cout)
+    sim = _randomize(BiMaCoLinear.from_float(nn.Linear(cin, cout, bias=bias)), cout)
+    modes = ("fused", "int") if cin * cout <= 320 * 320 else ("fused",)
+    _check(DeployBinaryLinear.from_simulated(sim), sim, _input(shape, cin), modes)
+
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    """The kernel's build fails as without a compiler; the loader starts afresh."""
+    def fail() -> None:
+        raise RuntimeError("Error building extension: g++: command not found")
+
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_build", fail)
+
+
+def test_fallback_to_the_stock_path_when_the_kernel_cannot_build(no_compiler, capsys):
+    torch.manual_seed(2)
+    sim = _randomize(BiMaCoConv2d.from_float(nn.Conv2d(24, 40, 3, 1, 1), rank=2), 2)
+    layer = DeployBinaryConv2d.from_simulated(sim)  # mode "auto"
+    x = _input((2, 24, 6, 5), 3)
+    with torch.inference_mode():
+        out, again = layer(x), layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, sim(x), atol=TOL, rtol=0)
+    assert torch.equal(out, again) and layer._path() == "int"
+    err = capsys.readouterr().err
+    assert err.count("bimacosr:") == 1, err  # printed once
+    assert "fused 1-bit kernel unavailable (RuntimeError: Error building extension" in err
+    assert "stock PyTorch int8 path" in err
+    with pytest.raises(RuntimeError, match="'fused' needs the compiled kernel.*g\\+\\+"):
+        set_mode(layer, "fused")(x)
+
+
+def test_kernel_env_off_keeps_auto_on_the_stock_path(no_compiler, monkeypatch, capsys):
+    monkeypatch.setenv(kernels.ENV, "off")
+    layer = DeployBinaryLinear.from_simulated(BiMaCoLinear.from_float(nn.Linear(8, 4)))
+    assert layer._path() == "int" and not kernels.available()
+    assert f"({kernels.ENV}=off)" in capsys.readouterr().err
+
+
+def test_weight_bits_layout():
+    taps = torch.tensor([[[1], [-1], [0]] + [[1]] * 67], dtype=torch.int8)  # [1, 70, 1]
+    bits, mask = kernels.pack_weight_bits(taps)
+    assert bits.shape == mask.shape == (1, 1, 2) and bits.dtype == torch.int64
+    assert int(bits[0, 0, 0]) & 0b111 == 0b001 and int(mask[0, 0, 0]) & 0b111 == 0b011
+    assert int(bits[0, 0, 1]) == int(mask[0, 0, 1]) == 0b111111  # channels 64..69, pad bits 0
+    assert kernels.pack_weight_bits(torch.ones(9, 3, 2, dtype=torch.int8))[1].numel() == 0
+
+
+def test_deploy_model_under_bf16_autocast(tiny_bimaco_denoiser):
+    """A whole deploy model runs under bf16 autocast; each deploy layer computes in fp32 inside
+    (its output equals the one without autocast on the same input) and returns the input dtype."""
+    deployed = to_deploy(copy.deepcopy(tiny_bimaco_denoiser))
+    seen: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.append((m, args[0], out)))
+             for m in deployed.modules() if isinstance(m, (DeployBinaryConv2d, DeployBinaryLinear))]
+    gen = torch.Generator().manual_seed(0)
+    x, lq = torch.randn(2, 3, 64, 64, generator=gen), torch.rand(2, 3, 64, 64, generator=gen)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = deployed(x, torch.tensor([0, 3]), lq=lq)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert len(seen) == len(hooks)
+    for hook in hooks:
+        hook.remove()
+    assert any(inp.dtype == torch.bfloat16 for _, inp, _ in seen)
+    with torch.inference_mode():
+        for module, inp, got in seen:
+            assert got.dtype == inp.dtype
+            assert torch.equal(got, module(inp)), module
+
+
+@pytest.mark.slow
+def test_every_released_layer_equals_its_simulated_twin_at_released_size(fused):
+    """Batch 2, non-square 64x128 latent: each binary layer of the released UNet (random weights),
+    on the input it gets in the simulated model, vs its fused deploy twin."""
+    from bimacosr.build import build_denoiser_from_config
+    from bimacosr.config import load_config
+    from bimacosr.smoke import randomize
+    torch.manual_seed(0)
+    model = randomize(build_denoiser_from_config(load_config(REPO / "configs" / "BiMaCoSR.yaml"), "student")).eval()
+    errors: dict[str, float] = {}
+
+    def compare(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            twin = (DeployBinaryConv2d if isinstance(module, BiMaCoConv2d) else DeployBinaryLinear) \
+                .from_simulated(module, "fused")
+            errors[name] = float((twin(args[0]) - output).abs().max())
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, (BiMaCoConv2d, BiMaCoLinear)):
+            module.register_forward_hook(compare(name))
+    gen = torch.Generator().manual_seed(1)
+    x, lq = torch.randn(2, 3, 64, 128, generator=gen), torch.rand(2, 3, 64, 128, generator=gen) * 2 - 1
+    with torch.no_grad():
+        model(x, torch.tensor([0, 2]), lq=lq)
+    assert len(errors) == sum(isinstance(m, (BiMaCoConv2d, BiMaCoLinear)) for m in model.modules())
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= TOL, f"{worst}: max abs error {errors[worst]:.2e}"
