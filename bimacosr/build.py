@@ -29,10 +29,9 @@ from bimacosr.pipeline import SRPipeline
 from bimacosr.quant import binarize
 from bimacosr.weights import resolve_weight
 
-__all__ = ["Precision", "PRECISIONS", "InferenceFiles", "autoencoder_channels_last", "build_autoencoder",
-           "build_denoiser_from_config", "build_inference_denoiser", "build_pipeline", "build_schedule",
-           "build_student", "build_teacher", "export_checkpoint", "freeze", "inference_files", "native_bf16",
-           "pick_device", "resolve_precision"]
+__all__ = ["Precision", "PRECISIONS", "InferenceFiles", "build_autoencoder", "build_denoiser_from_config",
+           "build_inference_denoiser", "build_pipeline", "build_schedule", "build_student", "build_teacher",
+           "export_checkpoint", "freeze", "inference_files", "native_bf16", "pick_device", "resolve_precision"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -201,28 +200,18 @@ def build_inference_denoiser(cfg: DictConfig, files: InferenceFiles) -> nn.Modul
     return denoiser.eval()
 
 
-def autoencoder_channels_last(device: torch.device, channels_last: bool = False) -> bool:
-    """Whether the pipeline's autoencoder runs in channels-last memory: always on CPU (measured
-    faster), elsewhere when asked (``--channels_last``)."""
-    return channels_last or device.type == "cpu"
-
-
 def build_pipeline(cfg: DictConfig, files: InferenceFiles, device: torch.device, *, precision: str = "auto",
                    sampler: str = "one_step", channels_last: bool = False, compile: bool = False) -> SRPipeline:
     """Denoiser + autoencoder + schedule with their weights, ready for ``pipe(lr)``.
 
-    ``precision`` as :func:`resolve_precision`. The autoencoder runs in channels-last memory on
-    CPU (oneDNN's NHWC convolutions: about 1.1x faster for the encoder and decoder, which are most
-    of the time; README, Speed); ``channels_last`` puts the denoiser (and, on GPU, the autoencoder)
-    there too, ``compile`` wraps the denoiser in ``torch.compile``. None of these changes the maths.
+    ``precision`` as :func:`resolve_precision`; ``channels_last`` / ``compile`` are speed options
+    that leave the maths unchanged.
     """
     prec = resolve_precision(precision, device, cfg)
     denoiser = build_inference_denoiser(cfg, files).to(device)
     vq = build_autoencoder(cfg, device, prec.autoencoder_dtype)
     if channels_last:
-        denoiser = denoiser.to(memory_format=torch.channels_last)
-    if autoencoder_channels_last(device, channels_last):
-        vq = vq.to(memory_format=torch.channels_last)
+        denoiser, vq = denoiser.to(memory_format=torch.channels_last), vq.to(memory_format=torch.channels_last)
     if compile:
         denoiser = torch.compile(denoiser)
     schedule = build_schedule(cfg, device)

@@ -52,8 +52,6 @@ def build_variant(variant: str, cfg, device: torch.device, deploy_file: Path) ->
         role = "student" if variant == "sim" else "fp"
         denoiser = randomize(build.build_denoiser_from_config(cfg, role)).eval().to(device)
     vq = build.build_autoencoder(cfg, device, prec.autoencoder_dtype, weights=False)
-    if variant == "deploy" and build.autoencoder_channels_last(device):  # the project's default
-        vq = vq.to(memory_format=torch.channels_last)
     schedule = build.build_schedule(cfg, device)
     return SRPipeline(denoiser, vq, schedule, sampler="ancestral" if variant == "resshift" else "one_step",
                       sf=schedule.sf, autocast=prec.autocast)
