@@ -17,6 +17,22 @@ import time
 from pathlib import Path
 
 LOCK_NAME = ".lock"
+_HELD: set[int] = set()  # descriptors holding a run lock in this process
+
+
+def _drop_inherited() -> None:
+    """In a forked child (e.g. a DataLoader worker), close the inherited lock descriptors: a
+    ``flock`` lasts while any descriptor of the open file lives, so a child outliving its parent
+    would otherwise keep the folder locked."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited)
 
 
 class RunLockedError(RuntimeError):
@@ -92,6 +108,7 @@ class RunLock:
         os.pwrite(fd, record.encode(), 0)
         os.fsync(fd)
         self.fd = fd
+        _HELD.add(fd)
         if not previous.strip():
             return None
         fields = _fields(previous)
@@ -113,5 +130,6 @@ class RunLock:
             os.ftruncate(self.fd, 0)
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+        _HELD.discard(self.fd)
         self.fd = None
 

@@ -59,3 +59,20 @@ def test_lock_left_by_another_host_is_taken_over_when_free(tmp_path):
     lock = RunLock(tmp_path)
     assert lock.acquire().endswith("pid 1 on host elsewhere (since " + time.strftime("%Y") + ") no longer holds it")
     lock.release()
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    """The owner dies without releasing while its forked child (like a DataLoader worker) lives on:
+    the folder is free at once."""
+    code = ("import os, sys, time; from bimacosr.train.runlock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "pid = os.fork()\nif pid == 0:\n    os.close(1); os.close(2); time.sleep(30); os._exit(0)\nprint(pid, flush=True); os._exit(0)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
+    child = int(out.stdout.split()[0])
+    try:
+        assert os.path.exists(f"/proc/{child}")  # the child still runs
+        lock = RunLock(tmp_path / "run")
+        assert lock.acquire().endswith("is no longer running")
+        lock.release()
+    finally:
+        os.kill(child, 9)
