@@ -132,6 +132,7 @@ def test_sigterm_saves_and_resume_continues(root):
     ({"data.train.params.dir_paths": ["data/smoke/empty"]}, "data/smoke/empty"),
     ({"model.params.conv_quant_modules": "BinaryConv2d_typo"}, "unknown binary layer 'BinaryConv2d_typo'"),
 ])
+@pytest.mark.slow
 def test_bad_configs_fail_before_the_first_step(root, change, message):
     (root / "data/smoke/empty").mkdir(exist_ok=True)
     cfg = config(root, "bad", **change)
@@ -161,6 +162,7 @@ def malformed(root):
     return path
 
 
+@pytest.mark.slow
 def test_malformed_yaml_is_one_error_line(root):
     cfg = malformed(root)
     result = distill(root, cfg, root / "malformed_run", timeout=120)
