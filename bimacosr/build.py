@@ -21,6 +21,7 @@ from torch import nn
 
 from bimacosr.checkpoint import load_state_dict_into, read_state_dict
 from bimacosr.config import ConfigError, load_config, require, to_plain
+from bimacosr.cpu import native_bf16
 from bimacosr.deploy import ExportInfo, deploy_params, export_deploy, load_deploy
 from bimacosr.diffusion import Schedule
 from bimacosr.models import build_denoiser, denoiser_skeleton, is_binarized, split_params
@@ -43,18 +44,6 @@ def pick_device(name: str | None = None) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")
-
-
-def native_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), read from the kernel's
-    CPU flags in ``cpuinfo``. Emulated bf16 is not used: on an AVX2-only CPU it measured >10x
-    slower than fp32 for the autoencoder (README, Speed)."""
-    try:
-        with open(cpuinfo, encoding="ascii", errors="ignore") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @dataclass(frozen=True)

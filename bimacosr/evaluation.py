@@ -20,8 +20,8 @@ import json
 import math
 import shutil
 import sys
-import time
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -442,7 +442,7 @@ def original_log(result: Evaluation, per_image: list[str]) -> str:
     for folder in result.folders:
         for row in folder.rows:
             cells = "; ".join(f"{METRICS[m].label}: {row[m]:.6f}" for m in per_image)
-            lines.append(f"{folder.sr_dir}/{Path(row['sr_file']).name} | {cells}")
+            lines.append(f"{folder.sr_dir}/{row['sr_file']} | {cells}")
         means = [m for m in result.metrics if m in folder.scores]
         lines.append(f"{folder.sr_dir} | " + "; ".join(f"{METRICS[m].label}: {folder.scores[m]:.4f}" for m in means))
     return "\n".join(lines) + "\n"

@@ -41,11 +41,16 @@ VARIANTS = ("resshift", "sinsr", "sinsr_bf16", "sim", "deploy")
 STAGES = ("encode", "unet", "decode", "total")
 
 
+def precision_of(variant: str, cfg, device: torch.device) -> build.Precision:
+    """``deploy``: the project's default (``auto``); ``sinsr_bf16``: bf16; the others fp32."""
+    name = "auto" if variant == "deploy" else "bf16" if variant == "sinsr_bf16" else "fp32"
+    return build.resolve_precision(name, device, cfg)
+
+
 def build_variant(variant: str, cfg, device: torch.device, deploy_file: Path) -> SRPipeline:
     """The pipeline of ``variant`` with random weights (seeded: every variant sees the same)."""
     torch.manual_seed(0)
-    precision = "auto" if variant == "deploy" else "bf16" if variant == "sinsr_bf16" else "fp32"
-    prec = build.resolve_precision(precision, device, cfg)
+    prec = precision_of(variant, cfg, device)
     if variant == "deploy":
         denoiser = load_deploy(deploy_file, device=device)
     else:
@@ -113,8 +118,7 @@ def interleaved(variants: list[str], size: int, rounds: int, cfg, device: torch.
     for v in variants:
         med = {s: statistics.median(w[s] for w in walls[v]) for s in STAGES}
         rows.append({"variant": v, "lr": size, **med, "device": str(device), "threads": torch.get_num_threads(),
-                     "precision": build.resolve_precision("auto" if v == "deploy" else "bf16" if v == "sinsr_bf16"
-                                                          else "fp32", device, cfg).name,
+                     "precision": precision_of(v, cfg, device).name,
                      "rounds": rounds, "min": {s: min(w[s] for w in walls[v]) for s in STAGES},
                      "max": {s: max(w[s] for w in walls[v]) for s in STAGES},
                      "cpu": {s: statistics.median(c[s] for c in cpus[v]) for s in STAGES}})

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -68,7 +69,7 @@ def check_deploy_layers(cfg, device: torch.device, args) -> str:
     from bimacosr.smoke import randomize
     torch.manual_seed(0)
     sim = randomize(build.build_denoiser_from_config(cfg, "student")).eval().to(device)
-    h, w = 64, 128  # latent = LQ size (released: the non-square case)
+    h, w = 64, 128  # latent = LQ size, non-square
     x, lq = torch.randn(2, 3, h, w, device=device), torch.rand(2, 3, h, w, device=device) * 2 - 1
     t = torch.full((2,), 14, device=device)
     diffs = layerwise_max_diff(sim, to_deploy(copy.deepcopy(sim)), x, t, lq=lq)
@@ -116,12 +117,13 @@ def check_train_step(cfg, device: torch.device, args) -> str:
 
 
 def check_benchmark(cfg, device: torch.device, args) -> str:
-    out = Path(args.json or "gpu_check.json").with_suffix(".benchmark.json")
-    cmd = [sys.executable, str(REPO / "scripts/benchmark.py"), "--device", str(device), "--rounds", "3",
-           "--config", str(args.config),
-           "--variants", "sinsr", "sinsr_bf16", "deploy", "--sizes", "64", "256", "--json", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    rows = json.loads(out.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "benchmark.json"
+        cmd = [sys.executable, str(REPO / "scripts/benchmark.py"), "--device", str(device), "--rounds", "3",
+               "--config", str(args.config), "--variants", "sinsr", "sinsr_bf16", "deploy", "--sizes", "64", "256",
+               "--json", str(out)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        rows = json.loads(out.read_text())
     return "; ".join(f"{r['variant']} {r['lr']}²: {r['total']:.3f} s ({r['vs_sinsr']['total']:.2f}x)" for r in rows)
 
 
@@ -148,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from bimacosr.config import load_config
     cfg = load_config(args.config)
-    args.released = args.config.resolve() == (REPO / "configs/BiMaCoSR.yaml").resolve()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows, failed = [], 0
     print(f"| check ({name}, torch {torch.__version__}) | status | seconds | result |\n|---|---|---|---|")

@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from bimacosr.cpu import cpu_flags
 
 __all__ = ["ENV", "available", "binary_conv", "build_dir", "pack_weight_bits", "require", "side_add", "status"]
 
@@ -31,17 +32,9 @@ FLAGS = ["-O3", "-march=native"]
 _state: dict[str, object] = {}  # "ok": bool, "reason": str (why not), "line": the notice
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
-
-
 def build_dir() -> Path:
     """Where the extension is (or will be) built; one folder per source/torch/CPU combination."""
-    text = SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode() + " ".join(FLAGS).encode()
+    text = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(cpu_flags()).encode() + " ".join(FLAGS).encode()
     tag = hashlib.sha256(text).hexdigest()[:12]
     root = os.environ.get("BIMACOSR_KERNEL_DIR") or Path.home() / ".cache" / "bimacosr" / "kernels"
     return Path(root) / tag
@@ -134,7 +127,6 @@ def binary_conv(x: Tensor, bits: Tensor, mask: Tensor, alpha: Tensor, shift: Ten
                                           empty if slope is None else slope,
                                           empty if beta1 is None else beta1,
                                           kernel, stride, padding)
-
 
 
 def side_add(y: Tensor, x: Tensor, lora: tuple[Tensor, Tensor] | None,
