@@ -261,11 +261,21 @@ def _children(pid):
 
 
 def _running(pid):
+    """Whether any thread of process ``pid`` is still running. The main thread of a process that
+    exits becomes a zombie before its other threads are gone, and those still hold its files (and
+    so the run lock): the main thread's state alone is not enough."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
+        threads = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return False
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] not in "ZX":
+                    return True
+        except FileNotFoundError:
+            pass
+    return False
 
 
 @pytest.mark.slow
