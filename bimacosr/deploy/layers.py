@@ -26,7 +26,7 @@ All equal the simulated layer up to float summation order (about 1e-6 relative).
 
 Side branches act on the real-valued input, as 1x1 products on the channels-last matrix:
 ``side="sparse"`` (default on CPU) adds the LRMB as two thin products and the SMB as a sparse one
--- both in the kernel's ``side_add`` on the fused path, a thin ``addmm`` and a CSR matrix
+-- both in the kernel's epilogue on the fused path, a thin ``addmm`` and a CSR matrix
 otherwise; ``side="dense"`` (default on CUDA) merges both into one dense matrix. The branch rules (avg-pool / nearest shortcut when
 ``Cin == Cout`` and the height changes, LRMB only at equal heights, RPReLU on the binary branch
 only) are the simulated layer's. Every layer computes in float32 with autocast disabled (inputs
@@ -177,9 +177,19 @@ class _DeployBinary(nn.Module):
         """The fused kernel's packed signs of ``taps [T, Cin, Cout]`` (cached)."""
         return self._cached(("bits",), lambda: kernels.pack_weight_bits(taps))
 
-    def _add_side(self, y: Tensor, xm: Tensor, use_smb: bool, use_lora: bool, fused: bool) -> Tensor:
-        """``y [M, Cout] += xm [M, Cin] @ (S + L)^T`` with the branches asked for (in place);
-        ``fused`` (sparse side): both by the kernel's ``side_add`` instead of torch products."""
+    def _kernel_side(self, use_lora: bool) -> tuple[tuple | None, tuple | None]:
+        """The side branches in the fused kernel's forms (cached), ``(lowrank, sparse)``: None
+        each where absent (or not asked for)."""
+        lowrank = sparse = None
+        if use_lora and self.lora_first is not None:
+            lowrank = self._cached(("lowrank",), lambda: kernels.pack_lowrank(self.lora_first, self.lora_second))
+        if self.smb_values is not None:
+            sparse = self._cached(("sparse",), lambda: kernels.pack_sparse(
+                self.smb_indices, self.smb_values, self.out_features))
+        return lowrank, sparse
+
+    def _add_side(self, y: Tensor, xm: Tensor, use_smb: bool, use_lora: bool) -> Tensor:
+        """``y [M, Cout] += xm [M, Cin] @ (S + L)^T`` with the branches asked for (in place)."""
         use_smb = use_smb and self.smb_values is not None
         use_lora = use_lora and self.lora_first is not None
         if not (use_smb or use_lora):
@@ -191,12 +201,6 @@ class _DeployBinary(nn.Module):
                     total = total + self.lora_second @ self.lora_first
                 return total.t().contiguous()
             return y.addmm_(xm, self._cached(("dense", use_smb, use_lora), merged))
-        if fused:
-            lora = self._cached(("lora_t",), lambda: (self.lora_first.t().contiguous(),
-                                                      self.lora_second.t().contiguous())) \
-                if use_lora else None
-            return kernels.side_add(y, xm, lora,
-                                    (self.smb_indices, self.smb_values) if use_smb else None)
         if use_lora:
             y.addmm_(xm @ self.lora_first.t(), self.lora_second.t())
         if use_smb:
@@ -300,26 +304,31 @@ class DeployBinaryConv2d(_DeployBinary):
         xh = x.permute(0, 2, 3, 1).contiguous()  # NHWC; free for a channels-last input
         xm = xh.view(-1, self.in_channels)  # [B*H*W, Cin]
         path = self._path()
+        shortcut = self.in_channels == self.out_channels and h != ho
+        if self.side_dropped and not shortcut:
+            raise RuntimeError(f"{type(self).__name__} ({self.in_channels} channels, stride {st}) "
+                               f"got a {h}-pixel-high input whose output is as high: the simulated "
+                               f"layer would use its SMB/LRMB there, which were not deployed (docs/quirks.md Q7)")
+        fuse_side = path == "fused" and self._side_mode() == "sparse" and not shortcut
         if path == "fused":
             bits, mask = self._weight_bits(self.taps)
-            y = kernels.binary_conv(xh, bits, mask, self.alpha, self.shift0, self.rprelu_slope,
-                                    self.rprelu_bias1, k, st, p).view(-1, self.out_channels)
+            lowrank, sparse = self._kernel_side(use_lora=h == ho) if fuse_side else (None, None)
+            y = kernels.binary_conv(xh, bits, mask, self.out_channels, self.alpha, self.shift0,
+                                    self.rprelu_slope, self.rprelu_bias1, k, st, p, lowrank,
+                                    sparse).view(-1, self.out_channels)
         else:
             scale = xm.abs().mean(dim=1).view(b, h, w)  # s, per pixel
             y = self._binary_int(xm, scale, b, h, w, ho, wo) if path == "int" else \
                 self._binary_float(x, scale)
             y.mul_(self.alpha).add_(self.shift0)  # [B*Ho*Wo, Cout]
             y = F.prelu(y, self.rprelu_slope).add_(self.rprelu_bias1)
-        if self.in_channels == self.out_channels and h != ho:
+        if shortcut:
             out = y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
             if h < ho:
                 return out + F.interpolate(x, scale_factor=2, mode="nearest")
             return out + F.avg_pool2d(x, kernel_size=st, stride=st)
-        if self.side_dropped:
-            raise RuntimeError(f"{type(self).__name__} ({self.in_channels} channels, stride {st}) "
-                               f"got a {h}-pixel-high input whose output is as high: the simulated "
-                               f"layer would use its SMB/LRMB there, which were not deployed (docs/quirks.md Q7)")
-        y = self._add_side(y, xm, use_smb=True, use_lora=h == ho, fused=path == "fused")
+        if not fuse_side:
+            y = self._add_side(y, xm, use_smb=True, use_lora=h == ho)
         return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
 
     def _binary_int(self, xm: Tensor, scale: Tensor, b: int, h: int, w: int, ho: int,
@@ -392,12 +401,15 @@ class DeployBinaryLinear(_DeployBinary):
     def _forward(self, x: Tensor) -> Tensor:
         xm = x.reshape(-1, self.in_features).contiguous()
         path = self._path()
+        fuse_side = path == "fused" and self._side_mode() == "sparse"
         if path == "fused":
             bits, mask = self._weight_bits(self.signs_t[None])
             shift = self._cached(("shift",), lambda: self.alpha.new_zeros(self.out_features)
                                  if self.bias is None else self.bias)
-            y = kernels.binary_conv(xm.view(1, 1, -1, self.in_features), bits, mask, self.alpha,
-                                    shift, None, None, 1, 1, 0).view(-1, self.out_features)
+            lowrank, sparse = self._kernel_side(use_lora=True) if fuse_side else (None, None)
+            y = kernels.binary_conv(xm.view(1, 1, -1, self.in_features), bits, mask,
+                                    self.out_features, self.alpha, shift, None, None, 1, 1, 0,
+                                    lowrank, sparse).view(-1, self.out_features)
         else:
             scale = xm.abs().mean(dim=1, keepdim=True)  # s, per row / token
             if path == "int":
@@ -408,7 +420,8 @@ class DeployBinaryLinear(_DeployBinary):
             y.mul_(self.alpha)
             if self.bias is not None:
                 y.add_(self.bias)
-        y = self._add_side(y, xm, use_smb=True, use_lora=True, fused=path == "fused")
+        if not fuse_side:
+            y = self._add_side(y, xm, use_smb=True, use_lora=True)
         return y.view(*x.shape[:-1], self.out_features)
 
 

@@ -147,12 +147,28 @@ def test_kernel_env_off_keeps_auto_on_the_stock_path(no_compiler, monkeypatch, c
 
 
 def test_weight_bits_layout():
-    taps = torch.tensor([[[1], [-1], [0]] + [[1]] * 67], dtype=torch.int8)  # [1, 70, 1]
+    taps = torch.zeros(2, 70, 18, dtype=torch.int8)  # [T, Cin, Cout]: 2 blocks of 16, one padded
+    taps[1, :3, 5] = torch.tensor([1, -1, 0], dtype=torch.int8)
+    taps[1, 3:, 5] = 1
+    taps[0, 64, 17] = 1
     bits, mask = kernels.pack_weight_bits(taps)
-    assert bits.shape == mask.shape == (1, 1, 2) and bits.dtype == torch.int64
-    assert int(bits[0, 0, 0]) & 0b111 == 0b001 and int(mask[0, 0, 0]) & 0b111 == 0b011
-    assert int(bits[0, 0, 1]) == int(mask[0, 0, 1]) == 0b111111  # channels 64..69, pad bits 0
+    assert bits.shape == mask.shape == (2, 2, 2, 16) and bits.dtype == torch.int64
+    lane = kernels.LANE_ORDER.index(5)  # output 5 of block 0
+    assert int(bits[1, 0, 0, lane]) & 0b111 == 0b001 and int(mask[1, 0, 0, lane]) & 0b111 == 0b011
+    assert int(bits[1, 0, 1, lane]) == int(mask[1, 0, 1, lane]) == 0b111111  # channels 64..69, pad bits 0
+    assert int(bits[0, 1, 1, kernels.LANE_ORDER.index(1)]) == 1  # output 17 = block 1, output 1
+    assert int(bits.count_nonzero()) == 3 and int(mask[0].count_nonzero()) == 1  # the rest: zeros
+    assert sorted(kernels.LANE_ORDER) == list(range(16))
     assert kernels.pack_weight_bits(torch.ones(9, 3, 2, dtype=torch.int8))[1].numel() == 0
+
+
+def test_sparse_branch_per_block_of_outputs():
+    indices = torch.tensor([[2, 0, 2, 17, 2], [1, 3, 1, 0, 0]])  # (output, input); (2, 1) twice
+    colptr, cols, coef = kernels.pack_sparse(indices, torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), 18)
+    assert colptr.tolist() == [0, 3, 4] and cols.tolist() == [0, 1, 3, 0]
+    expected = torch.zeros(4, 16)
+    expected[0, 2], expected[1, 2], expected[2, 0], expected[3, 1] = 5.0, 4.0, 2.0, 4.0
+    assert torch.equal(coef, expected)  # duplicates add up
 
 
 def test_deploy_model_under_bf16_autocast(tiny_bimaco_denoiser):

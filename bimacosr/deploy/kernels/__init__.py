@@ -22,12 +22,13 @@ from torch import Tensor
 
 from bimacosr.cpu import cpu_flags
 
-__all__ = ["ENV", "available", "binary_conv", "build_dir", "pack_weight_bits", "require", "side_add", "status"]
+__all__ = ["ENV", "LANES", "available", "binary_conv", "build_dir", "pack_lowrank", "pack_sparse",
+           "pack_weight_bits", "require", "status"]
 
 ENV = "BIMACOSR_KERNEL"
 """``off``: never build or use the fused kernel; ``auto`` (default): build it on first use."""
 SOURCE = Path(__file__).with_name("binary.cpp")
-FLAGS = ["-O3", "-march=native"]
+FLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for is OpenMP in the headers
 
 _state: dict[str, object] = {}  # "ok": bool, "reason": str (why not), "line": the notice
 
@@ -52,7 +53,8 @@ def _build() -> None:
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     load(name=f"bimacosr_binary_{folder.name}", sources=[str(SOURCE)], extra_cflags=FLAGS,
-         build_directory=str(folder), is_python_module=False, verbose=False)
+         extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False,
+         verbose=False)
 
 
 def _load() -> None:
@@ -98,44 +100,78 @@ def require() -> None:
         raise RuntimeError(f"deploy mode 'fused' needs the compiled kernel: {_state['reason']}")
 
 
+LANES = 16
+"""Output channels per weight block of the kernel."""
+LANE_ORDER = (0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15)
+"""The output (within its block) of each lane: the AVX2 path's 64-bit counts of lanes 0-3 and
+4-7 interleave into 32-bit lanes in natural order (binary.cpp)."""
+
+
 def pack_weight_bits(taps: Tensor) -> tuple[Tensor, Tensor]:
-    """int8 signs ``taps [T, Cin, Cout]`` -> ``(bits, mask)``, int64 ``[T, Cout, ceil(Cin/64)]``.
+    """int8 signs ``taps [T, Cin, Cout]`` -> ``(bits, mask)``, int64 ``[T, ceil(Cout/16),
+    ceil(Cin/64), 16]``: blocks of 16 output channels (lanes in :data:`LANE_ORDER`), the lanes of
+    one input word adjacent.
 
     Bit ``c % 64`` of word ``c // 64`` is 1 where the sign of input channel ``c`` is +1 (bits) /
-    nonzero (mask); pad bits are 0. ``mask`` is empty when no sign is 0 (the usual case).
+    nonzero (mask); pad bits and pad output channels are 0. ``mask`` is empty when no sign is 0
+    (the usual case).
     """
     t, cin, cout = taps.shape
-    words = (cin + 63) // 64
-    signs = torch.zeros(t, cout, words * 64, dtype=torch.int8, device=taps.device)
-    signs[:, :, :cin] = taps.permute(0, 2, 1)
+    words, blocks = (cin + 63) // 64, (cout + LANES - 1) // LANES
+    signs = torch.zeros(t, blocks * LANES, words * 64, dtype=torch.int8, device=taps.device)
+    signs[:, :cout, :cin] = taps.permute(0, 2, 1)
     powers = torch.ones(64, dtype=torch.int64, device=taps.device) << torch.arange(64, device=taps.device)
+    order = torch.tensor(LANE_ORDER, device=taps.device)
 
     def pack(flags: Tensor) -> Tensor:  # distinct powers of two: the sum is the OR (wraps at bit 63)
-        return (flags.view(t, cout, words, 64).long() * powers).sum(-1).contiguous()
+        words_of = (flags.view(t, blocks, LANES, words, 64).long() * powers).sum(-1)  # [T, OB, 16, Wd]
+        return words_of[:, :, order].transpose(2, 3).contiguous()
 
     mask = pack(signs != 0) if bool((taps == 0).any()) else torch.empty(0, dtype=torch.int64)
     return pack(signs > 0), mask
 
 
-def binary_conv(x: Tensor, bits: Tensor, mask: Tensor, alpha: Tensor, shift: Tensor,
-                slope: Tensor | None, beta1: Tensor | None, kernel: int, stride: int,
-                padding: int) -> Tensor:
+def pack_lowrank(first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
+    """LRMB factors ``first [r, Cin]``, ``second [Cout, r]`` -> the kernel's ``(first_t [Cin, r8],
+    second_t [r8, ceil(Cout/16)*16])``, ``r8`` = ``r`` rounded up to a multiple of 8, the padding
+    zeros; float32 contiguous."""
+    (rank, cin), cout = first.shape, second.shape[0]
+    rank8, lanes = (rank + 7) // 8 * 8, (cout + LANES - 1) // LANES * LANES
+    first_t = first.new_zeros(cin, rank8, dtype=torch.float32)
+    first_t[:, :rank] = first.t()
+    second_t = second.new_zeros(rank8, lanes, dtype=torch.float32)
+    second_t[:rank, :cout] = second.t()
+    return first_t, second_t
+
+
+def pack_sparse(indices: Tensor, values: Tensor, cout: int) -> tuple[Tensor, Tensor, Tensor]:
+    """SMB ``indices [2, n]`` (output, input; int64) and ``values [n]`` -> per block of 16
+    outputs the input columns its nonzeros use, with their values dense over the block:
+    ``(colptr [ceil(Cout/16)+1], cols [u], coef [u, 16])``, block ``b``'s columns at
+    ``colptr[b]:colptr[b+1]``; duplicate positions add up."""
+    rows, cols = indices
+    blocks, width = (cout + LANES - 1) // LANES, int(cols.max()) + 1 if cols.numel() else 1
+    keys, inverse = torch.unique(rows // LANES * width + cols, return_inverse=True)  # by block, then column
+    coef = values.new_zeros(keys.numel(), LANES, dtype=torch.float32)
+    coef.index_put_((inverse, rows % LANES), values.float(), accumulate=True)
+    colptr = torch.zeros(blocks + 1, dtype=torch.int64)
+    colptr[1:] = torch.bincount(keys // width, minlength=blocks).cumsum(0)
+    return colptr, (keys % width).contiguous(), coef
+
+
+def binary_conv(x: Tensor, bits: Tensor, mask: Tensor, cout: int, alpha: Tensor, shift: Tensor,
+                slope: Tensor | None, beta1: Tensor | None, kernel: int, stride: int, padding: int,
+                lowrank: tuple[Tensor, Tensor] | None = None,
+                sparse: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """``x [B, H, W, Cin]`` float32 NHWC -> ``[B, Ho, Wo, Cout]``: the binary branch with its
-    epilogue, ``alpha * sum_t s_t * dot_t + shift``, then RPReLU (``slope``, ``beta1``) if given."""
+    epilogue, ``alpha * sum_t s_t * dot_t + shift``, then RPReLU (``slope``, ``beta1``) if given,
+    then the side branches on the same pixel if given (``lowrank`` from :func:`pack_lowrank`,
+    ``sparse`` from :func:`pack_sparse`; only where ``Ho, Wo == H, W``)."""
     empty = alpha.new_empty(0)
-    return torch.ops.bimacosr.binary_conv(x, bits, mask, alpha, shift,
+    first_t, second_t = lowrank if lowrank is not None else (empty, empty)
+    colptr, cols, coef = sparse if sparse is not None else (empty.long(), empty.long(), empty.view(0, LANES))
+    return torch.ops.bimacosr.binary_conv(x, bits, mask, cout, alpha, shift,
                                           empty if slope is None else slope,
                                           empty if beta1 is None else beta1,
+                                          first_t, second_t, colptr, cols, coef,
                                           kernel, stride, padding)
-
-
-def side_add(y: Tensor, x: Tensor, lora: tuple[Tensor, Tensor] | None,
-             smb: tuple[Tensor, Tensor] | None) -> Tensor:
-    """``y [M, Cout] += x [M, Cin] @ (S + second @ first)^T`` in place; ``lora`` = ``(first_t
-    [Cin, r], second_t [r, Cout])``, ``smb`` = ``(indices [2, n]`` (output, input), ``values
-    [n])``, duplicates adding up; float32, contiguous. Returns ``y``."""
-    empty = x.new_empty(0)
-    first_t, second_t = lora if lora is not None else (empty, empty)
-    indices, values = smb if smb is not None else (empty.long().view(2, 0), empty)
-    torch.ops.bimacosr.side_add(y, x, first_t, second_t, indices[0], indices[1], values)
-    return y

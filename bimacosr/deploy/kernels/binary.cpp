@@ -1,23 +1,32 @@
 // Fused 1-bit CPU kernel of the BiMaCo deploy layers (docs/kernel.md).
-// bimacosr::side_add(y [M, Cout], x [M, Cin], first_t, second_t, rows, cols, values): the LRMB and
-//   SMB, y += x @ (S + second @ first)^T in place (see side_add below).
 //
-// bimacosr::binary_conv(x [B, H, W, Cin] float32 NHWC, wbits [T, Cout, Wd] int64,
-//                       wmask [T, Cout, Wd] int64 or empty, alpha [Cout], shift [Cout],
-//                       slope [Cout] or empty, beta1 [Cout] or empty, k, stride, padding)
+// bimacosr::binary_conv(x [B, H, W, Cin] float32 NHWC, wbits [T, OB, Wd, 16] int64,
+//                       wmask like wbits or empty, cout, alpha [Cout], shift [Cout],
+//                       slope [Cout] or empty, beta1 [Cout] or empty,
+//                       first_t [Cin, r] or empty, second_t [r, OB*16] or empty,
+//                       smb_colptr [OB+1] or empty, smb_cols [u], smb_coef [u, 16], k, stride, padding)
 //   -> y [B, Ho, Wo, Cout] float32 with
-//   y[m, o] = epilogue(alpha[o] * sum_t s_t[m] * dot_t[m, o] + shift[o]),
+//   y[m, o] = epilogue(alpha[o] * sum_t s_t[m] * dot_t[m, o] + shift[o]) + side[m, o],
 //   epilogue = PReLU(slope) then + beta1 when slope is given (RPReLU), identity otherwise;
+//   side = (x[m] @ first_t) @ second_t[:, o] (LRMB) + sum_u x[m, smb_cols[u]] * smb_coef[u, o % 16]
+//   over the columns u of o's block (SMB: per block of 16 outputs, the input columns its nonzeros
+//   use and their values, dense over the 16), both on the input pixel m itself (only when
+//   Ho == H and Wo == W);
 //   dot_t[m, o] = sum_c sign(x[pixel_t(m), c]) * sign(W[o, c, t]) computed on bits:
 //   with P = sign bits (1 where > 0) and N = nonzero masks (1 where != 0),
 //   dot = popcount(N) - 2 * popcount((P_x ^ P_w) & N),  N = N_x & N_w.
 //   Padding taps (outside the image) contribute 0, as do pixels whose scale s = mean|x| is 0.
+//
+// Weights come in blocks of 16 output channels, the 16 words of one block and input word
+// adjacent (wbits[t, ob, i, lane]), lanes in the order kLaneOrder so that the AVX2 path's
+// 64-bit popcount lanes interleave into 32-bit lanes in natural output order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #ifdef __AVX2__
@@ -26,12 +35,28 @@
 
 namespace {
 
-constexpr int64_t kBlock = 8;  // output pixels sharing one pass over a weight row
+constexpr int64_t kLanes = 16;   // output channels per weight block
+constexpr int kLaneOrder[kLanes] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
+constexpr int64_t kPixels = 32;  // output pixels per task
+constexpr int64_t kGroup = 4;    // weight blocks per task
 
-// One pass over the rows of x [M, C]: sign bits, nonzero mask (both [M, Wd]), s = mean |x| and
-// the nonzero count per row.
+// 8 float / int32 lanes (GCC/Clang vector extensions: AVX2 registers where the CPU has them).
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+inline f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+
+// One pass over the rows of x [M, C]: sign bits, nonzero mask (both [M, Wd]), s = mean |x|, the
+// nonzero count per row and, with an LRMB (rank8 > 0), low = x @ first_t [M, rank8].
 void pack_rows(const float* x, int64_t rows, int64_t c, int64_t words, uint64_t* bits,
-               uint64_t* mask, float* scale, int32_t* nonzero) {
+               uint64_t* mask, float* scale, int32_t* nonzero, const float* first_t, int64_t rank8,
+               float* low) {
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const float* row = x + m * c;
@@ -70,22 +95,103 @@ void pack_rows(const float* x, int64_t rows, int64_t c, int64_t words, uint64_t*
 #endif
       scale[m] = total / float(c);
       nonzero[m] = count;
+      for (int64_t g = 0; g < rank8; g += 8) {  // four accumulators: FMA chains overlap
+        f32x8 part[4] = {};
+        int64_t i = 0;
+        for (; i + 4 <= c; i += 4)
+          for (int u = 0; u < 4; ++u) part[u] += row[i + u] * load8(first_t + (i + u) * rank8 + g);
+        for (; i < c; ++i) part[0] += row[i] * load8(first_t + i * rank8 + g);
+        store8(low + m * rank8 + g, (part[0] + part[1]) + (part[2] + part[3]));
+      }
     }
   });
 }
 
+// dots[o] (o = 0..15, natural order) of one (input pixel, tap, weight block) with masks: the
+// activation's nonzero mask xm always, the weight's wm when kWeightZeros (otherwise its nonzero
+// count is the pixel's, `nonzero`).
+template <bool kWeightZeros>
+inline void tap_masked(const uint64_t* xb, const uint64_t* xm, const uint64_t* wb, const uint64_t* wm,
+                       int64_t words, int32_t nonzero, int32_t* dots) {
+  int32_t valid[kLanes], differ[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) valid[j] = kWeightZeros ? 0 : nonzero, differ[j] = 0;
+  for (int64_t i = 0; i < words; ++i) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const uint64_t both = kWeightZeros ? xm[i] & wm[i * kLanes + j] : xm[i];
+      if (kWeightZeros) valid[j] += __builtin_popcountll(both);
+      differ[j] += __builtin_popcountll((xb[i] ^ wb[i * kLanes + j]) & both);
+    }
+  }
+  for (int64_t j = 0; j < kLanes; ++j) dots[kLaneOrder[j]] = valid[j] - 2 * differ[j];
+}
+
+#ifdef __AVX2__
+// Byte-wise popcount of v (4-bit table lookups).
+inline __m256i popcount_bytes(__m256i v) {
+  const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+  return _mm256_add_epi8(_mm256_shuffle_epi8(table, lo), _mm256_shuffle_epi8(table, hi));
+}
+
+// dots of a pixel without zeros and weights without zeros: C - 2 * popcount(P_x ^ P_w).
+inline void tap_clean(const uint64_t* xb, const uint64_t* wb, int64_t words, int32_t channels,
+                      int32_t* dots) {
+  constexpr int64_t kFlush = 31;  // byte counters hold 8 * 31 < 256
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i sum[4] = {zero, zero, zero, zero};  // 64-bit lane counts, lanes in kLaneOrder
+  for (int64_t i0 = 0; i0 < words; i0 += kFlush) {
+    __m256i bytes[4] = {zero, zero, zero, zero};
+    for (int64_t i = i0, i1 = std::min(words, i0 + kFlush); i < i1; ++i) {
+      const __m256i xv = _mm256_set1_epi64x(int64_t(xb[i]));
+      const __m256i* w = reinterpret_cast<const __m256i*>(wb + i * kLanes);
+      for (int v = 0; v < 4; ++v)
+        bytes[v] = _mm256_add_epi8(bytes[v], popcount_bytes(_mm256_xor_si256(_mm256_loadu_si256(w + v), xv)));
+    }
+    for (int v = 0; v < 4; ++v) sum[v] = _mm256_add_epi64(sum[v], _mm256_sad_epu8(bytes[v], zero));
+  }
+  const __m256i c = _mm256_set1_epi32(channels);
+  for (int half = 0; half < 2; ++half) {  // lanes (0,2,4,6) | (1,3,5,7) << 32 -> outputs 0..7
+    const __m256i differ = _mm256_or_si256(sum[2 * half], _mm256_slli_epi64(sum[2 * half + 1], 32));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots + 8 * half),
+                        _mm256_sub_epi32(c, _mm256_slli_epi32(differ, 1)));
+  }
+}
+#endif
+
+struct Side {  // the side branches added in the epilogue (rank 0 / no SMB: none)
+  const float* x = nullptr;       // the layer input [M, Cin]
+  int64_t cin = 0;
+  const float* low = nullptr;     // x @ first_t [M, rank8]
+  const float* second = nullptr;  // [rank8, OB*16]
+  int64_t rank = 0;               // rank8: the LRMB rank rounded up to a multiple of 8
+  const int64_t* colptr = nullptr;  // SMB per weight block: input columns colptr[blk]..colptr[blk+1]
+  const int64_t* cols = nullptr;    // [u]
+  const float* coef = nullptr;      // [u, 16]: their values for the block's 16 outputs
+};
+
+struct Epilogue {  // per output channel, padded to OB*16
+  std::vector<float> alpha, shift, slope, beta1;
+  bool rprelu;
+};
+
 template <bool kWeightZeros>
 void gemm(const uint64_t* xbits, const uint64_t* xmask, const float* scale, const int32_t* nonzero,
-          int64_t channels, const uint64_t* wbits, const uint64_t* wmask, const float* alpha,
-          const float* shift, const float* slope, const float* beta1, float* out, int64_t batch,
-          int64_t h, int64_t w, int64_t ho, int64_t wo, int64_t k, int64_t stride, int64_t pad,
-          int64_t cout, int64_t words) {
-  const int64_t taps = k * k, pixels = batch * ho * wo;
-  const int64_t blocks = (pixels + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> src(taps * kBlock);  // input row of (tap, pixel), -1 where it adds 0
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t m0 = blk * kBlock, n = std::min(kBlock, pixels - m0);
+          int32_t channels, const uint64_t* wbits, const uint64_t* wmask, const Epilogue& ep,
+          const Side& side, float* out, int64_t batch, int64_t h, int64_t w, int64_t ho, int64_t wo,
+          int64_t k, int64_t stride, int64_t pad, int64_t cout, int64_t words) {
+  const int64_t taps = k * k, pixels = batch * ho * wo, blocks = (cout + kLanes - 1) / kLanes;
+  const int64_t chunks = (pixels + kPixels - 1) / kPixels, groups = (blocks + kGroup - 1) / kGroup;
+  const int64_t tap_stride = blocks * words * kLanes;
+  at::parallel_for(0, chunks * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> src(kPixels * taps);  // input row of (pixel, tap), -1 where it adds 0
+    alignas(32) int32_t dots[kLanes];
+    alignas(32) float tail[kLanes];
+    const f32x8 zero = {};
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t m0 = (task / groups) * kPixels, n = std::min(kPixels, pixels - m0);
+      const int64_t b0 = (task % groups) * kGroup, b1 = std::min(blocks, b0 + kGroup);
       for (int64_t p = 0; p < n; ++p) {
         const int64_t m = m0 + p, b = m / (ho * wo), oy = (m / wo) % ho, ox = m % wo;
         for (int64_t t = 0; t < taps; ++t) {
@@ -95,147 +201,187 @@ void gemm(const uint64_t* xbits, const uint64_t* xmask, const float* scale, cons
             row = (b * h + iy) * w + ix;
             if (scale[row] == 0.f) row = -1;
           }
-          src[t * kBlock + p] = row;
+          src[p * taps + t] = row;
         }
       }
-      for (int64_t o = 0; o < cout; ++o) {
-        float acc[kBlock] = {0.f};
-        for (int64_t t = 0; t < taps; ++t) {
-          const uint64_t* wb = wbits + (t * cout + o) * words;
-          const uint64_t* wm = kWeightZeros ? wmask + (t * cout + o) * words : nullptr;
-          for (int64_t p = 0; p < n; ++p) {
-            const int64_t row = src[t * kBlock + p];
-            if (row < 0) continue;
-            const uint64_t* xb = xbits + row * words;
-            const uint64_t* xm = xmask + row * words;
-            int64_t valid = 0, differ = 0;
-            if (kWeightZeros) {
-              for (int64_t i = 0; i < words; ++i) {
-                const uint64_t both = xm[i] & wm[i];
-                valid += __builtin_popcountll(both);
-                differ += __builtin_popcountll((xb[i] ^ wb[i]) & both);
-              }
-            } else if (nonzero[row] == channels) {  // no zero in this pixel: pad bits are 0 in both
-              valid = channels;
-              for (int64_t i = 0; i < words; ++i) differ += __builtin_popcountll(xb[i] ^ wb[i]);
-            } else {
-              valid = nonzero[row];
-              for (int64_t i = 0; i < words; ++i)
-                differ += __builtin_popcountll((xb[i] ^ wb[i]) & xm[i]);
-            }
-            acc[p] += scale[row] * float(valid - 2 * differ);
-          }
-        }
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t o0 = blk * kLanes;
         for (int64_t p = 0; p < n; ++p) {
-          float v = acc[p] * alpha[o] + shift[o];
-          if (slope != nullptr) v = (v >= 0.f ? v : v * slope[o]) + beta1[o];
-          out[(m0 + p) * cout + o] = v;
+          f32x8 acc[2] = {zero, zero};
+          for (int64_t t = 0; t < taps; ++t) {
+            const int64_t row = src[p * taps + t];
+            if (row < 0) continue;
+            const uint64_t* wb = wbits + t * tap_stride + blk * words * kLanes;
+            const uint64_t* wm = kWeightZeros ? wmask + t * tap_stride + blk * words * kLanes : nullptr;
+#ifdef __AVX2__
+            if (!kWeightZeros && nonzero[row] == channels)
+              tap_clean(xbits + row * words, wb, words, channels, dots);
+            else
+#endif
+              tap_masked<kWeightZeros>(xbits + row * words, xmask + row * words, wb, wm, words,
+                                       nonzero[row], dots);
+            const float s = scale[row];
+            for (int half = 0; half < 2; ++half) {
+              i32x8 d;
+              std::memcpy(&d, dots + 8 * half, sizeof d);
+              acc[half] += s * __builtin_convertvector(d, f32x8);
+            }
+          }
+          const int64_t m = m0 + p;
+          f32x8 v[2];
+          for (int half = 0; half < 2; ++half) {
+            const int64_t o = o0 + 8 * half;
+            v[half] = acc[half] * load8(ep.alpha.data() + o) + load8(ep.shift.data() + o);
+            if (ep.rprelu)  // PReLU then beta1, branch-free: max(v, 0) + slope * min(v, 0)
+              v[half] = (v[half] > zero ? v[half] : zero) +
+                        load8(ep.slope.data() + o) * (v[half] < zero ? v[half] : zero) +
+                        load8(ep.beta1.data() + o);
+          }
+          // Side branches, two accumulators per half (pairs of terms) so FMA chains overlap.
+          f32x8 sum[4] = {zero, zero, zero, zero};
+          const float* low = side.low + m * side.rank;
+          for (int64_t q = 0; q < side.rank; q += 2) {  // rank8: even
+            const float* sec = side.second + q * blocks * kLanes + o0;
+            sum[0] += low[q] * load8(sec);
+            sum[2] += low[q] * load8(sec + 8);
+            sum[1] += low[q + 1] * load8(sec + blocks * kLanes);
+            sum[3] += low[q + 1] * load8(sec + blocks * kLanes + 8);
+          }
+          if (side.colptr != nullptr) {
+            const float* xr = side.x + m * side.cin;
+            const int64_t u0 = side.colptr[blk], u1 = side.colptr[blk + 1];
+            int64_t u = u0;
+            for (; u + 2 <= u1; u += 2) {
+              const float* coef = side.coef + u * kLanes;
+              const float xa = xr[side.cols[u]], xb = xr[side.cols[u + 1]];
+              sum[0] += xa * load8(coef);
+              sum[2] += xa * load8(coef + 8);
+              sum[1] += xb * load8(coef + kLanes);
+              sum[3] += xb * load8(coef + kLanes + 8);
+            }
+            if (u < u1) {
+              const float xa = xr[side.cols[u]];
+              sum[0] += xa * load8(side.coef + u * kLanes);
+              sum[2] += xa * load8(side.coef + u * kLanes + 8);
+            }
+          }
+          acc[0] = v[0] + (sum[0] + sum[1]);
+          acc[1] = v[1] + (sum[2] + sum[3]);
+          float* y = out + m * cout + o0;
+          if (cout - o0 >= kLanes) {
+            store8(y, acc[0]);
+            store8(y + 8, acc[1]);
+          } else {
+            store8(tail, acc[0]);
+            store8(tail + 8, acc[1]);
+            std::copy(tail, tail + (cout - o0), y);
+          }
         }
       }
     }
   });
 }
 
+std::vector<float> padded(const at::Tensor& v, int64_t n) {
+  std::vector<float> out(n, 0.f);
+  if (v.numel()) std::copy(v.data_ptr<float>(), v.data_ptr<float>() + v.numel(), out.begin());
+  return out;
+}
+
 at::Tensor binary_conv(const at::Tensor& x, const at::Tensor& wbits, const at::Tensor& wmask,
-                       const at::Tensor& alpha, const at::Tensor& shift, const at::Tensor& slope,
-                       const at::Tensor& beta1, int64_t k, int64_t stride, int64_t pad) {
+                       int64_t cout, const at::Tensor& alpha, const at::Tensor& shift,
+                       const at::Tensor& slope, const at::Tensor& beta1, const at::Tensor& first_t,
+                       const at::Tensor& second_t, const at::Tensor& smb_colptr,
+                       const at::Tensor& smb_cols, const at::Tensor& smb_coef, int64_t k,
+                       int64_t stride, int64_t pad) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
               "binary_conv: x must be a contiguous float32 CPU tensor [B, H, W, Cin]");
-  TORCH_CHECK(wbits.dim() == 3 && wbits.scalar_type() == at::kLong && wbits.is_contiguous() &&
-                  wbits.size(0) == k * k,
-              "binary_conv: wbits must be contiguous int64 [k*k, Cout, Wd]");
   const int64_t batch = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
-  const int64_t cout = wbits.size(1), words = wbits.size(2);
-  TORCH_CHECK(words == (c + 63) / 64, "binary_conv: ", words, " weight words for ", c, " channels");
+  const int64_t words = (c + 63) / 64, blocks = (cout + kLanes - 1) / kLanes;
+  TORCH_CHECK(wbits.scalar_type() == at::kLong && wbits.is_contiguous() &&
+                  wbits.sizes() == at::IntArrayRef({k * k, blocks, words, kLanes}),
+              "binary_conv: wbits must be contiguous int64 [k*k, ceil(Cout/16), ceil(Cin/64), 16], got ",
+              wbits.sizes());
   const bool weight_zeros = wmask.numel() > 0;
   TORCH_CHECK(!weight_zeros || (wmask.sizes() == wbits.sizes() && wmask.is_contiguous() &&
                                 wmask.scalar_type() == at::kLong),
               "binary_conv: wmask must be empty or like wbits");
-  for (const at::Tensor* v : {&alpha, &shift})
-    TORCH_CHECK(v->numel() == cout && v->scalar_type() == at::kFloat && v->is_contiguous(),
-                "binary_conv: alpha and shift must be contiguous float32 [Cout]");
   const bool rprelu = slope.numel() > 0;
-  TORCH_CHECK(!rprelu || (slope.numel() == cout && beta1.numel() == cout && slope.is_contiguous() &&
-                          beta1.is_contiguous() && slope.scalar_type() == at::kFloat &&
-                          beta1.scalar_type() == at::kFloat),
-              "binary_conv: slope and beta1 must be empty or contiguous float32 [Cout]");
+  for (const at::Tensor* v : {&alpha, &shift, &slope, &beta1})
+    TORCH_CHECK(v->scalar_type() == at::kFloat && v->is_contiguous() &&
+                    (v->numel() == cout || (v->numel() == 0 && (v == &slope || v == &beta1))),
+                "binary_conv: alpha, shift (and slope, beta1 when given) must be contiguous float32 [Cout]");
+  TORCH_CHECK(beta1.numel() == slope.numel(), "binary_conv: slope and beta1 go together");
   const int64_t ho = (h + 2 * pad - k) / stride + 1, wo = (w + 2 * pad - k) / stride + 1;
   TORCH_CHECK(ho > 0 && wo > 0, "binary_conv: empty output for input ", h, "x", w);
 
-  const int64_t rows = batch * h * w;
+  const int64_t rows = batch * h * w, rank = first_t.numel() ? first_t.size(1) : 0;
+  const int64_t used = smb_cols.numel();
+  const bool has_smb = smb_colptr.numel() > 0;
+  TORCH_CHECK(!(rank || has_smb) || (ho == h && wo == w),
+              "binary_conv: side branches need an output as large as the input");
+  TORCH_CHECK(rank == 0 || (rank % 8 == 0 && first_t.sizes() == at::IntArrayRef({c, rank}) &&
+                            second_t.sizes() == at::IntArrayRef({rank, blocks * kLanes}) &&
+                            first_t.is_contiguous() && second_t.is_contiguous() &&
+                            first_t.scalar_type() == at::kFloat && second_t.scalar_type() == at::kFloat),
+              "binary_conv: first_t [Cin, r8] and second_t [r8, ceil(Cout/16)*16] (r8 a multiple of 8) "
+              "must be contiguous float32");
+  TORCH_CHECK(!has_smb || (smb_colptr.numel() == blocks + 1 && smb_colptr.scalar_type() == at::kLong &&
+                           smb_cols.scalar_type() == at::kLong && smb_coef.scalar_type() == at::kFloat &&
+                           smb_coef.sizes() == at::IntArrayRef({used, kLanes}) &&
+                           smb_colptr.is_contiguous() && smb_cols.is_contiguous() && smb_coef.is_contiguous()),
+              "binary_conv: SMB colptr [ceil(Cout/16)+1], cols int64 [u] and coef float32 [u, 16], contiguous");
+  if (has_smb) {
+    const int64_t* cp = smb_colptr.data_ptr<int64_t>();
+    const int64_t* cl = smb_cols.data_ptr<int64_t>();
+    TORCH_CHECK(cp[0] == 0 && cp[blocks] == used, "binary_conv: SMB colptr does not cover the columns");
+    for (int64_t b = 0; b < blocks; ++b) TORCH_CHECK(cp[b] <= cp[b + 1], "binary_conv: SMB colptr decreases");
+    for (int64_t u = 0; u < used; ++u) TORCH_CHECK(cl[u] >= 0 && cl[u] < c, "binary_conv: SMB column out of range");
+  }
+
   at::Tensor xbits = at::empty({rows, words}, x.options().dtype(at::kLong));
   at::Tensor xmask = at::empty({rows, words}, x.options().dtype(at::kLong));
   at::Tensor scale = at::empty({rows}, x.options());
   at::Tensor nonzero = at::empty({rows}, x.options().dtype(at::kInt));
   auto u64 = [](const at::Tensor& t) { return reinterpret_cast<uint64_t*>(t.data_ptr<int64_t>()); };
+  at::Tensor low = at::empty({rows, rank}, x.options());
   pack_rows(x.data_ptr<float>(), rows, c, words, u64(xbits), u64(xmask), scale.data_ptr<float>(),
-            nonzero.data_ptr<int32_t>());
+            nonzero.data_ptr<int32_t>(), rank ? first_t.data_ptr<float>() : nullptr, rank,
+            low.data_ptr<float>());
+
+  Side side;
+  if (rank) {
+    side.low = low.data_ptr<float>();
+    side.second = second_t.data_ptr<float>();
+    side.rank = rank;
+  }
+  side.x = x.data_ptr<float>();
+  side.cin = c;
+  if (has_smb) {
+    side.colptr = smb_colptr.data_ptr<int64_t>();
+    side.cols = smb_cols.data_ptr<int64_t>();
+    side.coef = smb_coef.data_ptr<float>();
+  }
+  const int64_t lanes = blocks * kLanes;
+  const Epilogue ep{padded(alpha, lanes), padded(shift, lanes), padded(slope, lanes),
+                    padded(beta1, lanes), rprelu};
 
   at::Tensor out = at::empty({batch, ho, wo, cout}, x.options());
-  const float* slope_p = rprelu ? slope.data_ptr<float>() : nullptr;
-  const float* beta1_p = rprelu ? beta1.data_ptr<float>() : nullptr;
   auto run = weight_zeros ? gemm<true> : gemm<false>;
-  run(u64(xbits), u64(xmask), scale.data_ptr<float>(), nonzero.data_ptr<int32_t>(), c, u64(wbits),
-      weight_zeros ? u64(wmask) : nullptr, alpha.data_ptr<float>(), shift.data_ptr<float>(),
-      slope_p, beta1_p, out.data_ptr<float>(), batch, h, w, ho, wo, k, stride, pad, cout, words);
+  run(u64(xbits), u64(xmask), scale.data_ptr<float>(), nonzero.data_ptr<int32_t>(), int32_t(c),
+      u64(wbits), weight_zeros ? u64(wmask) : nullptr, ep, side, out.data_ptr<float>(), batch, h, w,
+      ho, wo, k, stride, pad, cout, words);
   return out;
-}
-
-// Side branches, in place: y [M, Cout] += x [M, Cin] @ (S + second @ first)^T, with the LRMB as
-// first_t [Cin, r] and second_t [r, Cout] (both empty: none) and the SMB S as (rows = output,
-// cols = input, values), each [n] (empty: none; duplicates add up).
-void side_add(const at::Tensor& y, const at::Tensor& x, const at::Tensor& first_t,
-              const at::Tensor& second_t, const at::Tensor& rows, const at::Tensor& cols,
-              const at::Tensor& values) {
-  TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && y.size(0) == x.size(0) && y.is_contiguous() &&
-                  x.is_contiguous() && y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat,
-              "side_add: y [M, Cout] and x [M, Cin] must be contiguous float32");
-  const int64_t m = x.size(0), cin = x.size(1), cout = y.size(1), n = values.numel();
-  const int64_t rank = first_t.numel() ? first_t.size(1) : 0;
-  TORCH_CHECK(rank == 0 || (first_t.sizes() == at::IntArrayRef({cin, rank}) &&
-                            second_t.sizes() == at::IntArrayRef({rank, cout}) &&
-                            first_t.is_contiguous() && second_t.is_contiguous() &&
-                            first_t.scalar_type() == at::kFloat && second_t.scalar_type() == at::kFloat),
-              "side_add: first_t [Cin, r] and second_t [r, Cout] must be contiguous float32");
-  TORCH_CHECK(n == 0 || (rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong &&
-                         values.scalar_type() == at::kFloat && rows.numel() == n &&
-                         cols.numel() == n && rows.is_contiguous() && cols.is_contiguous() &&
-                         values.is_contiguous()),
-              "side_add: rows, cols int64 and values float32, contiguous, of one length");
-  const int64_t* r = n ? rows.data_ptr<int64_t>() : nullptr;
-  const int64_t* c = n ? cols.data_ptr<int64_t>() : nullptr;
-  const float* v = n ? values.data_ptr<float>() : nullptr;
-  for (int64_t j = 0; j < n; ++j)
-    TORCH_CHECK(r[j] >= 0 && r[j] < cout && c[j] >= 0 && c[j] < cin, "side_add: index out of range");
-  const float* f = rank ? first_t.data_ptr<float>() : nullptr;
-  const float* s = rank ? second_t.data_ptr<float>() : nullptr;
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> low(rank);
-    for (int64_t i = begin; i < end; ++i) {
-      const float* xi = xp + i * cin;
-      float* yi = yp + i * cout;
-      std::fill(low.begin(), low.end(), 0.f);
-      for (int64_t j = 0; j < cin; ++j)  // over the rank innermost: vectorizes (r = 8: one AVX2 register)
-        for (int64_t q = 0; q < rank; ++q) low[q] += f[j * rank + q] * xi[j];
-      for (int64_t q = 0; q < rank; ++q)
-        for (int64_t o = 0; o < cout; ++o) yi[o] += low[q] * s[q * cout + o];
-      for (int64_t j = 0; j < n; ++j) yi[r[j]] += v[j] * xi[c[j]];
-    }
-  });
 }
 
 }  // namespace
 
 TORCH_LIBRARY(bimacosr, m) {
-  m.def("binary_conv(Tensor x, Tensor wbits, Tensor wmask, Tensor alpha, Tensor shift, "
-        "Tensor slope, Tensor beta1, int k, int stride, int padding) -> Tensor");
-  m.def("side_add(Tensor(a!) y, Tensor x, Tensor first_t, Tensor second_t, Tensor rows, Tensor cols, "
-        "Tensor values) -> ()");
+  m.def("binary_conv(Tensor x, Tensor wbits, Tensor wmask, int cout, Tensor alpha, Tensor shift, "
+        "Tensor slope, Tensor beta1, Tensor first_t, Tensor second_t, Tensor smb_colptr, "
+        "Tensor smb_cols, Tensor smb_coef, int k, int stride, int padding) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bimacosr, CPU, m) {
   m.impl("binary_conv", &binary_conv);
-  m.impl("side_add", &side_add);
 }
