@@ -135,9 +135,10 @@ inline __m256i popcount_bytes(__m256i v) {
   return _mm256_add_epi8(_mm256_shuffle_epi8(table, lo), _mm256_shuffle_epi8(table, hi));
 }
 
-// dots of a pixel without zeros and weights without zeros: C - 2 * popcount(P_x ^ P_w).
+// dots of a pixel without zeros and weights without zeros, C - 2 * popcount(P_x ^ P_w), for
+// outputs 0..7 (dots[0]) and 8..15 (dots[1]) of the block.
 inline void tap_clean(const uint64_t* xb, const uint64_t* wb, int64_t words, int32_t channels,
-                      int32_t* dots) {
+                      __m256i* dots) {
   constexpr int64_t kFlush = 31;  // byte counters hold 8 * 31 < 256
   const __m256i zero = _mm256_setzero_si256();
   __m256i sum[4] = {zero, zero, zero, zero};  // 64-bit lane counts, lanes in kLaneOrder
@@ -154,8 +155,7 @@ inline void tap_clean(const uint64_t* xb, const uint64_t* wb, int64_t words, int
   const __m256i c = _mm256_set1_epi32(channels);
   for (int half = 0; half < 2; ++half) {  // lanes (0,2,4,6) | (1,3,5,7) << 32 -> outputs 0..7
     const __m256i differ = _mm256_or_si256(sum[2 * half], _mm256_slli_epi64(sum[2 * half + 1], 32));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots + 8 * half),
-                        _mm256_sub_epi32(c, _mm256_slli_epi32(differ, 1)));
+    dots[half] = _mm256_sub_epi32(c, _mm256_slli_epi32(differ, 1));
   }
 }
 #endif
@@ -176,15 +176,27 @@ struct Epilogue {  // per output channel, padded to OB*16
   bool rprelu;
 };
 
+struct Problem {  // one call: the packed input, the weights and the output geometry
+  const uint64_t *xbits, *xmask, *wbits, *wmask;  // wmask: null without weight zeros
+  const float* scale;
+  const int32_t* nonzero;
+  int32_t channels;
+  int64_t batch, h, w, ho, wo, k, stride, pad, cout, words;
+};
+
+// The output rows [B*Ho*Wo, Cout]: in tasks of kPixels output pixels x kGroup weight blocks; per
+// pixel and block, 16 accumulators over the taps, then the epilogue and side branches.
 template <bool kWeightZeros>
-void gemm(const uint64_t* xbits, const uint64_t* xmask, const float* scale, const int32_t* nonzero,
-          int32_t channels, const uint64_t* wbits, const uint64_t* wmask, const Epilogue& ep,
-          const Side& side, float* out, int64_t batch, int64_t h, int64_t w, int64_t ho, int64_t wo,
-          int64_t k, int64_t stride, int64_t pad, int64_t cout, int64_t words) {
-  const int64_t taps = k * k, pixels = batch * ho * wo, blocks = (cout + kLanes - 1) / kLanes;
+void gemm(const Problem& pr, const Epilogue& ep, const Side& side, float* out) {
+  const int64_t taps = pr.k * pr.k, pixels = pr.batch * pr.ho * pr.wo;
+  const int64_t blocks = (pr.cout + kLanes - 1) / kLanes, words = pr.words;
   const int64_t chunks = (pixels + kPixels - 1) / kPixels, groups = (blocks + kGroup - 1) / kGroup;
   const int64_t tap_stride = blocks * words * kLanes;
   at::parallel_for(0, chunks * groups, 1, [&](int64_t begin, int64_t end) {
+    const Problem p = pr;  // locals: no reloads through the captured reference
+    const Side sd = side;
+    const float *alpha = ep.alpha.data(), *shift = ep.shift.data(), *slope = ep.slope.data(),
+                *beta1 = ep.beta1.data();
     std::vector<int64_t> src(kPixels * taps);  // input row of (pixel, tap), -1 where it adds 0
     alignas(32) int32_t dots[kLanes];
     alignas(32) float tail[kLanes];
@@ -192,89 +204,91 @@ void gemm(const uint64_t* xbits, const uint64_t* xmask, const float* scale, cons
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = (task / groups) * kPixels, n = std::min(kPixels, pixels - m0);
       const int64_t b0 = (task % groups) * kGroup, b1 = std::min(blocks, b0 + kGroup);
-      for (int64_t p = 0; p < n; ++p) {
-        const int64_t m = m0 + p, b = m / (ho * wo), oy = (m / wo) % ho, ox = m % wo;
+      for (int64_t q = 0; q < n; ++q) {
+        const int64_t m = m0 + q, b = m / (p.ho * p.wo), oy = (m / p.wo) % p.ho, ox = m % p.wo;
         for (int64_t t = 0; t < taps; ++t) {
-          const int64_t iy = oy * stride - pad + t / k, ix = ox * stride - pad + t % k;
+          const int64_t iy = oy * p.stride - p.pad + t / p.k, ix = ox * p.stride - p.pad + t % p.k;
           int64_t row = -1;
-          if (iy >= 0 && iy < h && ix >= 0 && ix < w) {
-            row = (b * h + iy) * w + ix;
-            if (scale[row] == 0.f) row = -1;
+          if (iy >= 0 && iy < p.h && ix >= 0 && ix < p.w) {
+            row = (b * p.h + iy) * p.w + ix;
+            if (p.scale[row] == 0.f) row = -1;
           }
-          src[p * taps + t] = row;
+          src[q * taps + t] = row;
         }
       }
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t o0 = blk * kLanes;
-        for (int64_t p = 0; p < n; ++p) {
+        for (int64_t q = 0; q < n; ++q) {
           f32x8 acc[2] = {zero, zero};
           for (int64_t t = 0; t < taps; ++t) {
-            const int64_t row = src[p * taps + t];
+            const int64_t row = src[q * taps + t];
             if (row < 0) continue;
-            const uint64_t* wb = wbits + t * tap_stride + blk * words * kLanes;
-            const uint64_t* wm = kWeightZeros ? wmask + t * tap_stride + blk * words * kLanes : nullptr;
+            const uint64_t* wb = p.wbits + t * tap_stride + blk * words * kLanes;
+            const f32x8 s = zero + p.scale[row];
 #ifdef __AVX2__
-            if (!kWeightZeros && nonzero[row] == channels)
-              tap_clean(xbits + row * words, wb, words, channels, dots);
-            else
+            if (!kWeightZeros && p.nonzero[row] == p.channels) {
+              __m256i d[2];
+              tap_clean(p.xbits + row * words, wb, words, p.channels, d);
+              acc[0] += s * __builtin_convertvector(i32x8(d[0]), f32x8);
+              acc[1] += s * __builtin_convertvector(i32x8(d[1]), f32x8);
+              continue;
+            }
 #endif
-              tap_masked<kWeightZeros>(xbits + row * words, xmask + row * words, wb, wm, words,
-                                       nonzero[row], dots);
-            const float s = scale[row];
+            const uint64_t* wm = kWeightZeros ? p.wmask + t * tap_stride + blk * words * kLanes : nullptr;
+            tap_masked<kWeightZeros>(p.xbits + row * words, p.xmask + row * words, wb, wm, words,
+                                     p.nonzero[row], dots);
             for (int half = 0; half < 2; ++half) {
               i32x8 d;
               std::memcpy(&d, dots + 8 * half, sizeof d);
               acc[half] += s * __builtin_convertvector(d, f32x8);
             }
           }
-          const int64_t m = m0 + p;
-          f32x8 v[2];
+          const int64_t m = m0 + q;
           for (int half = 0; half < 2; ++half) {
             const int64_t o = o0 + 8 * half;
-            v[half] = acc[half] * load8(ep.alpha.data() + o) + load8(ep.shift.data() + o);
+            f32x8 v = acc[half] * load8(alpha + o) + load8(shift + o);
             if (ep.rprelu)  // PReLU then beta1, branch-free: max(v, 0) + slope * min(v, 0)
-              v[half] = (v[half] > zero ? v[half] : zero) +
-                        load8(ep.slope.data() + o) * (v[half] < zero ? v[half] : zero) +
-                        load8(ep.beta1.data() + o);
+              v = (v > zero ? v : zero) + load8(slope + o) * (v < zero ? v : zero) + load8(beta1 + o);
+            acc[half] = v;
           }
           // Side branches, two accumulators per half (pairs of terms) so FMA chains overlap.
           f32x8 sum[4] = {zero, zero, zero, zero};
-          const float* low = side.low + m * side.rank;
-          for (int64_t q = 0; q < side.rank; q += 2) {  // rank8: even
-            const float* sec = side.second + q * blocks * kLanes + o0;
-            sum[0] += low[q] * load8(sec);
-            sum[2] += low[q] * load8(sec + 8);
-            sum[1] += low[q + 1] * load8(sec + blocks * kLanes);
-            sum[3] += low[q + 1] * load8(sec + blocks * kLanes + 8);
+          const float* low = sd.low + m * sd.rank;
+          for (int64_t r = 0; r < sd.rank; r += 2) {  // rank8: even
+            const float* sec = sd.second + r * blocks * kLanes + o0;
+            sum[0] += low[r] * load8(sec);
+            sum[2] += low[r] * load8(sec + 8);
+            sum[1] += low[r + 1] * load8(sec + blocks * kLanes);
+            sum[3] += low[r + 1] * load8(sec + blocks * kLanes + 8);
           }
-          if (side.colptr != nullptr) {
-            const float* xr = side.x + m * side.cin;
-            const int64_t u0 = side.colptr[blk], u1 = side.colptr[blk + 1];
-            int64_t u = u0;
+          if (sd.colptr != nullptr) {
+            const float* xr = sd.x + m * sd.cin;
+            const int64_t u1 = sd.colptr[blk + 1];
+            int64_t u = sd.colptr[blk];
             for (; u + 2 <= u1; u += 2) {
-              const float* coef = side.coef + u * kLanes;
-              const float xa = xr[side.cols[u]], xb = xr[side.cols[u + 1]];
+              const float* coef = sd.coef + u * kLanes;
+              const float xa = xr[sd.cols[u]], xb = xr[sd.cols[u + 1]];
               sum[0] += xa * load8(coef);
               sum[2] += xa * load8(coef + 8);
               sum[1] += xb * load8(coef + kLanes);
               sum[3] += xb * load8(coef + kLanes + 8);
             }
             if (u < u1) {
-              const float xa = xr[side.cols[u]];
-              sum[0] += xa * load8(side.coef + u * kLanes);
-              sum[2] += xa * load8(side.coef + u * kLanes + 8);
+              const float xa = xr[sd.cols[u]];
+              sum[0] += xa * load8(sd.coef + u * kLanes);
+              sum[2] += xa * load8(sd.coef + u * kLanes + 8);
             }
           }
-          acc[0] = v[0] + (sum[0] + sum[1]);
-          acc[1] = v[1] + (sum[2] + sum[3]);
-          float* y = out + m * cout + o0;
-          if (cout - o0 >= kLanes) {
+          acc[0] += sum[0] + sum[1];
+          acc[1] += sum[2] + sum[3];
+          float* y = out + m * p.cout + o0;
+          if (p.cout - o0 >= kLanes) {
             store8(y, acc[0]);
             store8(y + 8, acc[1]);
           } else {
             store8(tail, acc[0]);
             store8(tail + 8, acc[1]);
-            std::copy(tail, tail + (cout - o0), y);
+            std::copy(tail, tail + (p.cout - o0), y);
           }
         }
       }
@@ -367,10 +381,10 @@ at::Tensor binary_conv(const at::Tensor& x, const at::Tensor& wbits, const at::T
                     padded(beta1, lanes), rprelu};
 
   at::Tensor out = at::empty({batch, ho, wo, cout}, x.options());
-  auto run = weight_zeros ? gemm<true> : gemm<false>;
-  run(u64(xbits), u64(xmask), scale.data_ptr<float>(), nonzero.data_ptr<int32_t>(), int32_t(c),
-      u64(wbits), weight_zeros ? u64(wmask) : nullptr, ep, side, out.data_ptr<float>(), batch, h, w,
-      ho, wo, k, stride, pad, cout, words);
+  const Problem problem{u64(xbits), u64(xmask), u64(wbits), weight_zeros ? u64(wmask) : nullptr,
+                        scale.data_ptr<float>(), nonzero.data_ptr<int32_t>(), int32_t(c), batch, h, w,
+                        ho, wo, k, stride, pad, cout, words};
+  (weight_zeros ? gemm<true> : gemm<false>)(problem, ep, side, out.data_ptr<float>());
   return out;
 }
 
