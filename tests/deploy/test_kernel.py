@@ -1,6 +1,9 @@
 """The fused 1-bit kernel vs the simulated BiMaCo layers (the released model's layer shapes), the
 stock-path fallback when the kernel cannot be built, and deploy layers under bf16 autocast."""
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,9 +23,14 @@ TOL = 1e-4
 REPO = Path(__file__).resolve().parents[2]
 
 
+DEFINE_ENV = "BIMACOSR_TEST_KERNEL_DEFINE"  # a -D for the kernel build (the emulated-path test)
+
+
 @pytest.fixture(scope="session")
 def fused() -> None:
     """The compiled kernel (built once per session, cached on disk); skips where it cannot build."""
+    if os.environ.get(DEFINE_ENV):
+        kernels.FLAGS.append(f"-D{os.environ[DEFINE_ENV]}")
     if not kernels.available():
         pytest.skip(kernels.status())
 
@@ -221,3 +229,21 @@ def test_every_released_layer_equals_its_simulated_twin_at_released_size(fused):
     assert len(errors) == sum(isinstance(m, (BiMaCoConv2d, BiMaCoLinear)) for m in model.modules())
     worst = max(errors, key=errors.get)
     assert errors[worst] <= TOL, f"{worst}: max abs error {errors[worst]:.2e}"
+
+
+@pytest.mark.slow
+def test_lane_popcount_path_on_an_emulated_build(fused):
+    """The AVX-512 VPOPCNTDQ path (a popcount per 64-bit lane, no byte counters) cannot run on a
+    CPU without it; its logic runs here with the instruction emulated (a test build of the same
+    source): the layer tests above pass on it."""
+    if kernels.torch.ops.bimacosr.path() == "AVX-512 VPOPCNTDQ popcount":
+        pytest.skip("this CPU runs the lane-popcount path natively (the tests above cover it)")
+    if "nibble" not in kernels.torch.ops.bimacosr.path():
+        pytest.skip(f"the emulation needs AVX2; this build: {kernels.torch.ops.bimacosr.path()}")
+    env = {**os.environ, DEFINE_ENV: "BIMACOSR_EMULATE_LANE_POPCOUNT"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__,
+                             "-k", "equals_the_simulated or zero_weights or all_zero", "-m", "not slow"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "lane popcount, emulated (test build)" in result.stdout + result.stderr
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-500:]

@@ -28,7 +28,7 @@ __all__ = ["ENV", "LANES", "available", "binary_conv", "build_dir", "pack_lowran
 ENV = "BIMACOSR_KERNEL"
 """``off``: never build or use the fused kernel; ``auto`` (default): build it on first use."""
 SOURCE = Path(__file__).with_name("binary.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for is OpenMP in the headers
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]  # -fopenmp: at::parallel_for is OpenMP in the headers
 
 _state: dict[str, object] = {}  # "ok": bool, "reason": str (why not), "line": the notice
 
@@ -73,8 +73,8 @@ def _load() -> None:
             _state.update(ok=False, reason=f"{type(err).__name__}: {first[:200]}")
         took = time.perf_counter() - start
     if _state["ok"]:
-        line = (f"bimacosr: deploy layers run the fused 1-bit CPU kernel (ready in {took:.1f} s, "
-                f"built in {build_dir()})")
+        line = (f"bimacosr: deploy layers run the fused 1-bit CPU kernel ({torch.ops.bimacosr.path()}; "
+                f"ready in {took:.1f} s, built in {build_dir()})")
     else:
         line = (f"bimacosr: fused 1-bit kernel unavailable ({_state['reason']}); deploy layers run "
                 f"the stock PyTorch int8 path")

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #ifdef __AVX2__
@@ -125,6 +126,26 @@ inline void tap_masked(const uint64_t* xb, const uint64_t* xm, const uint64_t* w
   for (int64_t j = 0; j < kLanes; ++j) dots[kLaneOrder[j]] = valid[j] - 2 * differ[j];
 }
 
+#if defined(__AVX512VPOPCNTDQ__) && defined(__AVX512VL__)
+#define BIMACOSR_LANE_POPCOUNT
+constexpr const char* kPath = "AVX-512 VPOPCNTDQ popcount";
+inline __m256i popcount_lanes(__m256i v) { return _mm256_popcnt_epi64(v); }
+#elif defined(__AVX2__) && defined(BIMACOSR_EMULATE_LANE_POPCOUNT)
+// Tests build this to run the lane-popcount path's logic on CPUs without AVX-512 VPOPCNTDQ.
+#define BIMACOSR_LANE_POPCOUNT
+constexpr const char* kPath = "lane popcount, emulated (test build)";
+inline __m256i popcount_lanes(__m256i v) {
+  alignas(32) uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+  for (uint64_t& lane : lanes) lane = uint64_t(__builtin_popcountll(lane));
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+}
+#elif defined(__AVX2__)
+constexpr const char* kPath = "AVX2 nibble-table popcount";
+#else
+constexpr const char* kPath = "portable popcount";
+#endif
+
 #ifdef __AVX2__
 // Byte-wise popcount of v (4-bit table lookups).
 inline __m256i popcount_bytes(__m256i v) {
@@ -139,9 +160,17 @@ inline __m256i popcount_bytes(__m256i v) {
 // outputs 0..7 (dots[0]) and 8..15 (dots[1]) of the block.
 inline void tap_clean(const uint64_t* xb, const uint64_t* wb, int64_t words, int32_t channels,
                       __m256i* dots) {
-  constexpr int64_t kFlush = 31;  // byte counters hold 8 * 31 < 256
   const __m256i zero = _mm256_setzero_si256();
   __m256i sum[4] = {zero, zero, zero, zero};  // 64-bit lane counts, lanes in kLaneOrder
+#ifdef BIMACOSR_LANE_POPCOUNT  // a popcount per 64-bit lane (AVX-512 VPOPCNTDQ): no byte counters
+  for (int64_t i = 0; i < words; ++i) {
+    const __m256i xv = _mm256_set1_epi64x(int64_t(xb[i]));
+    const __m256i* w = reinterpret_cast<const __m256i*>(wb + i * kLanes);
+    for (int v = 0; v < 4; ++v)
+      sum[v] = _mm256_add_epi64(sum[v], popcount_lanes(_mm256_xor_si256(_mm256_loadu_si256(w + v), xv)));
+  }
+#else
+  constexpr int64_t kFlush = 31;  // byte counters hold 8 * 31 < 256
   for (int64_t i0 = 0; i0 < words; i0 += kFlush) {
     __m256i bytes[4] = {zero, zero, zero, zero};
     for (int64_t i = i0, i1 = std::min(words, i0 + kFlush); i < i1; ++i) {
@@ -152,6 +181,7 @@ inline void tap_clean(const uint64_t* xb, const uint64_t* wb, int64_t words, int
     }
     for (int v = 0; v < 4; ++v) sum[v] = _mm256_add_epi64(sum[v], _mm256_sad_epu8(bytes[v], zero));
   }
+#endif
   const __m256i c = _mm256_set1_epi32(channels);
   for (int half = 0; half < 2; ++half) {  // lanes (0,2,4,6) | (1,3,5,7) << 32 -> outputs 0..7
     const __m256i differ = _mm256_or_si256(sum[2 * half], _mm256_slli_epi64(sum[2 * half + 1], 32));
@@ -388,9 +418,12 @@ at::Tensor binary_conv(const at::Tensor& x, const at::Tensor& wbits, const at::T
   return out;
 }
 
+std::string path() { return kPath; }
+
 }  // namespace
 
 TORCH_LIBRARY(bimacosr, m) {
+  m.def("path() -> str", &path);  // which popcount this build uses
   m.def("binary_conv(Tensor x, Tensor wbits, Tensor wmask, int cout, Tensor alpha, Tensor shift, "
         "Tensor slope, Tensor beta1, Tensor first_t, Tensor second_t, Tensor smb_colptr, "
         "Tensor smb_cols, Tensor smb_coef, int k, int stride, int padding) -> Tensor");
