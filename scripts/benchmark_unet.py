@@ -4,7 +4,8 @@ Variants: ``fp32`` the FP (SinSR) UNet in float32 | ``fp_bf16`` the same under
 ``torch.autocast("cpu", bfloat16)`` | ``deploy_int`` the deploy UNet on the stock PyTorch int8
 path | ``deploy_float`` its float path (a float conv / matmul of ``s * sign(x)`` with the ±1
 weight) | ``deploy_fused`` the deploy UNet on the fused 1-bit kernel (skipped, with the reason, when
-the kernel cannot be built). All live in one process and run in rounds, the order rotating each
+the kernel cannot be built) | ``deploy_bf16`` the same with its FP parts (attention, norms, the
+two FP convs) under bf16 autocast, as ``--precision bf16`` runs it. All live in one process and run in rounds, the order rotating each
 round, so a shared machine's load hits every variant alike; wall and process CPU time are
 reported as min / median / max, and the ratios come from the same rounds.
 
@@ -25,7 +26,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-VARIANTS = ("fp32", "fp_bf16", "deploy_int", "deploy_float", "deploy_fused")
+VARIANTS = ("fp32", "fp_bf16", "deploy_int", "deploy_float", "deploy_fused", "deploy_bf16")
+BF16 = ("fp_bf16", "deploy_bf16")  # default only where the CPU has native bf16
 
 
 def build_variants(names: list[str]) -> dict[str, tuple[torch.nn.Module, torch.dtype | None]]:
@@ -42,18 +44,19 @@ def build_variants(names: list[str]) -> dict[str, tuple[torch.nn.Module, torch.d
     if {"fp32", "fp_bf16"} & set(names):
         fp = randomize(build_denoiser_from_config(cfg, "fp")).eval().requires_grad_(False)
         out.update({n: (fp, torch.bfloat16 if n == "fp_bf16" else None) for n in ("fp32", "fp_bf16") if n in names})
-    if {"deploy_int", "deploy_float", "deploy_fused"} & set(names):
+    if {"deploy_int", "deploy_float", "deploy_fused", "deploy_bf16"} & set(names):
         student = randomize(build_denoiser_from_config(cfg, "student")).eval().requires_grad_(False)
         deploy = to_deploy(student)
         if "deploy_int" in names:
             out["deploy_int"] = (set_mode(copy.deepcopy(deploy), "int"), None)
         if "deploy_float" in names:
             out["deploy_float"] = (set_mode(copy.deepcopy(deploy), "float"), None)
-        if "deploy_fused" in names:
-            if kernels.available():
-                out["deploy_fused"] = (set_mode(copy.deepcopy(deploy), "fused"), None)
-            else:
-                print(f"deploy_fused skipped: {kernels.status()}", file=sys.stderr)
+        fused = [n for n in ("deploy_fused", "deploy_bf16") if n in names]
+        if fused and kernels.available():
+            model = set_mode(copy.deepcopy(deploy), "fused")
+            out.update({n: (model, torch.bfloat16 if n == "deploy_bf16" else None) for n in fused})
+        elif fused:
+            print(f"{', '.join(fused)} skipped: {kernels.status()}", file=sys.stderr)
     return {n: out[n] for n in names if n in out}
 
 
@@ -112,8 +115,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", choices=VARIANTS,
-                    default=[v for v in VARIANTS if v != "fp_bf16" or native_bf16()],
-                    help="default: all, fp_bf16 only where this CPU has native bf16 (emulated: minutes per step)")
+                    default=[v for v in VARIANTS if v not in BF16 or native_bf16()],
+                    help="default: all, fp_bf16 and deploy_bf16 only where this CPU has native bf16 "
+                         "(emulated: minutes per step)")
     ap.add_argument("--size", type=int, default=64, help="latent side (multiple of 64)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)

@@ -3,7 +3,8 @@
 // bimacosr::binary_conv(x [B, H, W, Cin] float32 NHWC, wbits [T, OB, Wd, 16] int64,
 //                       wmask like wbits or empty, cout, alpha [Cout], shift [Cout],
 //                       slope [Cout] or empty, beta1 [Cout] or empty,
-//                       first_t [Cin, r] or empty, second_t [r, OB*16] or empty,
+//                       first_t [Cin, r8] or empty, second_t [r8, OB*16] or empty (r8: the
+//                       LRMB rank rounded up to a multiple of 8, zero padded),
 //                       smb_colptr [OB+1] or empty, smb_cols [u], smb_coef [u, 16], k, stride, padding)
 //   -> y [B, Ho, Wo, Cout] float32 with
 //   y[m, o] = epilogue(alpha[o] * sum_t s_t[m] * dot_t[m, o] + shift[o]) + side[m, o],
@@ -16,6 +17,8 @@
 //   with P = sign bits (1 where > 0) and N = nonzero masks (1 where != 0),
 //   dot = popcount(N) - 2 * popcount((P_x ^ P_w) & N),  N = N_x & N_w.
 //   Padding taps (outside the image) contribute 0, as do pixels whose scale s = mean|x| is 0.
+//
+// bimacosr::path() -> the popcount this build uses (AVX-512 VPOPCNTDQ, AVX2 table, portable).
 //
 // Weights come in blocks of 16 output channels, the 16 words of one block and input word
 // adjacent (wbits[t, ob, i, lane]), lanes in the order kLaneOrder so that the AVX2 path's
