@@ -119,6 +119,18 @@ def test_fused_linear_equals_the_simulated_layer(fused, cin, cout, shape, bias):
     _check(DeployBinaryLinear.from_simulated(sim), sim, _input(shape, cin), modes)
 
 
+def test_fused_linear_with_every_bit_differing(fused):
+    """Inputs > 0 against weights < 0: every XOR bit is set, so with more than 31 words (Cin 2100)
+    the AVX2 path's byte counters (8 per word) would overflow without their flush."""
+    torch.manual_seed(5)
+    sim = BiMaCoLinear.from_float(nn.Linear(2100, 20))
+    with torch.no_grad():
+        sim.weight.copy_(-sim.weight.abs() - 1e-3)
+    layer = DeployBinaryLinear.from_simulated(sim)
+    assert (layer.signs() == -1).all()
+    _check(layer, sim, torch.rand(3, 2100) + 0.1)
+
+
 @pytest.fixture
 def no_compiler(monkeypatch):
     """The kernel's build fails as without a compiler; the loader starts afresh."""
