@@ -173,6 +173,12 @@ class _DeployBinary(nn.Module):
             return "fused" if self.alpha.device.type == "cpu" and kernels.available() else "int"
         return self.mode
 
+    def _kernel_io(self, x: Tensor) -> bool:
+        """Whether a bf16 ``x`` goes to the fused kernel as is: it then reads bf16 and writes
+        bf16 rounded as ``.to(torch.bfloat16)`` would, the same values as converting around a
+        float32 call, without the two conversion passes. Needs the side branches in the kernel."""
+        return x.dtype == torch.bfloat16 and self._path() == "fused" and self._side_mode() == "sparse"
+
     def _weight_bits(self, taps: Tensor) -> tuple[Tensor, Tensor]:
         """The fused kernel's packed signs of ``taps [T, Cin, Cout]`` (cached)."""
         return self._cached(("bits",), lambda: kernels.pack_weight_bits(taps))
@@ -295,6 +301,11 @@ class DeployBinaryConv2d(_DeployBinary):
             raise ValueError(f"{type(self).__name__} expects [B, {self.in_channels}, H, W], got "
                              f"{list(x.shape)}")
         with _float32_context(x):
+            h = x.shape[2]  # the avg-pool / nearest shortcut adds in torch: float32 route
+            shortcut = self.in_channels == self.out_channels and \
+                h != (h + 2 * self.padding - self.kernel_size) // self.stride + 1
+            if self._kernel_io(x) and not shortcut:
+                return self._forward(x)  # the kernel reads and writes bf16 itself
             return self._forward(x.float()).to(x.dtype)
 
     def _forward(self, x: Tensor) -> Tensor:
@@ -396,6 +407,8 @@ class DeployBinaryLinear(_DeployBinary):
             raise ValueError(f"{type(self).__name__} expects [..., {self.in_features}], got "
                              f"{list(x.shape)}")
         with _float32_context(x):
+            if self._kernel_io(x):
+                return self._forward(x)  # the kernel reads and writes bf16 itself
             return self._forward(x.float()).to(x.dtype)
 
     def _forward(self, x: Tensor) -> Tensor:

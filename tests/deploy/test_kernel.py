@@ -131,6 +131,24 @@ def test_fused_linear_with_every_bit_differing(fused):
     _check(layer, sim, torch.rand(3, 2100) + 0.1)
 
 
+@pytest.mark.parametrize("make,shape", [
+    (lambda: BiMaCoConv2d.from_float(nn.Conv2d(160, 33, 3, 1, 1)), (2, 160, 5, 7)),  # partial block
+    (lambda: BiMaCoConv2d.from_float(nn.Conv2d(64, 64, 3, 2, 1)), (1, 64, 6, 4)),    # shortcut layer
+    (lambda: BiMaCoLinear.from_float(nn.Linear(70, 40)), (3, 4, 70)),
+])
+def test_fused_layer_reads_and_writes_bf16_as_the_float_route_would(fused, make, shape):
+    """A bf16 input goes to the kernel as is: the same bf16 values as float32 in, rounded out."""
+    torch.manual_seed(3)
+    sim = make()
+    layer = (DeployBinaryConv2d if isinstance(sim, BiMaCoConv2d) else DeployBinaryLinear).from_simulated(sim, "fused")
+    x = _input(shape, 4).bfloat16()
+    x.view(-1)[1] = 3e38  # outputs near the top of the range: rounding may carry into inf
+    with torch.inference_mode():
+        out = layer(x)
+        expected = layer._forward(x.float()).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+
+
 @pytest.fixture
 def no_compiler(monkeypatch):
     """The kernel's build fails as without a compiler; the loader starts afresh."""

@@ -1,12 +1,12 @@
 // Fused 1-bit CPU kernel of the BiMaCo deploy layers (docs/kernel.md).
 //
-// bimacosr::binary_conv(x [B, H, W, Cin] float32 NHWC, wbits [T, OB, Wd, 16] int64,
+// bimacosr::binary_conv(x [B, H, W, Cin] float32 or bfloat16 NHWC, wbits [T, OB, Wd, 16] int64,
 //                       wmask like wbits or empty, cout, alpha [Cout], shift [Cout],
 //                       slope [Cout] or empty, beta1 [Cout] or empty,
 //                       first_t [Cin, r8] or empty, second_t [r8, OB*16] or empty (r8: the
 //                       LRMB rank rounded up to a multiple of 8, zero padded),
 //                       smb_colptr [OB+1] or empty, smb_cols [u], smb_coef [u, 16], k, stride, padding)
-//   -> y [B, Ho, Wo, Cout] float32 with
+//   -> y [B, Ho, Wo, Cout] in x's dtype (computed in float32; bf16 rounded as torch rounds) with
 //   y[m, o] = epilogue(alpha[o] * sum_t s_t[m] * dot_t[m, o] + shift[o]) + side[m, o],
 //   epilogue = PReLU(slope) then + beta1 when slope is given (RPReLU), identity otherwise;
 //   side = (x[m] @ first_t) @ second_t[:, o] (LRMB) + sum_u x[m, smb_cols[u]] * smb_coef[u, o % 16]
@@ -25,12 +25,14 @@
 // 64-bit popcount lanes interleave into 32-bit lanes in natural output order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef __AVX2__
@@ -56,14 +58,39 @@ inline f32x8 load8(const float* p) {
 
 inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
 
+// bf16 input and output (the layer under bf16 autocast): read exactly, written rounded to nearest
+// even as torch's `.to(torch.bfloat16)` does (NaN: 0x7FC0).
+using bf16 = c10::BFloat16;
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+inline f32x8 load8(const bf16* p) {
+  u16x8 h;
+  std::memcpy(&h, p, sizeof h);
+  const u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+  f32x8 v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+
+inline void store8(bf16* p, f32x8 v) {
+  u32x8 u;
+  std::memcpy(&u, &v, sizeof u);
+  const u32x8 nan = (u32x8)(v != v);
+  const u32x8 r = (((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) & ~nan) | (0x7FC0u & nan);
+  const u16x8 h = __builtin_convertvector(r, u16x8);
+  std::memcpy(p, &h, sizeof h);
+}
+
 // One pass over the rows of x [M, C]: sign bits, nonzero mask (both [M, Wd]), s = mean |x|, the
 // nonzero count per row and, with an LRMB (rank8 > 0), low = x @ first_t [M, rank8].
-void pack_rows(const float* x, int64_t rows, int64_t c, int64_t words, uint64_t* bits,
+template <class T>  // float or bf16
+void pack_rows(const T* x, int64_t rows, int64_t c, int64_t words, uint64_t* bits,
                uint64_t* mask, float* scale, int32_t* nonzero, const float* first_t, int64_t rank8,
                float* low) {
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      const float* row = x + m * c;
+      const T* row = x + m * c;
       float total = 0.f;
       int32_t count = 0;
 #ifdef __AVX2__
@@ -76,14 +103,14 @@ void pack_rows(const float* x, int64_t rows, int64_t c, int64_t words, uint64_t*
         int64_t i = c0;
 #ifdef __AVX2__
         for (; i + 8 <= c1; i += 8) {
-          const __m256 v = _mm256_loadu_ps(row + i);
+          const __m256 v = (__m256)load8(row + i);
           acc = _mm256_add_ps(acc, _mm256_andnot_ps(minus0, v));
           pos |= uint64_t(uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ)))) << (i - c0);
           nz |= uint64_t(uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_UQ)))) << (i - c0);
         }
 #endif
         for (; i < c1; ++i) {
-          const float v = row[i];
+          const float v = float(row[i]);
           total += std::abs(v);
           pos |= uint64_t(v > 0.f) << (i - c0);
           nz |= uint64_t(v != 0.f) << (i - c0);
@@ -103,8 +130,8 @@ void pack_rows(const float* x, int64_t rows, int64_t c, int64_t words, uint64_t*
         f32x8 part[4] = {};
         int64_t i = 0;
         for (; i + 4 <= c; i += 4)
-          for (int u = 0; u < 4; ++u) part[u] += row[i + u] * load8(first_t + (i + u) * rank8 + g);
-        for (; i < c; ++i) part[0] += row[i] * load8(first_t + i * rank8 + g);
+          for (int u = 0; u < 4; ++u) part[u] += float(row[i + u]) * load8(first_t + (i + u) * rank8 + g);
+        for (; i < c; ++i) part[0] += float(row[i]) * load8(first_t + i * rank8 + g);
         store8(low + m * rank8 + g, (part[0] + part[1]) + (part[2] + part[3]));
       }
     }
@@ -193,8 +220,9 @@ inline void tap_clean(const uint64_t* xb, const uint64_t* wb, int64_t words, int
 }
 #endif
 
+template <class T>
 struct Side {  // the side branches added in the epilogue (rank 0 / no SMB: none)
-  const float* x = nullptr;       // the layer input [M, Cin]
+  const T* x = nullptr;           // the layer input [M, Cin]
   int64_t cin = 0;
   const float* low = nullptr;     // x @ first_t [M, rank8]
   const float* second = nullptr;  // [rank8, OB*16]
@@ -219,15 +247,15 @@ struct Problem {  // one call: the packed input, the weights and the output geom
 
 // The output rows [B*Ho*Wo, Cout]: in tasks of kPixels output pixels x kGroup weight blocks; per
 // pixel and block, 16 accumulators over the taps, then the epilogue and side branches.
-template <bool kWeightZeros>
-void gemm(const Problem& pr, const Epilogue& ep, const Side& side, float* out) {
+template <bool kWeightZeros, class T>
+void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
   const int64_t taps = pr.k * pr.k, pixels = pr.batch * pr.ho * pr.wo;
   const int64_t blocks = (pr.cout + kLanes - 1) / kLanes, words = pr.words;
   const int64_t chunks = (pixels + kPixels - 1) / kPixels, groups = (blocks + kGroup - 1) / kGroup;
   const int64_t tap_stride = blocks * words * kLanes;
   at::parallel_for(0, chunks * groups, 1, [&](int64_t begin, int64_t end) {
     const Problem p = pr;  // locals: no reloads through the captured reference
-    const Side sd = side;
+    const Side<T> sd = side;
     const float *alpha = ep.alpha.data(), *shift = ep.shift.data(), *slope = ep.slope.data(),
                 *beta1 = ep.beta1.data();
     std::vector<int64_t> src(kPixels * taps);  // input row of (pixel, tap), -1 where it adds 0
@@ -295,33 +323,33 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side& side, float* out) {
             sum[3] += low[r + 1] * load8(sec + blocks * kLanes + 8);
           }
           if (sd.colptr != nullptr) {
-            const float* xr = sd.x + m * sd.cin;
+            const T* xr = sd.x + m * sd.cin;
             const int64_t u1 = sd.colptr[blk + 1];
             int64_t u = sd.colptr[blk];
             for (; u + 2 <= u1; u += 2) {
               const float* coef = sd.coef + u * kLanes;
-              const float xa = xr[sd.cols[u]], xb = xr[sd.cols[u + 1]];
+              const float xa = float(xr[sd.cols[u]]), xb = float(xr[sd.cols[u + 1]]);
               sum[0] += xa * load8(coef);
               sum[2] += xa * load8(coef + 8);
               sum[1] += xb * load8(coef + kLanes);
               sum[3] += xb * load8(coef + kLanes + 8);
             }
             if (u < u1) {
-              const float xa = xr[sd.cols[u]];
+              const float xa = float(xr[sd.cols[u]]);
               sum[0] += xa * load8(sd.coef + u * kLanes);
               sum[2] += xa * load8(sd.coef + u * kLanes + 8);
             }
           }
           acc[0] += sum[0] + sum[1];
           acc[1] += sum[2] + sum[3];
-          float* y = out + m * p.cout + o0;
+          T* y = out + m * p.cout + o0;
           if (p.cout - o0 >= kLanes) {
             store8(y, acc[0]);
             store8(y + 8, acc[1]);
           } else {
             store8(tail, acc[0]);
             store8(tail + 8, acc[1]);
-            std::copy(tail, tail + (p.cout - o0), y);
+            for (int64_t j = 0; j < p.cout - o0; ++j) y[j] = T(tail[j]);
           }
         }
       }
@@ -341,8 +369,9 @@ at::Tensor binary_conv(const at::Tensor& x, const at::Tensor& wbits, const at::T
                        const at::Tensor& second_t, const at::Tensor& smb_colptr,
                        const at::Tensor& smb_cols, const at::Tensor& smb_coef, int64_t k,
                        int64_t stride, int64_t pad) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
-              "binary_conv: x must be a contiguous float32 CPU tensor [B, H, W, Cin]");
+  const bool half = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.dim() == 4 && (x.scalar_type() == at::kFloat || half) && x.is_contiguous() && x.is_cpu(),
+              "binary_conv: x must be a contiguous float32 or bfloat16 CPU tensor [B, H, W, Cin]");
   const int64_t batch = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
   const int64_t words = (c + 63) / 64, blocks = (cout + kLanes - 1) / kLanes;
   TORCH_CHECK(wbits.scalar_type() == at::kLong && wbits.is_contiguous() &&
@@ -386,38 +415,44 @@ at::Tensor binary_conv(const at::Tensor& x, const at::Tensor& wbits, const at::T
     for (int64_t u = 0; u < used; ++u) TORCH_CHECK(cl[u] >= 0 && cl[u] < c, "binary_conv: SMB column out of range");
   }
 
+  const at::TensorOptions f32 = x.options().dtype(at::kFloat);
   at::Tensor xbits = at::empty({rows, words}, x.options().dtype(at::kLong));
   at::Tensor xmask = at::empty({rows, words}, x.options().dtype(at::kLong));
-  at::Tensor scale = at::empty({rows}, x.options());
+  at::Tensor scale = at::empty({rows}, f32);
   at::Tensor nonzero = at::empty({rows}, x.options().dtype(at::kInt));
+  at::Tensor low = at::empty({rows, rank}, f32);
+  at::Tensor out = at::empty({batch, ho, wo, cout}, x.options());  // x's dtype
   auto u64 = [](const at::Tensor& t) { return reinterpret_cast<uint64_t*>(t.data_ptr<int64_t>()); };
-  at::Tensor low = at::empty({rows, rank}, x.options());
-  pack_rows(x.data_ptr<float>(), rows, c, words, u64(xbits), u64(xmask), scale.data_ptr<float>(),
-            nonzero.data_ptr<int32_t>(), rank ? first_t.data_ptr<float>() : nullptr, rank,
-            low.data_ptr<float>());
-
-  Side side;
-  if (rank) {
-    side.low = low.data_ptr<float>();
-    side.second = second_t.data_ptr<float>();
-    side.rank = rank;
-  }
-  side.x = x.data_ptr<float>();
-  side.cin = c;
-  if (has_smb) {
-    side.colptr = smb_colptr.data_ptr<int64_t>();
-    side.cols = smb_cols.data_ptr<int64_t>();
-    side.coef = smb_coef.data_ptr<float>();
-  }
   const int64_t lanes = blocks * kLanes;
   const Epilogue ep{padded(alpha, lanes), padded(shift, lanes), padded(slope, lanes),
                     padded(beta1, lanes), rprelu};
-
-  at::Tensor out = at::empty({batch, ho, wo, cout}, x.options());
   const Problem problem{u64(xbits), u64(xmask), u64(wbits), weight_zeros ? u64(wmask) : nullptr,
                         scale.data_ptr<float>(), nonzero.data_ptr<int32_t>(), int32_t(c), batch, h, w,
                         ho, wo, k, stride, pad, cout, words};
-  (weight_zeros ? gemm<true> : gemm<false>)(problem, ep, side, out.data_ptr<float>());
+  auto run = [&](const auto* xp, auto* yp) {  // float or bf16 in and out
+    using T = std::remove_pointer_t<decltype(yp)>;
+    pack_rows(xp, rows, c, words, u64(xbits), u64(xmask), scale.data_ptr<float>(),
+              nonzero.data_ptr<int32_t>(), rank ? first_t.data_ptr<float>() : nullptr, rank,
+              low.data_ptr<float>());
+    Side<T> side;
+    side.x = xp;
+    side.cin = c;
+    if (rank) {
+      side.low = low.data_ptr<float>();
+      side.second = second_t.data_ptr<float>();
+      side.rank = rank;
+    }
+    if (has_smb) {
+      side.colptr = smb_colptr.data_ptr<int64_t>();
+      side.cols = smb_cols.data_ptr<int64_t>();
+      side.coef = smb_coef.data_ptr<float>();
+    }
+    (weight_zeros ? gemm<true, T> : gemm<false, T>)(problem, ep, side, yp);
+  };
+  if (half)
+    run(x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
+  else
+    run(x.data_ptr<float>(), out.data_ptr<float>());
   return out;
 }
 
