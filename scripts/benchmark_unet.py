@@ -5,9 +5,10 @@ Variants: ``fp32`` the FP (SinSR) UNet in float32 | ``fp_bf16`` the same under
 path | ``deploy_float`` its float path (a float conv / matmul of ``s * sign(x)`` with the ±1
 weight) | ``deploy_fused`` the deploy UNet on the fused 1-bit kernel (skipped, with the reason, when
 the kernel cannot be built) | ``deploy_bf16`` the same with its FP parts (attention, norms, the
-two FP convs) under bf16 autocast, as ``--precision bf16`` runs it. All live in one process and run in rounds, the order rotating each
-round, so a shared machine's load hits every variant alike; wall and process CPU time are
-reported as min / median / max, and the ratios come from the same rounds.
+two FP convs) under bf16 autocast, as ``--precision bf16`` runs it. All live in one process and
+run in rounds, the order rotating each round, so a shared machine's load hits every variant
+alike; wall and process CPU time are reported as min / median / max, and the ratios come from
+the same rounds.
 
     python scripts/benchmark_unet.py                          # 64² latent, 2 threads, 5 rounds
     python scripts/benchmark_unet.py --rounds 9 --json unet.json

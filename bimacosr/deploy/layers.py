@@ -173,11 +173,15 @@ class _DeployBinary(nn.Module):
             return "fused" if self.alpha.device.type == "cpu" and kernels.available() else "int"
         return self.mode
 
+    def _side_in_kernel(self) -> bool:
+        """Whether the side branches go into the fused kernel's epilogue (fused path, sparse side)."""
+        return self._path() == "fused" and self._side_mode() == "sparse"
+
     def _kernel_io(self, x: Tensor) -> bool:
         """Whether a bf16 ``x`` goes to the fused kernel as is: it then reads bf16 and writes
         bf16 rounded as ``.to(torch.bfloat16)`` would, the same values as converting around a
         float32 call, without the two conversion passes. Needs the side branches in the kernel."""
-        return x.dtype == torch.bfloat16 and self._path() == "fused" and self._side_mode() == "sparse"
+        return x.dtype == torch.bfloat16 and self._side_in_kernel()
 
     def _weight_bits(self, taps: Tensor) -> tuple[Tensor, Tensor]:
         """The fused kernel's packed signs of ``taps [T, Cin, Cout]`` (cached)."""
@@ -301,12 +305,15 @@ class DeployBinaryConv2d(_DeployBinary):
             raise ValueError(f"{type(self).__name__} expects [B, {self.in_channels}, H, W], got "
                              f"{list(x.shape)}")
         with _float32_context(x):
-            h = x.shape[2]  # the avg-pool / nearest shortcut adds in torch: float32 route
-            shortcut = self.in_channels == self.out_channels and \
-                h != (h + 2 * self.padding - self.kernel_size) // self.stride + 1
-            if self._kernel_io(x) and not shortcut:
+            if self._kernel_io(x) and not self._shortcut(x.shape[2]):  # shortcut adds in torch
                 return self._forward(x)  # the kernel reads and writes bf16 itself
             return self._forward(x.float()).to(x.dtype)
+
+    def _shortcut(self, h: int) -> bool:
+        """Whether an input ``h`` pixels high takes the avg-pool / nearest shortcut (``Cin ==
+        Cout`` and the height changes) instead of the side branches."""
+        ho = (h + 2 * self.padding - self.kernel_size) // self.stride + 1
+        return self.in_channels == self.out_channels and h != ho
 
     def _forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
@@ -315,12 +322,12 @@ class DeployBinaryConv2d(_DeployBinary):
         xh = x.permute(0, 2, 3, 1).contiguous()  # NHWC; free for a channels-last input
         xm = xh.view(-1, self.in_channels)  # [B*H*W, Cin]
         path = self._path()
-        shortcut = self.in_channels == self.out_channels and h != ho
+        shortcut = self._shortcut(h)
         if self.side_dropped and not shortcut:
             raise RuntimeError(f"{type(self).__name__} ({self.in_channels} channels, stride {st}) "
                                f"got a {h}-pixel-high input whose output is as high: the simulated "
                                f"layer would use its SMB/LRMB there, which were not deployed (docs/quirks.md Q7)")
-        fuse_side = path == "fused" and self._side_mode() == "sparse" and not shortcut
+        fuse_side = self._side_in_kernel() and not shortcut
         if path == "fused":
             bits, mask = self._weight_bits(self.taps)
             lowrank, sparse = self._kernel_side(use_lora=h == ho) if fuse_side else (None, None)
@@ -414,7 +421,7 @@ class DeployBinaryLinear(_DeployBinary):
     def _forward(self, x: Tensor) -> Tensor:
         xm = x.reshape(-1, self.in_features).contiguous()
         path = self._path()
-        fuse_side = path == "fused" and self._side_mode() == "sparse"
+        fuse_side = self._side_in_kernel()
         if path == "fused":
             bits, mask = self._weight_bits(self.signs_t[None])
             shift = self._cached(("shift",), lambda: self.alpha.new_zeros(self.out_features)

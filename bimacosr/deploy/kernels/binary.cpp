@@ -142,8 +142,9 @@ void pack_rows(const T* x, int64_t rows, int64_t c, int64_t words, uint64_t* bit
 // activation's nonzero mask xm always, the weight's wm when kWeightZeros (otherwise its nonzero
 // count is the pixel's, `nonzero`).
 template <bool kWeightZeros>
-__attribute__((noinline)) void tap_masked(const uint64_t* xb, const uint64_t* xm, const uint64_t* wb, const uint64_t* wm,
-                       int64_t words, int32_t nonzero, int32_t* dots) {
+__attribute__((noinline))  // out of line: the hot loop keeps its registers
+void tap_masked(const uint64_t* xb, const uint64_t* xm, const uint64_t* wb, const uint64_t* wm,
+                int64_t words, int32_t nonzero, int32_t* dots) {
   int32_t valid[kLanes], differ[kLanes];
   for (int64_t j = 0; j < kLanes; ++j) valid[j] = kWeightZeros ? 0 : nonzero, differ[j] = 0;
   for (int64_t i = 0; i < words; ++i) {
