@@ -23,14 +23,13 @@ TOL = 1e-4
 REPO = Path(__file__).resolve().parents[2]
 
 
-DEFINE_ENV = "BIMACOSR_TEST_KERNEL_DEFINE"  # a -D for the kernel build (the emulated-path test)
+FLAGS_ENV = "BIMACOSR_TEST_KERNEL_FLAGS"  # extra compiler flags of a test build (the other-path test)
 
 
 @pytest.fixture(scope="session")
 def fused() -> None:
     """The compiled kernel (built once per session, cached on disk); skips where it cannot build."""
-    if os.environ.get(DEFINE_ENV):
-        kernels.FLAGS.append(f"-D{os.environ[DEFINE_ENV]}")
+    kernels.FLAGS.extend(os.environ.get(FLAGS_ENV, "").split())
     if not kernels.available():
         pytest.skip(kernels.status())
 
@@ -200,13 +199,11 @@ def test_weight_bits_layout():
     assert kernels.pack_weight_bits(torch.ones(9, 3, 2, dtype=torch.int8))[1].numel() == 0
 
 
-def test_sparse_branch_per_block_of_outputs():
+def test_sparse_branch_as_rows_of_outputs():
     indices = torch.tensor([[2, 0, 2, 17, 2], [1, 3, 1, 0, 0]])  # (output, input); (2, 1) twice
-    colptr, cols, coef = kernels.pack_sparse(indices, torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), 18)
-    assert colptr.tolist() == [0, 3, 4] and cols.tolist() == [0, 1, 3, 0]
-    expected = torch.zeros(4, 16)
-    expected[0, 2], expected[1, 2], expected[2, 0], expected[3, 1] = 5.0, 4.0, 2.0, 4.0
-    assert torch.equal(coef, expected)  # duplicates add up
+    rowptr, cols, vals = kernels.pack_sparse(indices, torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), 18)
+    assert rowptr.tolist() == [0, 1, 1] + [3] * 15 + [4] * 15  # 32 rows: two blocks of 16 outputs
+    assert cols.tolist() == [3, 0, 1, 0] and vals.tolist() == [2.0, 5.0, 4.0, 4.0]  # duplicates add up
 
 
 def test_deploy_model_under_bf16_autocast(tiny_bimaco_denoiser):
@@ -262,18 +259,22 @@ def test_every_released_layer_equals_its_simulated_twin_at_released_size(fused):
 
 
 @pytest.mark.slow
-def test_lane_popcount_path_on_an_emulated_build(fused):
-    """The AVX-512 VPOPCNTDQ path (a popcount per 64-bit lane, no byte counters) cannot run on a
-    CPU without it; its logic runs here with the instruction emulated (a test build of the same
-    source): the layer tests above pass on it."""
-    if torch.ops.bimacosr.path() == "AVX-512 VPOPCNTDQ popcount":
-        pytest.skip("this CPU runs the lane-popcount path natively (the tests above cover it)")
-    if "nibble" not in torch.ops.bimacosr.path():
-        pytest.skip(f"the emulation needs AVX2; this build: {torch.ops.bimacosr.path()}")
-    env = {**os.environ, DEFINE_ENV: "BIMACOSR_EMULATE_LANE_POPCOUNT"}
+def test_the_other_popcount_path_on_a_test_build(fused):
+    """A build runs one popcount path, the one the tests above cover. This runs them on a test
+    build of the same source that takes the other: the AVX2 nibble table on a CPU with AVX-512
+    VPOPCNTDQ (built with ``-mno-avx512vpopcntdq``), the 8-lane path with its popcount emulated
+    on an AVX2 CPU (``-DBIMACOSR_EMULATE_LANE_POPCOUNT``)."""
+    path = torch.ops.bimacosr.path()
+    if path == "AVX-512 VPOPCNTDQ popcount":
+        flags, other = "-mno-avx512vpopcntdq", "AVX2 nibble-table popcount"
+    elif "nibble" in path:
+        flags, other = "-DBIMACOSR_EMULATE_LANE_POPCOUNT", "lane popcount, emulated (test build)"
+    else:
+        pytest.skip(f"no other popcount path to build on this CPU ({path})")
+    env = {**os.environ, FLAGS_ENV: flags}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__,
                              "-k", "equals_the_simulated or zero_weights or all_zero or every_bit", "-m", "not slow"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "lane popcount, emulated (test build)" in result.stdout + result.stderr
+    assert f"({other};" in result.stdout + result.stderr
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-500:]

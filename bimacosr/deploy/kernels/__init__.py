@@ -145,18 +145,17 @@ def pack_lowrank(first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def pack_sparse(indices: Tensor, values: Tensor, cout: int) -> tuple[Tensor, Tensor, Tensor]:
-    """SMB ``indices [2, n]`` (output, input; int64) and ``values [n]`` -> per block of 16
-    outputs the input columns its nonzeros use, with their values dense over the block:
-    ``(colptr [ceil(Cout/16)+1], cols [u], coef [u, 16])``, block ``b``'s columns at
-    ``colptr[b]:colptr[b+1]``; duplicate positions add up."""
+    """SMB ``indices [2, n]`` (output, input; int64) and ``values [n]`` -> CSR by output channel:
+    ``(rowptr [ceil(Cout/16)*16+1], cols [u], vals [u])`` (int64, int64, float32), output ``o``'s
+    nonzeros at ``rowptr[o]:rowptr[o+1]`` in increasing column; duplicate positions add up."""
     rows, cols = indices
-    blocks, width = (cout + LANES - 1) // LANES, int(cols.max()) + 1 if cols.numel() else 1
-    keys, inverse = torch.unique(rows // LANES * width + cols, return_inverse=True)  # by block, then column
-    coef = values.new_zeros(keys.numel(), LANES, dtype=torch.float32)
-    coef.index_put_((inverse, rows % LANES), values.float(), accumulate=True)
-    colptr = torch.zeros(blocks + 1, dtype=torch.int64)
-    colptr[1:] = torch.bincount(keys // width, minlength=blocks).cumsum(0)
-    return colptr, (keys % width).contiguous(), coef
+    lanes, width = (cout + LANES - 1) // LANES * LANES, int(cols.max()) + 1 if cols.numel() else 1
+    keys, inverse = torch.unique(rows * width + cols, return_inverse=True)  # by output, then column
+    vals = values.new_zeros(keys.numel(), dtype=torch.float32)
+    vals.index_put_((inverse,), values.float(), accumulate=True)
+    rowptr = torch.zeros(lanes + 1, dtype=torch.int64)
+    rowptr[1:] = torch.bincount(keys // width, minlength=lanes).cumsum(0)
+    return rowptr, (keys % width).contiguous(), vals
 
 
 def binary_conv(x: Tensor, bits: Tensor, mask: Tensor, cout: int, alpha: Tensor, shift: Tensor,
@@ -169,9 +168,9 @@ def binary_conv(x: Tensor, bits: Tensor, mask: Tensor, cout: int, alpha: Tensor,
     ``sparse`` from :func:`pack_sparse`; only where ``Ho, Wo == H, W``)."""
     empty = alpha.new_empty(0)
     first_t, second_t = lowrank if lowrank is not None else (empty, empty)
-    colptr, cols, coef = sparse if sparse is not None else (empty.long(), empty.long(), empty.view(0, LANES))
+    rowptr, cols, vals = sparse if sparse is not None else (empty.long(), empty.long(), empty)
     return torch.ops.bimacosr.binary_conv(x, bits, mask, cout, alpha, shift,
                                           empty if slope is None else slope,
                                           empty if beta1 is None else beta1,
-                                          first_t, second_t, colptr, cols, coef,
+                                          first_t, second_t, rowptr, cols, vals,
                                           kernel, stride, padding)
