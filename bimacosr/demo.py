@@ -75,8 +75,8 @@ class Upscaler:
             if prec.name not in self._pipes:
                 base = self._pipes["fp32"]
                 vq = base.autoencoder
-                if prec.autoencoder_dtype != torch.float32:
-                    vq = copy.deepcopy(vq).to(dtype=prec.autoencoder_dtype)
+                if prec.autoencoder_dtype != torch.float32 or prec.autoencoder_format != torch.contiguous_format:
+                    vq = copy.deepcopy(vq).to(dtype=prec.autoencoder_dtype, memory_format=prec.autoencoder_format)
                 self._pipes[prec.name] = dataclasses.replace(base, autoencoder=vq, autocast=prec.autocast)
             return self._pipes[prec.name], prec.name
 

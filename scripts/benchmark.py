@@ -56,7 +56,8 @@ def build_variant(variant: str, cfg, device: torch.device, deploy_file: Path) ->
     else:
         role = "student" if variant == "sim" else "fp"
         denoiser = randomize(build.build_denoiser_from_config(cfg, role)).eval().to(device)
-    vq = build.build_autoencoder(cfg, device, prec.autoencoder_dtype, weights=False)
+    vq = build.build_autoencoder(cfg, device, prec.autoencoder_dtype, weights=False,
+                                 memory_format=prec.autoencoder_format)
     schedule = build.build_schedule(cfg, device)
     return SRPipeline(denoiser, vq, schedule, sampler="ancestral" if variant == "resshift" else "one_step",
                       sf=schedule.sf, autocast=prec.autocast)

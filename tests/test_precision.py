@@ -38,7 +38,9 @@ def test_auto_on_cuda_follows_the_original_fp16_autoencoder(smoke_config):
 
 def test_explicit_precisions_and_refusals():
     cpu = torch.device("cpu")
-    assert build.resolve_precision("bf16", cpu) == build.Precision("bf16", torch.float32, torch.bfloat16)
+    assert build.resolve_precision("bf16", cpu) == build.Precision("bf16", torch.float32, torch.bfloat16,
+                                                                   torch.channels_last)
+    assert build.resolve_precision("bf16", torch.device("cuda")).autoencoder_format == torch.contiguous_format
     assert build.resolve_precision("fp32", cpu) == build.Precision("fp32", torch.float32, None)
     with pytest.raises(ValueError, match="fp16 needs a CUDA device.*bf16 or fp32"):
         build.resolve_precision("fp16", cpu)
@@ -75,3 +77,14 @@ def test_bf16_pipeline_through_a_deploy_model(smoke_config, tiny_bimaco_denoiser
     assert outs[None].shape == outs[torch.bfloat16].shape == (1, 3, 96, 80)
     assert torch.isfinite(outs[torch.bfloat16]).all()
     assert (outs[None] - outs[torch.bfloat16]).abs().mean() < 0.05  # bf16 rounding, not a different image
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_the_autoencoder_memory_format_follows_the_precision(smoke_config, precision):
+    """channels-last convolution weights under bf16 on CPU (faster there), contiguous in fp32 (the
+    fixtures' bit-exact layout)."""
+    prec = build.resolve_precision(precision, torch.device("cpu"))
+    vq = build.build_autoencoder(smoke_config, weights=False, memory_format=prec.autoencoder_format)
+    weight = vq.encoder.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) == (precision == "bf16")
+    assert weight.is_contiguous() == (precision == "fp32")
