@@ -60,8 +60,10 @@ def main() -> None:
         lr_np = downscale(photo(name), 4)[: args.size, : args.size]
         lr = torch.from_numpy(np.ascontiguousarray(lr_np)).permute(2, 0, 1)[None].float() / 255
         outs = []
-        for dtype in (None, torch.bfloat16):
-            pipe.autocast = dtype
+        for name_of in ("fp32", "bf16"):  # as --precision runs them: autocast, autoencoder layout
+            prec = build.resolve_precision(name_of, torch.device("cpu"))
+            pipe.autocast = prec.autocast
+            pipe.autoencoder.to(memory_format=prec.autoencoder_format)
             outs.append(to_uint8(pipe(lr, generator=torch.Generator().manual_seed(0))))
         diff = int(np.abs(outs[0].astype(int) - outs[1].astype(int)).max())
         print(f"| {name} | {args.size}² | {4 * args.size}² | {psnr(*outs):.1f} | {diff} |")
