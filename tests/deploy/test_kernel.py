@@ -118,6 +118,22 @@ def test_fused_linear_equals_the_simulated_layer(fused, cin, cout, shape, bias):
     _check(DeployBinaryLinear.from_simulated(sim), sim, _input(shape, cin), modes)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [40, 300])
+def test_fused_side_branches_in_both_task_splits(fused, threads, rows):
+    """With side branches a task takes all output blocks of its 32 pixels when there are at least
+    4 tiles per thread (300 rows: 10 tiles), else 4 blocks as without them (40 rows: 2 tiles, the
+    transposed tile built once per task); partial last tile and partial last block either way."""
+    torch.manual_seed(rows)
+    sim = _randomize(BiMaCoLinear.from_float(nn.Linear(200, 72)), rows)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check(DeployBinaryLinear.from_simulated(sim), sim, _input((rows, 200), threads), ("fused",))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_fused_linear_with_every_bit_differing(fused):
     """Inputs > 0 against weights < 0: every XOR bit is set, so with more than 31 words (Cin 2100)
     the AVX2 path's byte counters (8 per word) would overflow without their flush."""
