@@ -32,7 +32,7 @@ from bimacosr.train.batches import BatchPlan, EpochIndexed, PairPool, PlanSample
 from bimacosr.train.distill import distill_loss, ema_update, lr_at
 from bimacosr.train.group import Dist, PeerFailed, init_distributed
 from bimacosr.train.logs import RunLogger
-from bimacosr.train.parentwatch import watch_parent
+from bimacosr.train.parentwatch import stop_if_orphaned, watch_parent
 from bimacosr.train.runlock import RunLock, RunLockedError
 from bimacosr.train.validate import validate
 
@@ -317,6 +317,9 @@ def train(opts: TrainOptions) -> int:
         if getattr(exc, "agreed", False):
             dist.barrier()  # the other ranks leave after rank 0 has printed (torchrun stops the rest)
         return 1
+    except Exception:
+        stop_if_orphaned()  # a peer left because the launcher died: report that, not the collective
+        raise
     finally:
         lock.release()
         if dist.is_initialized():
