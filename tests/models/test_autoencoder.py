@@ -1,10 +1,13 @@
 """VQ-f4 autoencoder: fixture parity, released-config structure, shapes, quantiser."""
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
+from bimacosr.models import autoencoder
 from bimacosr.parity import check_file
-from bimacosr.models.autoencoder import AttnBlock, VQAutoencoder
+from bimacosr.models.autoencoder import AttnBlock, Upsample, VQAutoencoder, norm_swish, reduced_precision
 from bimacosr.models.first_stage import decode_first_stage, encode_first_stage
 from tests.conftest import FIXTURES
 
@@ -108,3 +111,89 @@ def test_attention_blocks_match_unblocked() -> None:
         ).transpose(1, 2).reshape(x.shape))
     torch.testing.assert_close(blocked, full, rtol=0, atol=1e-6)
     torch.testing.assert_close(full, ref, rtol=0, atol=1e-5)
+
+
+def _original_upsample(up: Upsample, x: torch.Tensor) -> torch.Tensor:
+    return up.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest"))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_upsample_phase_convolution_is_the_same_maths(layout, monkeypatch) -> None:
+    """The four 2x2 phase convolutions equal nearest-x2 + 3x3 conv: in float32 (path forced) to
+    float rounding, odd sizes, batch 2, either layout; the output keeps the input's layout."""
+    torch.manual_seed(3)
+    up = Upsample(32).eval().requires_grad_(False)
+    x = torch.randn(2, 32, 7, 10).contiguous(memory_format=layout)
+    ref = _original_upsample(up, x)
+    assert torch.equal(up(x), ref)  # float32: the original's operations, bit for bit
+    monkeypatch.setattr(autoencoder, "reduced_precision", lambda t: True)
+    y = up(x)
+    assert y.shape == (2, 32, 14, 20) and y.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(y, ref, rtol=0, atol=2e-6)
+
+
+def test_upsample_under_bf16_matches_float32_within_bf16_rounding() -> None:
+    torch.manual_seed(4)
+    up = Upsample(64).eval().requires_grad_(False)
+    x = torch.randn(1, 64, 8, 9)
+    ref = _original_upsample(up, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = up(x)
+        stock = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert fast.dtype == torch.bfloat16
+    err_fast = (fast.float() - ref).abs().max().item()
+    err_stock = (stock.float() - ref).abs().max().item()
+    assert err_fast <= 2 * err_stock and err_fast < 0.02 * ref.abs().max().item()
+    assert torch.equal(up(x.bfloat16()), fast)  # bf16 input without autocast: the same path
+
+
+def test_upsample_phase_kernels_follow_weight_changes() -> None:
+    torch.manual_seed(5)
+    up = Upsample(16).eval().requires_grad_(False)
+    x = torch.randn(1, 16, 5, 6, dtype=torch.float64)
+    x16 = x.to(torch.bfloat16)
+    first = up(x16)
+    assert torch.equal(up(x16), first)  # kept kernels give the same result
+    with torch.no_grad():
+        up.conv.weight.mul_(-1.0)
+        up.conv.bias.mul_(-1.0)
+    torch.testing.assert_close(up(x16), -first, rtol=0, atol=0)  # in-place change seen
+    up.load_state_dict({k: v * 0.5 for k, v in up.state_dict().items()})
+    torch.testing.assert_close(up(x16), -first / 2, rtol=0, atol=0)  # new tensors seen
+
+
+def test_upsample_phase_path_gradient_equals_the_original(monkeypatch) -> None:
+    """With trainable weights the phase kernels are rebuilt per call inside the graph (never kept),
+    so the weight gradient is the original's."""
+    torch.manual_seed(6)
+    up = Upsample(8)
+    x = torch.randn(1, 8, 5, 4)
+    _original_upsample(up, x).square().sum().backward()
+    ref = up.conv.weight.grad.clone()
+    up.zero_grad()
+    monkeypatch.setattr(autoencoder, "reduced_precision", lambda t: True)
+    up(x).square().sum().backward()
+    assert up._phase is None
+    torch.testing.assert_close(up.conv.weight.grad, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_reduced_precision_and_norm_swish() -> None:
+    x = torch.randn(2, 32, 6, 5)
+    assert not reduced_precision(x) and not reduced_precision(x.double())
+    assert reduced_precision(x.half()) and reduced_precision(x.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert reduced_precision(x)
+    with torch.autocast("cpu", enabled=False):
+        assert not reduced_precision(x)
+    norm = torch.nn.GroupNorm(8, 32, eps=1e-6)
+    h = norm(x)
+    assert torch.equal(norm_swish(norm, x), h * torch.sigmoid(h))  # float32: bit for bit
+    xb = x.bfloat16()
+    kept = xb.clone()
+    with torch.no_grad():
+        out = norm_swish(norm.bfloat16(), xb)
+    assert torch.equal(xb, kept)  # the input is never touched; only the fresh normalised tensor
+    assert torch.equal(out, F.silu(norm.bfloat16()(xb)))
+    xg = xb.clone().requires_grad_(True)
+    norm_swish(norm.bfloat16(), xg).float().sum().backward()  # not in place while recording
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
