@@ -29,7 +29,15 @@ def reduced_precision(x: Tensor) -> bool:
     if x.dtype in (torch.float16, torch.bfloat16):
         return True
     device = x.device.type
-    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != torch.float32
+    return autocast_dtype(device) not in (None, torch.float32)
+
+
+def autocast_dtype(device: str) -> torch.dtype | None:
+    """The autocast dtype active for ``device`` ("cpu", "cuda", ...), None when autocast is off there
+    or the device has none (e.g. "meta")."""
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
 
 
 def norm_swish(norm: nn.GroupNorm, x: Tensor) -> Tensor:
@@ -153,8 +161,7 @@ class Upsample(nn.Module):
         """(4·C, C, 2, 2) kernels ordered (a, b, out channel) and (4·C,) bias, in the dtype the conv
         computes in (the autocast dtype under autocast)."""
         wt, bs = self.conv.weight, self.conv.bias
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = autocast_dtype(x.device.type) or x.dtype
         frozen = not (wt.requires_grad or bs.requires_grad)
         key = (wt.data_ptr(), wt._version, bs.data_ptr(), bs._version, dtype)
         if frozen and self._phase is not None and self._phase[0] == key:

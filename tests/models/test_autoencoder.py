@@ -181,6 +181,7 @@ def test_reduced_precision_and_norm_swish() -> None:
     x = torch.randn(2, 32, 6, 5)
     assert not reduced_precision(x) and not reduced_precision(x.double())
     assert reduced_precision(x.half()) and reduced_precision(x.bfloat16())
+    assert not reduced_precision(torch.empty(2, device="meta"))  # no autocast there: no error
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert reduced_precision(x)
     with torch.autocast("cpu", enabled=False):
