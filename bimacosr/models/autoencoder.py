@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bimacosr.quant.common import eval_cached
+
 
 def Normalize(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups, eps 1e-6, affine (``channels`` must be a multiple of 32)."""
@@ -123,10 +125,17 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
 
 
-# Which input rows (columns) the 3x3 taps of a conv over a nearest-x2 map read, per output parity:
-# parity 0 reads rows (i-1, i, i) -> taps (0 | 1+2) on rows (i-1, i); parity 1 reads (i, i, i+1)
-# -> taps (0+1 | 2) on rows (i, i+1). Shape (parity, 2 taps, 3 taps).
-_PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+def _memory_format(t: Tensor) -> torch.memory_format:
+    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+def _fold_taps(w: Tensor, dim: int, parity: int) -> Tensor:
+    """The 3 taps of ``w`` along ``dim`` -> the 2 taps that output parity ``parity`` of a 3x3 conv
+    over a nearest-x2 map applies to the original rows (columns): parity 0 reads rows
+    (i-1, i, i), so taps (0 | 1+2) on rows (i-1, i); parity 1 reads (i, i, i+1), so (0+1 | 2) on
+    (i, i+1). Plain additions, in ``w``'s dtype (autocast leaves them alone)."""
+    t0, t1, t2 = w.unbind(dim)
+    return torch.stack((t0, t1 + t2) if parity == 0 else (t0 + t1, t2), dim)
 
 
 class Upsample(nn.Module):
@@ -134,16 +143,15 @@ class Upsample(nn.Module):
 
     Below float32 (:func:`reduced_precision`) the same maths in 2.25x fewer multiply-adds and
     without the upsampled copy: output pixel (2i+a, 2j+b) of the conv reads only a 2x2 patch of
-    the input, whose weights are the 3x3 taps summed per :data:`_PHASE_TAPS`. One 2x2 conv (pad 1)
+    the input, whose weights are the 3x3 taps summed per :func:`_fold_taps`. One 2x2 conv (pad 1)
     with the four phase kernels stacked as 4·C outputs gives (B, 4C, h+1, w+1); phase (a, b) is
-    the crop [a:a+h, b:b+w] of its block. The phase kernels are summed in float32 once and kept
-    while the weights are unchanged. float32 runs the original's two operations.
+    the crop [a:a+h, b:b+w] of its block; the output keeps the input's memory format. The phase
+    kernels are summed in float32. float32 runs the original's two operations.
     """
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
-        self._phase: tuple[tuple, Tensor, Tensor] | None = None  # (key, weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if not reduced_precision(x):
@@ -151,29 +159,25 @@ class Upsample(nn.Module):
         n, c, h, w = x.shape
         weight, bias = self._phase_kernels(x)
         y = F.conv2d(x, weight, bias, padding=1)
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        out = torch.empty((n, c, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=fmt)
+        out = torch.empty((n, c, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=_memory_format(x))
         for p, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
             out[:, :, a::2, b::2] = y[:, p * c:(p + 1) * c, a:a + h, b:b + w]
         return out
 
     def _phase_kernels(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(4·C, C, 2, 2) kernels ordered (a, b, out channel) and (4·C,) bias, in the dtype the conv
-        computes in (the autocast dtype under autocast)."""
-        wt, bs = self.conv.weight, self.conv.bias
+        computes in (the autocast dtype under autocast); kept in inference while the weights are
+        unchanged (:func:`~bimacosr.quant.common.eval_cached`)."""
         dtype = autocast_dtype(x.device.type) or x.dtype
-        frozen = not (wt.requires_grad or bs.requires_grad)
-        key = (wt.data_ptr(), wt._version, bs.data_ptr(), bs._version, dtype)
-        if frozen and self._phase is not None and self._phase[0] == key:
-            return self._phase[1], self._phase[2]
-        taps = _PHASE_TAPS.to(wt.device)
-        weight = torch.einsum("aik,ockl,bjl->abocij", taps, wt.float(), taps)
-        fmt = torch.channels_last if wt.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        weight = weight.reshape(4 * wt.shape[0], wt.shape[1], 2, 2).to(dtype, memory_format=fmt)
-        bias = bs.to(dtype).repeat(4)
-        if frozen:
-            self._phase = (key, weight, bias)
+        sources = (self.conv.weight, self.conv.bias)
+        weight = eval_cached(self, f"phase_weight_{dtype}", sources, lambda: self._phase_weight(dtype))
+        bias = eval_cached(self, f"phase_bias_{dtype}", sources, lambda: self.conv.bias.to(dtype).repeat(4))
         return weight, bias
+
+    def _phase_weight(self, dtype: torch.dtype) -> Tensor:
+        wt = self.conv.weight
+        weight = torch.cat([_fold_taps(_fold_taps(wt.float(), 2, a), 3, b) for a in (0, 1) for b in (0, 1)])
+        return weight.to(dtype, memory_format=_memory_format(wt))
 
 
 def _level(blocks: list[nn.Module], attns: list[nn.Module]) -> nn.Module:

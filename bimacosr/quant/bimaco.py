@@ -10,27 +10,12 @@ low-rank branch under ``lora``.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bimacosr.quant.binarize import binarize_activation, binarize_weight, sign_bireal
-from bimacosr.quant.common import LearnableBias, QuantLayer, RPReLU
-
-
-def eval_cached(module: nn.Module, name: str, sources: tuple[Tensor, ...], make: Callable[[], Tensor]) -> Tensor:
-    """``make()``, computed once and reused while ``module`` is in eval mode with gradients off
-    and ``sources`` are unchanged (same storage and version): inference binarizes each weight once,
-    not at every call. Training (or any call with gradients) always recomputes."""
-    if module.training or torch.is_grad_enabled():
-        return make()
-    key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources) + (torch.is_inference_mode_enabled(),)
-    cache = module.__dict__.setdefault("_eval_cache", {})
-    if name not in cache or cache[name][0] != key:
-        cache[name] = (key, make())
-    return cache[name][1]
+from bimacosr.quant.common import LearnableBias, QuantLayer, RPReLU, eval_cached
 
 
 class SparseBranch(nn.Module):

@@ -1,5 +1,8 @@
-"""Pieces shared by the binary layers: the layer marker, LearnableBias and RPReLU."""
+"""Pieces shared by the binary layers: the layer marker, LearnableBias, RPReLU, and the eval-mode
+cache of weights derived from parameters (also used by the autoencoder's phase upsampling)."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -42,3 +45,16 @@ class RPReLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pr_bias1(self.pr_prelu(self.pr_bias0(x)))
+
+
+def eval_cached(module: nn.Module, name: str, sources: tuple[Tensor, ...], make: Callable[[], Tensor]) -> Tensor:
+    """``make()``, computed once and reused while ``module`` is in eval mode with gradients off
+    and ``sources`` are unchanged (same storage and version): inference binarizes each weight once,
+    not at every call. Training (or any call with gradients) always recomputes."""
+    if module.training or torch.is_grad_enabled():
+        return make()
+    key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources) + (torch.is_inference_mode_enabled(),)
+    cache = module.__dict__.setdefault("_eval_cache", {})
+    if name not in cache or cache[name][0] != key:
+        cache[name] = (key, make())
+    return cache[name][1]
