@@ -52,6 +52,14 @@ def norm_swish(norm: nn.GroupNorm, x: Tensor) -> Tensor:
     return h * torch.sigmoid(h)
 
 
+def residual(x: Tensor, h: Tensor) -> Tensor:
+    """``x + h``, written into the fresh branch output ``h`` when the sum has ``h``'s dtype and shape
+    (bit for bit the same: float addition commutes exactly); saves a full-size allocation."""
+    if h.dtype == torch.promote_types(h.dtype, x.dtype) and h.shape == x.shape:
+        return h.add_(x)
+    return x + h
+
+
 class ResnetBlock(nn.Module):
     """norm1 → swish → conv1 → norm2 → swish → dropout → conv2, plus a 1x1 ``nin_shortcut`` when the
     width changes. No timestep embedding (the original builds none: ``temb_channels`` = 0)."""
@@ -71,7 +79,7 @@ class ResnetBlock(nn.Module):
         h = self.conv2(self.dropout(norm_swish(self.norm2, h)))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
-        return x + h
+        return residual(x, h)
 
 
 class AttnBlock(nn.Module):
@@ -104,7 +112,7 @@ class AttnBlock(nn.Module):
         else:
             step = max(1, self.max_weights // (h * w))
             out = torch.cat([_attend(qc, k, v) for qc in q.split(step, dim=2)], dim=2)
-        return x + self.proj_out(out.reshape(b, c, h, w))
+        return residual(x, self.proj_out(out.reshape(b, c, h, w)))
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from bimacosr.models import autoencoder
 from bimacosr.parity import check_file
-from bimacosr.models.autoencoder import AttnBlock, Upsample, VQAutoencoder, norm_swish, reduced_precision
+from bimacosr.models.autoencoder import (AttnBlock, ResnetBlock, Upsample, VQAutoencoder, norm_swish,
+                                         reduced_precision, residual)
 from bimacosr.models.first_stage import decode_first_stage, encode_first_stage
 from tests.conftest import FIXTURES
 
@@ -200,3 +201,23 @@ def test_reduced_precision_and_norm_swish() -> None:
     xg = xb.clone().requires_grad_(True)
     norm_swish(norm.bfloat16(), xg).float().sum().backward()  # not in place while recording
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+def test_residual_in_place_is_the_plain_sum() -> None:
+    torch.manual_seed(7)
+    x, h = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+    ref = x + h
+    out = residual(x, h.clone())
+    assert torch.equal(out, ref)
+    hb = h.bfloat16()
+    kept = hb.clone()
+    mixed = residual(x, hb)  # the sum is float32: a new tensor, the bf16 branch output untouched
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, x + kept) and torch.equal(hb, kept)
+    block = ResnetBlock(32, 64)
+    xg = torch.randn(1, 32, 4, 4, requires_grad=True)
+    block(xg).square().sum().backward()
+    grad = xg.grad.clone()
+    xg.grad = None
+    plain = block.nin_shortcut(xg) + block.conv2(norm_swish(block.norm2, block.conv1(norm_swish(block.norm1, xg))))
+    plain.square().sum().backward()
+    assert torch.equal(xg.grad, grad)  # the in-place sum keeps the gradient exact
