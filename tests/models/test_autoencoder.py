@@ -148,6 +148,23 @@ def test_upsample_under_bf16_matches_float32_within_bf16_rounding() -> None:
     assert torch.equal(up(x.bfloat16()), fast)  # bf16 input without autocast: the same path
 
 
+def test_upsample_in_a_half_precision_model() -> None:
+    """The original's GPU setting (the whole autoencoder in float16), run here on CPU: kernels
+    summed in float32 from the half weights, error of the order of the stock half path's."""
+    torch.manual_seed(8)
+    up = Upsample(32).eval().requires_grad_(False)
+    x = torch.randn(1, 32, 6, 7)
+    ref = _original_upsample(up, x)
+    half = Upsample(32).eval().requires_grad_(False)
+    half.load_state_dict(up.state_dict())
+    half.half()
+    with torch.no_grad():
+        fast = half(x.half())
+        stock = half.conv(F.interpolate(x.half(), scale_factor=2.0, mode="nearest"))
+    assert fast.dtype == torch.float16 and fast.shape == (1, 32, 12, 14)
+    assert (fast.float() - ref).abs().max() <= 2 * (stock.float() - ref).abs().max()
+
+
 def test_upsample_phase_kernels_follow_weight_changes() -> None:
     torch.manual_seed(5)
     up = Upsample(16).eval().requires_grad_(False)
