@@ -60,8 +60,8 @@ def main() -> None:
         lr_np = downscale(photo(name), 4)[: args.size, : args.size]
         lr = torch.from_numpy(np.ascontiguousarray(lr_np)).permute(2, 0, 1)[None].float() / 255
         outs = []
-        for name_of in ("fp32", "bf16"):  # as --precision runs them: autocast, autoencoder layout
-            prec = build.resolve_precision(name_of, torch.device("cpu"))
+        for prec_name in ("fp32", "bf16"):  # as --precision runs them: autocast, autoencoder layout
+            prec = build.resolve_precision(prec_name, torch.device("cpu"))
             pipe.autocast = prec.autocast
             pipe.autoencoder.to(memory_format=prec.autoencoder_format)
             outs.append(to_uint8(pipe(lr, generator=torch.Generator().manual_seed(0))))
