@@ -1,10 +1,14 @@
-"""scripts/check_fixtures.py as a user runs it: passes on the shared fixtures, fails on anything off."""
+"""scripts/check_fixtures.py as a user runs it: passes on the shared fixtures, fails on anything off,
+and stands in for another CPU: fixtures whose float32 outputs moved by 2 ulps still pass."""
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
+from bimacosr.parity import check_file
 from tests.conftest import FIXTURES, REPO
 
 
@@ -49,3 +53,64 @@ def test_files_it_does_not_understand_fail(tmp_path, content, message):
 def test_empty_folder_fails(tmp_path):
     result = run(tmp_path)
     assert result.returncode == 1 and "no fixture files found" in result.stdout
+
+
+# -- another CPU's rounding, stood in for --------------------------------------------------------
+NUDGED = ["pipeline/a_vq_autoencoder.pt", "pipeline/b_eta_schedule.pt", "pipeline/c_one_step_inference.pt",
+          "denoiser/fp_unet_forward.pt", "baselines/bidm_conv.pt"]
+
+
+def float32_outputs(data: dict, file: str) -> Iterator[tuple[dict, str, str]]:
+    """``(holder, key, check name)`` of every float32 result a fixture stores (not its inputs)."""
+    def tensors(holder: dict, prefix: str, keys=None) -> Iterator[tuple[dict, str, str]]:
+        for key in holder if keys is None else keys:
+            if key in holder and isinstance(holder[key], torch.Tensor) and holder[key].dtype == torch.float32:
+                yield holder, key, f"{prefix}{key}"
+
+    if "outputs" in data:  # pipeline fixtures
+        yield from tensors(data["outputs"], f"{file} ")
+    if "output" in data and "float32" not in data:  # UNet forward
+        yield from tensors(data, f"{file} ", ["output"])
+    for schedule, fields in data.get("schedules", {}).items():
+        yield from tensors(fields, f"{file} {schedule}/", [k for k in fields if k.startswith("f32_")])
+    if "float32" in data:  # baseline layer: its float32 results
+        yield from tensors(data["float32"], f"{file} float32 ", ["output", "grad_input", "grad_weight"])
+        yield from tensors(data["float32"]["param_grads"], f"{file} float32 grad ")
+
+
+def write_nudged(dest: Path, nudge) -> dict[str, list[str]]:
+    """Copies of NUDGED in ``dest`` with every float32 output ``t`` replaced by ``nudge(t, name)``;
+    returns the check names of the nudged tensors per file."""
+    dest.mkdir()
+    names = {}
+    for rel in NUDGED:
+        data = torch.load(FIXTURES / rel, weights_only=True)
+        file = Path(rel).name
+        found = list(float32_outputs(data, file))
+        for holder, key, name in found:
+            holder[key] = nudge(holder[key], name)
+        torch.save(data, dest / file)
+        names[file] = [name for _, _, name in found]
+    return names
+
+
+def ulps_up(t: torch.Tensor, n: int) -> torch.Tensor:
+    for _ in range(n):
+        t = torch.nextafter(t, torch.full_like(t, float("inf")))
+    return t
+
+
+def test_outputs_two_ulps_off_pass_and_ten_tolerances_off_fail(tmp_path):
+    names = write_nudged(tmp_path / "ulps", lambda t, name: ulps_up(t, 2))
+    assert sum(map(len, names.values())) > 20
+    result = run(tmp_path / "ulps")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+    tolerance = {c.name: c.tol for f in sorted((tmp_path / "ulps").glob("*.pt")) for c in check_file(f)}
+    assert all(tolerance.get(n, 0) > 0 for ns in names.values() for n in ns), "a float32 output checked exactly"
+    write_nudged(tmp_path / "far", lambda t, name: t + 10 * tolerance[name])
+    result = run(tmp_path / "far")
+    assert result.returncode == 1
+    for name in (n for nudged in names.values() for n in nudged):
+        line = next((line for line in result.stdout.splitlines() if f" {name} " in line), None)
+        assert line is not None and line.startswith("FAIL"), (name, line)

@@ -11,9 +11,12 @@ from bimacosr.diffusion.sampling import (ddim_step, predict_x0, prior_sample, q_
                                          sample_ancestral, sample_ddim, sample_one_step)
 from bimacosr.diffusion.schedule import Schedule, space_timesteps
 from bimacosr.parity import check_file
+from bimacosr.parity.common import compare
+from bimacosr.parity.tolerances import TOLERANCES
 from tests.conftest import FIXTURES
 
 torch.set_num_threads(2)
+EPS32 = torch.finfo(torch.float32).eps
 
 PIPELINE = FIXTURES / "pipeline"
 RELEASED = {
@@ -73,7 +76,7 @@ def test_released_table_values() -> None:
     assert s.f32_input_scale[14].item() == pytest.approx(1 / 2.21819747, abs=1e-7)
     assert s.posterior_log_variance_clipped[0].item() == pytest.approx(-6.467323, abs=1e-6)
     kmj = [s.f32_ddim_k[1].item(), s.f32_ddim_m[1].item(), s.f32_ddim_j[1].item()]
-    assert kmj == pytest.approx([0.83124398, 0.17069932, -0.00194330], abs=1e-7)
+    assert kmj == pytest.approx([0.83124398, 0.17069932, -0.00194330], rel=4 * EPS32, abs=1e-8)  # 4 ulps
     s4 = Schedule.from_config({**RELEASED, "steps": 4})
     assert s4.sqrt_etas.tolist() == pytest.approx([0.02, 0.3310009108, 0.6332100706, 0.99], abs=1e-10)
 
@@ -158,17 +161,26 @@ def test_one_step_returns_x0_hat_and_draws_once() -> None:
     assert torch.equal(torch.get_rng_state(), after_one_draw)
 
 
-def test_fixture_d_ddim_replay_is_bit_exact() -> None:
-    """The teacher's stored x0 predictions replayed through sample_ddim give its stored latents."""
+def test_fixture_d_ddim_replay() -> None:
+    """The teacher's stored x0 predictions replayed through sample_ddim give its stored latents,
+    within the float32 noise floor (the coefficients are 1 ulp apart across CPU families), and
+    bit for bit what the original's update line computes with this machine's coefficients."""
     d = torch.load(PIPELINE / "d_teacher_multistep.pt", map_location="cpu", weights_only=True)
     s, inter = Schedule.from_config(d["config"]["diffusion"]), d["intermediates"]
     x_T = prior_sample(inter["z_y"], s, d["inputs"]["noise"])
-    assert torch.equal(x_T, inter["x_T"])
     samples: list[Tensor] = []
     out = sample_ddim(lambda x_in, t: inter["ddim_pred_xstart"][len(samples)], x_T, inter["z_y"], s,
                       callback=lambda i, t, x, x0: samples.append(x))
-    assert torch.equal(torch.stack(samples), inter["ddim_samples"])
-    assert torch.equal(out, d["outputs"]["z_teacher_ddim"])
+    for label, got, want in (("x_T", x_T, inter["x_T"]), ("ddim_samples", torch.stack(samples), inter["ddim_samples"]),
+                             ("z_teacher_ddim", out, d["outputs"]["z_teacher_ddim"])):
+        check = compare(label, got, want, TOLERANCES["f32_single_pass"])
+        assert check.passed, check.line()
+    x = inter["z_y"] + s.f32_sqrt_etas_kappa[-1] * d["inputs"]["noise"]  # the original's lines, in order
+    assert torch.equal(x_T, x)
+    for i, t in enumerate(reversed(range(s.num_timesteps))):
+        x = inter["ddim_pred_xstart"][i] * s.f32_ddim_k[t] + s.f32_ddim_m[t] * x + s.f32_ddim_j[t] * inter["z_y"]
+        assert torch.equal(samples[i], x), t
+    assert torch.equal(out, x)
 
 
 @pytest.mark.parametrize("change, words", [
