@@ -28,6 +28,13 @@ FIXTURES = REFERENCE / "fixtures"
 SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"
 
 
+def pytest_report_header(config) -> str:
+    """The machine in the header (shown without ``-q``): float32 rounding and kernel paths depend on it."""
+    from bimacosr.cpu import describe
+
+    return f"{describe()}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()} kernels)"
+
+
 @pytest.fixture(scope="session")
 def reference() -> Path:
     if not REFERENCE.is_dir():
