@@ -274,23 +274,36 @@ def test_every_released_layer_equals_its_simulated_twin_at_released_size(fused):
     assert errors[worst] <= TOL, f"{worst}: max abs error {errors[worst]:.2e}"
 
 
+POPCOUNT_PATHS = {  # path -> (test-build flags on a CPU with AVX-512 VPOPCNTDQ, on an AVX2-only CPU)
+    "AVX-512 VPOPCNTDQ popcount": (None, "-DBIMACOSR_EMULATE_LANE_POPCOUNT"),
+    "AVX2 nibble-table popcount": ("-mno-avx512vpopcntdq", None),
+    "portable popcount": ("-mno-avx2", "-mno-avx2"),
+}
+
+
 @pytest.mark.slow
-def test_the_other_popcount_path_on_a_test_build(fused):
-    """A build runs one popcount path, the one the tests above cover. This runs them on a test
-    build of the same source that takes the other: the AVX2 nibble table on a CPU with AVX-512
-    VPOPCNTDQ (built with ``-mno-avx512vpopcntdq``), the 8-lane path with its popcount emulated
-    on an AVX2 CPU (``-DBIMACOSR_EMULATE_LANE_POPCOUNT``)."""
-    path = torch.ops.bimacosr.path()
-    if path == "AVX-512 VPOPCNTDQ popcount":
-        flags, other = "-mno-avx512vpopcntdq", "AVX2 nibble-table popcount"
-    elif "nibble" in path:
-        flags, other = "-DBIMACOSR_EMULATE_LANE_POPCOUNT", "lane popcount, emulated (test build)"
-    else:
-        pytest.skip(f"no other popcount path to build on this CPU ({path})")
-    env = {**os.environ, FLAGS_ENV: flags}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__,
-                             "-k", "equals_the_simulated or zero_weights or all_zero or every_bit", "-m", "not slow"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"({other};" in result.stdout + result.stderr
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-500:]
+def test_every_other_popcount_path_on_a_test_build(fused):
+    """A build runs one popcount path, the one the tests above cover. This runs the others, each on
+    a test build of the same source: on a CPU with AVX-512 VPOPCNTDQ the AVX2 nibble table
+    (``-mno-avx512vpopcntdq``) and the portable loop (``-mno-avx2``); on an AVX2 CPU the 8-lane
+    path with its popcount emulated (``-DBIMACOSR_EMULATE_LANE_POPCOUNT``) and the portable loop."""
+    native = torch.ops.bimacosr.path()
+    if native not in ("AVX-512 VPOPCNTDQ popcount", "AVX2 nibble-table popcount"):
+        pytest.skip(f"a CPU without AVX2 ({native}) builds no other path")
+    column = 0 if native.startswith("AVX-512") else 1
+    built = []
+    for name, flag_pair in POPCOUNT_PATHS.items():
+        flags = flag_pair[column]
+        if name == native or flags is None:
+            continue
+        env = {**os.environ, FLAGS_ENV: flags}
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__,
+                                 "-k", "equals_the_simulated or zero_weights or all_zero or every_bit", "-m", "not slow"],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"{flags}: " + result.stdout[-3000:] + result.stderr[-3000:]
+        assert f"kernel ({name}" in output or (name.startswith("AVX-512") and "(lane popcount, emulated" in output), \
+            f"{flags} did not build {name}: {output[-500:]}"
+        assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-500:]
+        built.append(name)
+    assert len(built) == 2, built
