@@ -3,8 +3,9 @@
     python metric.py --inp_imgs results/sr [more SR folders] --gt_imgs data/test/HR --log logs/eval
 
 SR and GT images are paired by file name (stem); unpaired files are named. Without ``--gt_imgs``
-only the no-reference metrics run. A learned metric whose weights are not on disk is reported as
-skipped with the files it needs (``--weights_dir`` points at local copies). Writes
+only the no-reference metrics run. Weight files not in the cache are fetched from the URLs pyiqa
+uses (``--offline``: never; a metric whose files cannot be had is skipped with the URL, the path and
+the fetch command); ``--weights_dir`` points at local copies. No weight file can run code. Writes
 ``metrics_per_image.csv``, ``metrics_summary.json`` and ``metrics_table.md`` to ``--out``
 (default: the ``--log`` folder) and prints the Markdown table. Exit status 2 on input errors.
 """
@@ -24,7 +25,7 @@ def metric_type(text: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The original flags plus ``--weights_dir``, ``--device`` and ``--out``."""
+    """The original flags plus ``--weights_dir``, ``--offline``, ``--device`` and ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--inp_imgs", nargs="+", required=True, metavar="DIR",
                         help="SR folder(s); each becomes one row of the table")
@@ -37,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"(default: all)")
     parser.add_argument("--weights_dir", metavar="DIR",
                         help="folder holding metric weight files by their file names")
+    parser.add_argument("--offline", action="store_true",
+                        help="never download: metrics whose weight files are not cached are skipped")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", metavar="DIR", help="results folder (default: --log)")
     return parser.parse_args(argv)
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = evaluate(args.inp_imgs, args.gt_imgs, args.metrics, args.weights_dir,
-                          args.device)
+                          args.device, offline=args.offline)
         paths = write_results(result, args.out or args.log, args.log_name)
     except (EvaluationError, OSError) as exc:  # OSError: unreadable image, unwritable output
         print(f"error: {exc}", file=sys.stderr)

@@ -2,9 +2,10 @@
 
 Differences from the original ``metric.py``, all deliberate: SR and GT files are paired by file
 stem (not by position in two sorted lists) and every unpaired file is named; only the requested
-metrics are built; a learned metric whose weight files are not on disk is reported as
-:class:`Skipped` with the exact paths it needs (checked before pyiqa is asked to build it, so
-nothing is downloaded and nothing crashes); no-reference metrics run without a GT folder.
+metrics are built; weight files are fetched from pyiqa's own URLs and checked so that none can run
+code (bimacosr/metric_weights.py), and a metric whose files cannot be had is reported as
+:class:`Skipped` with the URL, the path and the command that fetches them (never a crash);
+no-reference metrics run without a GT folder.
 NIQE falls back to the parameters bundled in ``bimacosr/assets`` (from basicsr 1.4.2) when
 pyiqa's ``niqe_modelparameters.mat`` is not cached. MANIQA's ViT backbone is built without timm's
 ImageNet download: the MANIQA checkpoint is loaded strictly and overwrites all of its weights.
@@ -18,7 +19,6 @@ import importlib.util
 import io
 import json
 import math
-import shutil
 import sys
 import tempfile
 import time
@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from bimacosr.atomic import atomic_write_text
 from bimacosr.imageio import find_images, read_image
+from bimacosr.metric_weights import MetricFile, metric_hub, prepare
 
 Kind = Literal["fr", "nr", "folder"]
 _NIQE_FALLBACK = Path(__file__).with_name("assets") / "niqe_pris_params.npz"
@@ -164,12 +165,6 @@ class Evaluation:
         return "\n".join(lines).rstrip() + "\n"
 
 
-def cache_dirs() -> dict[str, Path]:
-    """Where each library looks for its weights (all under ``torch.hub.get_dir()``)."""
-    hub = Path(torch.hub.get_dir())
-    return {"pyiqa": hub / "pyiqa", "torchvision": hub / "checkpoints", "clip": hub / "clip"}
-
-
 def trainer_psnr_per_image(sr: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """The trainer's validation PSNR per image (docs/pipeline.md §7.3), float64 [B].
 
@@ -226,49 +221,6 @@ def pair_by_name(sr_dir: Path, gt_dir: Path | None, sr_suffix: str = "") -> Pair
     return Pairing(pairs, unpaired_sr, unpaired_gt)
 
 
-def _place(source: Path, target: Path) -> None:
-    """Make ``target`` a symlink to ``source`` (a copy where links are not possible)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_symlink():
-        target.unlink()
-    try:
-        target.symlink_to(source.resolve())
-    except OSError:
-        shutil.copy2(source, target)
-
-
-def missing_weights(name: str, weights_dir: Path | None = None) -> list[Path]:
-    """Weight files of metric ``name`` not in their cache; files found by name in ``weights_dir``
-    are linked into the cache first. NIQE counts as complete (bundled fallback)."""
-    dirs, missing = cache_dirs(), []
-    for where, file_name in METRICS[name].weights:
-        target = dirs[where] / file_name
-        if not target.is_file() and weights_dir is not None and (weights_dir / file_name).is_file():
-            _place(weights_dir / file_name, target)
-        if not target.is_file():
-            missing.append(target)
-    return [] if name == "niqe" and _NIQE_FALLBACK.is_file() else missing
-
-
-def preflight(names: list[str], has_gt: bool, weights_dir: Path | None) -> list[Skipped]:
-    """The requested metrics that cannot run, decided without building anything."""
-    skipped = []
-    for name in names:
-        spec = METRICS[name]
-        if spec.kind in ("fr", "folder") and not has_gt:
-            skipped.append(Skipped(name, "needs a GT folder (--gt_imgs)"))
-            continue
-        missing = missing_weights(name, weights_dir)
-        reasons = [f"Python module '{m}' missing ({hint})" for m, hint in spec.modules.items()
-                   if importlib.util.find_spec(m) is None]
-        if missing:
-            reasons.insert(0, f"weights not found: {'; '.join(map(str, missing))} (copy them "
-                              "there, or pass --weights_dir DIR holding them by file name)")
-        if reasons:
-            skipped.append(Skipped(name, "; ".join(reasons), [str(p) for p in missing]))
-    return skipped
-
-
 @contextlib.contextmanager
 def _timm_without_download() -> Iterator[None]:
     """Let ``timm.create_model`` build architectures only (no pretrained download)."""
@@ -286,8 +238,35 @@ def _timm_without_download() -> Iterator[None]:
         timm.create_model = create
 
 
-def _build(name: str, device: torch.device, notes: dict[str, str]) -> torch.nn.Module:
-    """Create one pyiqa metric whose files are known to be present."""
+def preflight(names: list[str], has_gt: bool, weights_dir: Path | None, offline: bool = False,
+              progress: bool = True) -> tuple[list[Skipped], dict[MetricFile, Path]]:
+    """Decide which requested metrics can run, fetching their weight files (unless ``offline``)
+    and checking each (``metric_weights.prepare``). Returns the skipped metrics, each with its
+    reasons and missing files, and the checked files of the rest."""
+    skipped, wanted = [], {}
+    for name in names:
+        spec = METRICS[name]
+        if spec.kind in ("fr", "folder") and not has_gt:
+            skipped.append(Skipped(name, "needs a GT folder (--gt_imgs)"))
+            continue
+        modules = [f"Python module '{m}' missing ({hint})" for m, hint in spec.modules.items()
+                   if importlib.util.find_spec(m) is None]
+        if modules:
+            skipped.append(Skipped(name, "; ".join(modules)))
+            continue
+        wanted[name] = [MetricFile(where, file_name) for where, file_name in spec.weights]
+    prepared = prepare([f for files in wanted.values() for f in files], weights_dir, offline, progress)
+    for name, files in wanted.items():
+        problems = [prepared.problems[f] for f in files if f in prepared.problems]
+        if problems and not (name == "niqe" and _NIQE_FALLBACK.is_file()):
+            skipped.append(Skipped(name, "; ".join(problems),
+                                   [str(f.path) for f in files if f in prepared.problems]))
+    return skipped, prepared.found
+
+
+def _build(name: str, device: torch.device, notes: dict[str, str], found: dict[MetricFile, Path]
+           ) -> torch.nn.Module:
+    """Create one pyiqa metric whose files are in ``found`` (inside ``metric_hub``)."""
     import pyiqa
 
     spec, options = METRICS[name], dict(METRICS[name].options)
@@ -295,7 +274,7 @@ def _build(name: str, device: torch.device, notes: dict[str, str]) -> torch.nn.M
         stack.enter_context(contextlib.redirect_stdout(sys.stderr))  # pyiqa prints load messages
         if name == "maniqa-pipal":
             stack.enter_context(_timm_without_download())
-        if name == "niqe" and not (cache_dirs()["pyiqa"] / spec.weights[0][1]).is_file():
+        if name == "niqe" and MetricFile(*spec.weights[0]) not in found:
             import scipy.io
 
             params = np.load(_NIQE_FALLBACK)
@@ -303,23 +282,25 @@ def _build(name: str, device: torch.device, notes: dict[str, str]) -> torch.nn.M
             scipy.io.savemat(tmp / "niqe.mat", {"mu_prisparam": params["mu_pris_param"],
                                                 "cov_prisparam": params["cov_pris_param"]})
             options["pretrained_model_path"] = str(tmp / "niqe.mat")
-            notes[name] = (f"pyiqa's {spec.weights[0][1]} not cached; used basicsr 1.4.2 "
+            notes[name] = (f"pyiqa's {spec.weights[0][1]} not available; used basicsr 1.4.2 "
                            f"niqe_pris_params.npz ({_NIQE_FALLBACK})")
         return pyiqa.create_metric(spec.pyiqa_id, device=device, **options).eval()
 
 
-def build_metrics(names: list[str], has_gt: bool, weights_dir: Path | None, device: torch.device
-                  ) -> tuple[dict[str, torch.nn.Module], list[Skipped], dict[str, str]]:
+def build_metrics(names: list[str], has_gt: bool, weights_dir: Path | None, device: torch.device,
+                  offline: bool = False) -> tuple[dict[str, torch.nn.Module], list[Skipped], dict[str, str]]:
     """Build every requested metric that can run; the rest become :class:`Skipped`
-    (a build failure too: never a crash). Returns (metrics, skipped, notes)."""
-    skipped = preflight(names, has_gt, weights_dir)
+    (a build failure too: never a crash). Returns (metrics, skipped, notes). The metrics are
+    built from checked files only, with weights-only loading (``metric_weights.metric_hub``)."""
+    skipped, found = preflight(names, has_gt, weights_dir, offline)
     gone, built, notes = {s.metric for s in skipped}, {}, {}
-    for name in names:
-        if name not in gone:
-            try:
-                built[name] = _build(name, device, notes)
-            except Exception as exc:  # reported, not raised: one bad metric must not stop the rest
-                skipped.append(Skipped(name, f"could not be built: {type(exc).__name__}: {exc}"))
+    with metric_hub(found):
+        for name in names:
+            if name not in gone:
+                try:
+                    built[name] = _build(name, device, notes, found)
+                except Exception as exc:  # reported, not raised: one bad metric must not stop the rest
+                    skipped.append(Skipped(name, f"could not be built: {type(exc).__name__}: {exc}"))
     return built, skipped, notes
 
 
@@ -379,14 +360,16 @@ def _score_folder(sr_dir: Path, gt_dir: Path | None, pairing: Pairing,
 
 def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
              metrics: list[str] | None = None, weights_dir: str | Path | None = None,
-             device: str | None = None, sr_suffix: str = "") -> Evaluation:
+             device: str | None = None, sr_suffix: str = "", offline: bool = False) -> Evaluation:
     """Score every SR folder (paired with ``gt_dir`` by file stem when given; ``sr_suffix`` as
     :func:`pair_by_name`).
 
     With a GT folder only paired images are scored (no-reference metrics included), so every
     row has every metric; unpaired files are reported (stderr and ``Pairing``).
-    metrics: names from :data:`METRICS` (default all). Raises EvaluationError for input problems
-    (missing folder, nothing paired, size mismatch); metrics that cannot run are skipped.
+    metrics: names from :data:`METRICS` (default all). Weight files missing from the caches are
+    downloaded first, unless ``offline`` (bimacosr/metric_weights.py). Raises EvaluationError for
+    input problems (missing folder, nothing paired, size mismatch); metrics that cannot run are
+    skipped, each with its reason.
     """
     names = [m for m in METRICS if metrics is None or m in metrics]
     unknown = sorted(set(metrics or []) - set(METRICS))
@@ -403,7 +386,7 @@ def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
                 print(f"warning: {d}: {len(files)} {side} file(s) without a partner: "
                       f"{', '.join(files)}", file=sys.stderr)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    built, skipped, notes = build_metrics(names, gt is not None, wdir, dev)
+    built, skipped, notes = build_metrics(names, gt is not None, wdir, dev, offline)
     folders = [_score_folder(d, gt, p, built, dev) for d, p in pairings]
     order = {m: i for i, m in enumerate(names)}
     skipped.sort(key=lambda s: order[s.metric])

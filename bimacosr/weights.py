@@ -30,7 +30,7 @@ from bimacosr.config import REPO_ROOT
 
 __all__ = ["WeightFile", "RELEASED", "TARGETS", "WEIGHTS_DIR", "LOCK_NAME", "WeightsError",
            "MissingWeightsError", "DownloadError", "VerifyError", "Fetched", "get", "expand_targets",
-           "kind_problem", "resolve_weight", "download"]
+           "kind_problem", "resolve_weight", "download", "fetch", "fetch_command", "read_lock"]
 
 WEIGHTS_DIR = REPO_ROOT / "weights"
 LOCK_NAME = "weights.lock.json"
@@ -46,7 +46,9 @@ class WeightFile:
     """A released file. ``urls`` are direct downloads, tried in order; ``drive_id`` a Google Drive
     file id fetched with gdown when there is no URL. ``kind`` is what the file must hold: a
     ``bimacosr.checkpoint.state_dict_kind`` (``bimaco``, ``fp_unet``, ``autoencoder``) or
-    ``config`` (a YAML mapping). ``size`` (bytes) and ``sha256`` only where published."""
+    ``config`` (a YAML mapping) or ``metric`` (a metric's weights, bimacosr/metric_weights.py).
+    ``size`` (bytes) and ``sha256`` only where published. ``home`` is the folder it belongs in
+    (default ``<repo>/weights``; the metric files: their library's cache)."""
 
     name: str
     what: str
@@ -56,11 +58,12 @@ class WeightFile:
     drive_id: str | None = None
     size: int | None = None
     sha256: str | None = None
+    home: Path = WEIGHTS_DIR
 
     @property
     def path(self) -> Path:
-        """Where the code looks for it by default: ``<repo>/weights/<name>``."""
-        return WEIGHTS_DIR / self.name
+        """Where the code looks for it by default: ``home / name``."""
+        return self.home / self.name
 
     @property
     def source(self) -> str:
@@ -153,11 +156,11 @@ def expand_targets(names: list[str]) -> list[str]:
     return list(dict.fromkeys(files))
 
 
-def _fetch_command(entry: WeightFile, dest_dir: Path) -> str:
-    """The download_weights.py command line that puts ``entry`` into ``dest_dir``."""
-    same = Path(dest_dir).absolute() == WEIGHTS_DIR
+def fetch_command(entry: WeightFile, dest_dir: Path | None = None) -> str:
+    """The download_weights.py command line that puts ``entry`` into ``dest_dir`` (default: its home)."""
+    same = dest_dir is None or Path(dest_dir).absolute() == entry.home.absolute()
     dest = "" if same else f" --dest {shlex.quote(str(dest_dir))}"
-    return f"python scripts/download_weights.py {entry.name}{dest}"
+    return f"python scripts/download_weights.py {shlex.quote(entry.name)}{dest}"
 
 
 def resolve_weight(path_or_name: str | os.PathLike, *, what: str) -> Path:
@@ -183,7 +186,7 @@ def resolve_weight(path_or_name: str | os.PathLike, *, what: str) -> Path:
         lines += [f"  this is {entry.name}: {entry.what}; used by {entry.used_by}",
                   f"  it comes from: {entry.source}",
                   f"  put it at:     {path.absolute()}",
-                  f"  or run:        {_fetch_command(entry, path.parent)}"]
+                  f"  or run:        {fetch_command(entry, path.parent)}"]
     else:
         lines.append(f"  not a released file name ({', '.join(RELEASED)}); check the path")
     raise MissingWeightsError("\n".join(lines), path, entry)
@@ -276,6 +279,10 @@ def kind_problem(entry: WeightFile, path: Path) -> str | None:
     """Why the file at ``path`` is not the kind ``entry`` says (None when it is): a weight file
     must read safely and have the key layout of ``entry.kind``; a config must be a YAML mapping
     with ``model`` and ``diffusion`` sections."""
+    if entry.kind == "metric":
+        from bimacosr.metric_weights import safety_problem
+
+        return safety_problem(path, entry.sha256)
     if entry.kind == "config":
         import yaml
 
@@ -298,7 +305,7 @@ def kind_problem(entry: WeightFile, path: Path) -> str | None:
     return None
 
 
-def _read_lock(folder: Path) -> dict[str, dict]:
+def read_lock(folder: Path) -> dict[str, dict]:
     """The lock file's entries ``{name: {"size", "sha256", "source"}}`` ({} when there is none)."""
     path = folder / LOCK_NAME
     if not path.is_file():
@@ -315,7 +322,7 @@ def _read_lock(folder: Path) -> dict[str, dict]:
 
 def _record(folder: Path, entry: WeightFile, size: int, sha256: str) -> None:
     """Add or replace ``entry``'s line in the lock file (written atomically)."""
-    files = _read_lock(folder)
+    files = read_lock(folder)
     files[entry.name] = {"size": size, "sha256": sha256, "source": entry.source}
     text = json.dumps({"comment": "sizes and sha256 of the weight files downloaded here "
                                   "(scripts/download_weights.py checks present files against them)",
@@ -325,8 +332,8 @@ def _record(folder: Path, entry: WeightFile, size: int, sha256: str) -> None:
 
 def _verify_present(entry: WeightFile, dest: Path) -> Fetched:
     """Check a present file against its lock entry, or (none yet) for its kind and record it."""
-    refetch = f"fetch it again with: {_fetch_command(entry, dest.parent)} --force"
-    locked = _read_lock(dest.parent).get(entry.name)
+    refetch = f"fetch it again with: {fetch_command(entry, dest.parent)} --force"
+    locked = read_lock(dest.parent).get(entry.name)
     size, sha256 = _digest(dest)
     if locked is not None:
         if (size, sha256) != (locked["size"], locked["sha256"]):
@@ -345,14 +352,20 @@ def _verify_present(entry: WeightFile, dest: Path) -> Fetched:
 
 def download(name: str, dest_dir: str | os.PathLike | None = None, force: bool = False, *,
              progress: bool = True) -> Fetched:
-    """Put the released file ``name`` at ``dest_dir/<name>`` (default ``<repo>/weights``).
+    """Put the released file ``name`` at ``dest_dir/<name>`` (default ``<repo>/weights``); see
+    :func:`fetch`."""
+    return fetch(get(name), dest_dir, force, progress=progress)
+
+
+def fetch(entry: WeightFile, dest_dir: str | os.PathLike | None = None, force: bool = False, *,
+          progress: bool = True) -> Fetched:
+    """Put ``entry`` at ``dest_dir/<name>`` (default: ``entry.home``).
 
     A present file is verified (see :class:`Fetched`) unless ``force``. A download appears only
     once complete, of the right kind and recorded in the lock file; on failure no partial file is
     left behind and a previous file is untouched. Raises ``DownloadError`` / ``VerifyError``.
     """
-    entry = get(name)
-    folder = Path(dest_dir) if dest_dir is not None else WEIGHTS_DIR
+    folder = Path(dest_dir) if dest_dir is not None else entry.home
     dest = folder / entry.name
     if dest.is_file() and not force:
         return _verify_present(entry, dest)
