@@ -90,13 +90,13 @@ class MetricFile:
                           urls=(url,), sha256=digest, home=cache_dirs()[self.location])
 
 
-def safety_problem(path: Path, sha256: str | None = None) -> str | None:
+def safety_problem(path: Path, sha256: str | None = None, name: str | None = None) -> str | None:
     """Why ``path`` cannot be handed to pyiqa without the risk of running code (None: it can).
 
     ``.mat``: scipy reads it (no code). Anything else must load with ``torch.load(weights_only=True)``
     (tensors and containers only), or be exactly the file whose ``sha256`` its URL publishes
-    (CLIP's TorchScript archives)."""
-    if path.suffix == ".mat":
+    (CLIP's TorchScript archives). ``name``: the file's own name when ``path`` is a temp name."""
+    if Path(name or path.name).suffix == ".mat":
         import scipy.io
 
         try:

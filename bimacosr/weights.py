@@ -58,12 +58,17 @@ class WeightFile:
     drive_id: str | None = None
     size: int | None = None
     sha256: str | None = None
-    home: Path = WEIGHTS_DIR
+    home: Path | None = None
+
+    @property
+    def folder(self) -> Path:
+        """The folder it belongs in: ``home``, by default ``<repo>/weights``."""
+        return self.home if self.home is not None else WEIGHTS_DIR
 
     @property
     def path(self) -> Path:
-        """Where the code looks for it by default: ``home / name``."""
-        return self.home / self.name
+        """Where the code looks for it by default: ``folder / name``."""
+        return self.folder / self.name
 
     @property
     def source(self) -> str:
@@ -158,7 +163,7 @@ def expand_targets(names: list[str]) -> list[str]:
 
 def fetch_command(entry: WeightFile, dest_dir: Path | None = None) -> str:
     """The download_weights.py command line that puts ``entry`` into ``dest_dir`` (default: its home)."""
-    same = dest_dir is None or Path(dest_dir).absolute() == entry.home.absolute()
+    same = dest_dir is None or Path(dest_dir).absolute() == entry.folder.absolute()
     dest = "" if same else f" --dest {shlex.quote(str(dest_dir))}"
     return f"python scripts/download_weights.py {shlex.quote(entry.name)}{dest}"
 
@@ -282,7 +287,7 @@ def kind_problem(entry: WeightFile, path: Path) -> str | None:
     if entry.kind == "metric":
         from bimacosr.metric_weights import safety_problem
 
-        return safety_problem(path, entry.sha256)
+        return safety_problem(path, entry.sha256, entry.name)
     if entry.kind == "config":
         import yaml
 
@@ -365,7 +370,7 @@ def fetch(entry: WeightFile, dest_dir: str | os.PathLike | None = None, force: b
     once complete, of the right kind and recorded in the lock file; on failure no partial file is
     left behind and a previous file is untouched. Raises ``DownloadError`` / ``VerifyError``.
     """
-    folder = Path(dest_dir) if dest_dir is not None else entry.home
+    folder = Path(dest_dir) if dest_dir is not None else entry.folder
     dest = folder / entry.name
     if dest.is_file() and not force:
         return _verify_present(entry, dest)

@@ -34,9 +34,9 @@ def resolve(names: list[str], dest: Path) -> list[tuple[WeightFile, Path]]:
     chosen: list[tuple[WeightFile, Path]] = []
     for name in names:
         if name in ("metrics", "all"):
-            chosen += [(e, e.home) for e in metric_entries.values()]
+            chosen += [(e, e.folder) for e in metric_entries.values()]
         if name in metric_entries:
-            chosen.append((metric_entries[name], metric_entries[name].home))
+            chosen.append((metric_entries[name], metric_entries[name].folder))
             continue
         try:
             chosen += [(metric_entries[f.name], f.path.parent) for f in metric_files([metric_name(name)])]

@@ -21,6 +21,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 torch.set_num_threads(max(2, torch.get_num_threads()))
+# No test reaches the internet: metric weight downloads go to a closed loopback port (refused at
+# once) unless a test serves them itself (tests/loopback.py). Subprocesses inherit this.
+os.environ.setdefault("BIMACOSR_METRIC_URL_BASE", "http://127.0.0.1:9")
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("BIMACOSR_REFERENCE", REPO.parent / "shared" / "reference"))

@@ -16,8 +16,8 @@ from PIL import Image, ImageFilter
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from bimacosr.evaluation import (EvaluationError, channel_mismatch, evaluate, metric_name, missing_weights,
-                                 pair_by_name, write_results)
+from bimacosr.evaluation import (EvaluationError, channel_mismatch, evaluate, metric_name, pair_by_name,
+                                 write_results)
 from bimacosr.parity import check_file
 from tests.conftest import FIXTURES, REPO
 
@@ -67,7 +67,7 @@ def _metric_py(*args: str, home: Path) -> subprocess.CompletedProcess:
 def run(photos):
     """metric.py on both SR folders, all metrics (default), results in out/."""
     proc = _metric_py("--inp_imgs", str(photos / "sr_jpeg"), str(photos / "sr_blur"),
-                      "--gt_imgs", str(photos / "gt"), "--log", str(photos / "out"),
+                      "--gt_imgs", str(photos / "gt"), "--log", str(photos / "out"), "--offline",
                       home=photos / "home")
     assert proc.returncode == 0, proc.stderr
     out = photos / "out"
@@ -190,16 +190,6 @@ def test_channel_mismatch_notes():
     assert channel_mismatch("rgb", "gray") == ("SR rgb (3 ch) vs GT gray (1 ch); GT gray replicated to 3 "
                                                "channels; compared as RGB")
     assert channel_mismatch("rgba", "rgb").endswith("alpha ignored; compared as RGB")
-
-
-def test_weights_dir_links_files_into_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
-    local = tmp_path / "local"
-    local.mkdir()
-    (local / "musiq_koniq_ckpt-e95806b9.pth").write_bytes(b"x")
-    assert missing_weights("musiq") == [tmp_path / "home/hub/pyiqa/musiq_koniq_ckpt-e95806b9.pth"]
-    assert missing_weights("musiq", local) == []
-    assert (tmp_path / "home/hub/pyiqa/musiq_koniq_ckpt-e95806b9.pth").read_bytes() == b"x"
 
 
 def test_metric_names_in_the_original_spellings():
