@@ -206,9 +206,21 @@ def metric_hub(found: dict[MetricFile, Path]) -> Iterator[Path]:
     """Build metrics in this block: ``torch.hub`` (and pyiqa's cache) point at a temporary folder
     holding links to the checked files only, and every ``torch.load`` is weights-only. The
     folder and its links are removed at the end; the real caches are not touched."""
+    import pyiqa.archs.clip_model as pyiqa_clip
     import pyiqa.utils.download_util as pyiqa_download
 
-    old_hub, old_pyiqa = torch.hub.get_dir(), pyiqa_download.DEFAULT_CACHE_DIR
+    # torch.hub._hub_dir stays None while get_dir() follows $TORCH_HOME: restored as it was
+    old_hub, old_pyiqa, old_clip = torch.hub._hub_dir, pyiqa_download.DEFAULT_CACHE_DIR, pyiqa_clip._download
+    checked_clip = {f.name: path for f, path in found.items() if f.location == "clip"}
+
+    def clip_download(url: str, root: str) -> str:
+        """pyiqa's CLIP loader re-hashes its file and downloads again on a mismatch, past these
+        checks: give it the checked file instead (or fail, never fetch)."""
+        name = url.rsplit("/", 1)[-1]
+        if name not in checked_clip:
+            raise RuntimeError(f"CLIP weights {name} were not prepared")
+        return str(checked_clip[name])
+
     with tempfile.TemporaryDirectory(prefix="bimacosr-metric-hub-") as tmp:
         hub = Path(tmp)
         for location in ("pyiqa", "checkpoints", "clip"):
@@ -218,12 +230,14 @@ def metric_hub(found: dict[MetricFile, Path]) -> Iterator[Path]:
             (hub / folder[file.location] / file.name).symlink_to(path.resolve())
         torch.hub.set_dir(str(hub))
         pyiqa_download.DEFAULT_CACHE_DIR = str(hub / "pyiqa")
+        pyiqa_clip._download = clip_download
         try:
             with _weights_only_loads():
                 yield hub
         finally:
-            torch.hub.set_dir(old_hub)
+            torch.hub._hub_dir = old_hub
             pyiqa_download.DEFAULT_CACHE_DIR = old_pyiqa
+            pyiqa_clip._download = old_clip
 
 
 def metric_files(names: list[str] | None = None) -> list[MetricFile]:
