@@ -2,7 +2,11 @@
 
     python metric.py --inp_imgs results/sr [more SR folders] --gt_imgs data/test/HR --log logs/eval
 
-SR and GT images are paired by file name (stem); unpaired files are named. Without ``--gt_imgs``
+SR and GT images are paired by file name (stem); unpaired files are named. Outputs of
+``inference_quant.py --suffix out`` (``a_out.png``) pair with ``a.png``: pass ``--suffix out``, or
+let it be detected (when no SR name is a GT name but every SR name is a GT name plus one common
+``_<suffix>``; one note says so). Its ``--compare`` panels (``a_out_compare.png`` next to
+``a_out.png``) are not SR outputs and are left out. Rule: ``bimacosr/pairing.py``. Without ``--gt_imgs``
 only the no-reference metrics run. Weight files not in the cache are fetched from the URLs pyiqa
 uses (``--offline``: never; a metric whose files cannot be had is skipped with the URL, the path and
 the fetch command); ``--weights_dir`` points at local copies. No weight file can run code. Writes
@@ -25,7 +29,7 @@ def metric_type(text: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The original flags plus ``--weights_dir``, ``--offline``, ``--device`` and ``--out``."""
+    """The original flags plus ``--suffix``, ``--weights_dir``, ``--offline``, ``--device`` and ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--inp_imgs", nargs="+", required=True, metavar="DIR",
                         help="SR folder(s); each becomes one row of the table")
@@ -36,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics", nargs="+", type=metric_type, default=list(METRICS), metavar="NAME",
                         help=f"subset of: {' '.join(METRICS)}, any case, also the original's MANIQA / CLIPIQA+ "
                              f"(default: all)")
+    parser.add_argument("--suffix", default="", metavar="SUFFIX",
+                        help="SR files are <GT name>_<SUFFIX> (inference_quant.py --suffix); default: "
+                             "detected when every SR name is a GT name plus one suffix")
     parser.add_argument("--weights_dir", metavar="DIR",
                         help="folder holding metric weight files by their file names")
     parser.add_argument("--offline", action="store_true",
@@ -50,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = evaluate(args.inp_imgs, args.gt_imgs, args.metrics, args.weights_dir,
-                          args.device, offline=args.offline)
+                          args.device, args.suffix, args.offline)
         paths = write_results(result, args.out or args.log, args.log_name)
     except (EvaluationError, OSError) as exc:  # OSError: unreadable image, unwritable output
         print(f"error: {exc}", file=sys.stderr)

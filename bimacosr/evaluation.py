@@ -1,7 +1,8 @@
 """Evaluation of SR folders with the paper's Table 1 metrics through pyiqa (docs/pipeline.md §7).
 
 Differences from the original ``metric.py``, all deliberate: SR and GT files are paired by file
-stem (not by position in two sorted lists) and every unpaired file is named; only the requested
+stem (not by position in two sorted lists; the rule, output suffixes and comparison panels
+included, is :mod:`bimacosr.pairing`) and every unpaired file is named; only the requested
 metrics are built; weight files are fetched from pyiqa's own URLs and checked so that none can run
 code (bimacosr/metric_weights.py), and a metric whose files cannot be had is reported as
 :class:`Skipped` with the URL, the path and the command that fetches them (never a crash);
@@ -32,17 +33,14 @@ import torch
 from tqdm import tqdm
 
 from bimacosr.atomic import atomic_write_text
-from bimacosr.imageio import find_images, read_image
+from bimacosr.imageio import read_image
 from bimacosr.metric_weights import MetricFile, metric_hub, prepare
+from bimacosr.pairing import EvaluationError, Pairing, pair_by_name  # re-exported: evaluation's API
 
 Kind = Literal["fr", "nr", "folder"]
 _NIQE_FALLBACK = Path(__file__).with_name("assets") / "niqe_pris_params.npz"
 _CLIP_MODULES = {"clip": "pip install openai-clip",
                  "pkg_resources": "openai-clip imports it: pip install 'setuptools<81'"}
-
-
-class EvaluationError(Exception):
-    """A problem with the inputs (missing folder, nothing paired, size mismatch, ...)."""
 
 
 @dataclass(frozen=True)
@@ -107,15 +105,6 @@ class Skipped:
     needed_files: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class Pairing:
-    """SR/GT files matched by stem (``gt`` is None for every pair when there is no GT folder)."""
-
-    pairs: list[tuple[Path, Path | None]]
-    unpaired_sr: list[str]
-    unpaired_gt: list[str]
-
-
 @dataclass
 class FolderResult:
     """Scores of one SR folder: per image ``{metric: value}`` rows, folder means and FID."""
@@ -145,7 +134,8 @@ class Evaluation:
             "skipped": [asdict(s) for s in self.skipped],
             "folders": [{"sr_dir": f.sr_dir, "images": len(f.pairing.pairs), "scores": f.scores,
                          "unpaired_sr": f.pairing.unpaired_sr,
-                         "unpaired_gt": f.pairing.unpaired_gt,
+                         "unpaired_gt": f.pairing.unpaired_gt, "left_out": f.pairing.left_out,
+                         "pairing_notes": f.pairing.notes,
                          "channel_mismatch": [{k: r[k] for k in ("sr_file", "gt_file", "channel_mismatch")}
                                               for r in f.rows if "channel_mismatch" in r]}
                         for f in self.folders],
@@ -185,40 +175,6 @@ def trainer_psnr(sr: torch.Tensor, gt: torch.Tensor) -> float:
     return float(trainer_psnr_per_image(sr, gt).sum())
 
 
-def images_by_stem(folder: Path) -> dict[str, Path]:
-    """Image files directly in ``folder`` (``imageio.find_images``) by stem; two files with one
-    stem are an error."""
-    if not folder.is_dir():
-        raise EvaluationError(f"folder not found: {folder}")
-    found: dict[str, Path] = {}
-    for path in find_images(folder):
-        if path.stem in found:
-            raise EvaluationError(f"ambiguous name in {folder}: {found[path.stem].name} and "
-                                  f"{path.name} have the same stem")
-        found[path.stem] = path
-    return found
-
-
-def pair_by_name(sr_dir: Path, gt_dir: Path | None, sr_suffix: str = "") -> Pairing:
-    """Match SR and GT images by file stem; raise EvaluationError when nothing pairs.
-
-    ``sr_suffix`` (e.g. ``_out``, inference's ``--suffix``): only SR files whose stem ends with it
-    are scored, paired by the stem without it (``a_out.png`` with ``a.png``)."""
-    sr = images_by_stem(sr_dir)
-    if sr_suffix:
-        sr = {stem[: -len(sr_suffix)]: p for stem, p in sr.items() if stem.endswith(sr_suffix)}
-    if not sr:
-        raise EvaluationError(f"no images in {sr_dir}")
-    if gt_dir is None:
-        return Pairing([(p, None) for p in sr.values()], [], [])
-    gt = images_by_stem(gt_dir)
-    pairs = [(p, gt[s]) for s, p in sr.items() if s in gt]
-    unpaired_sr = [p.name for s, p in sr.items() if s not in gt]
-    unpaired_gt = [p.name for s, p in gt.items() if s not in sr]
-    if not pairs:
-        raise EvaluationError(f"no SR image in {sr_dir} has a GT of the same name in {gt_dir} "
-                              f"(SR: {', '.join(p.name for p in sr.values())[:200]})")
-    return Pairing(pairs, unpaired_sr, unpaired_gt)
 
 
 @contextlib.contextmanager
@@ -361,8 +317,8 @@ def _score_folder(sr_dir: Path, gt_dir: Path | None, pairing: Pairing,
 def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
              metrics: list[str] | None = None, weights_dir: str | Path | None = None,
              device: str | None = None, sr_suffix: str = "", offline: bool = False) -> Evaluation:
-    """Score every SR folder (paired with ``gt_dir`` by file stem when given; ``sr_suffix`` as
-    :func:`pair_by_name`).
+    """Score every SR folder (paired with ``gt_dir`` by :func:`bimacosr.pairing.pair_by_name`;
+    ``sr_suffix``: inference's ``--suffix``, ``""`` to detect it).
 
     With a GT folder only paired images are scored (no-reference metrics included), so every
     row has every metric; unpaired files are reported (stderr and ``Pairing``).
@@ -381,6 +337,8 @@ def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
         raise EvaluationError(f"weights folder not found: {wdir}")
     pairings = [(Path(d), pair_by_name(Path(d), gt, sr_suffix)) for d in sr_dirs]
     for d, p in pairings:
+        for note in p.notes:
+            print(f"note: {d}: {note}", file=sys.stderr)
         for side, files in (("SR", p.unpaired_sr), ("GT", p.unpaired_gt)):
             if files:
                 print(f"warning: {d}: {len(files)} {side} file(s) without a partner: "

@@ -216,12 +216,3 @@ def test_log_name_writes_the_original_log(photos, tmp_path, monkeypatch):
                          f"SSIM: {result.folders[0].scores['ssim']:.4f}")
     assert "log" not in write_results(result, tmp_path / "plain")
 
-
-def test_pairing_with_the_inference_suffix(tmp_path):
-    for sub, names in (("sr", ["a_out.png", "b_out.png", "a.png"]), ("gt", ["a.png", "b.png"])):
-        (tmp_path / sub).mkdir()
-        for name in names:
-            Image.new("RGB", (8, 8)).save(tmp_path / sub / name)
-    pairing = pair_by_name(tmp_path / "sr", tmp_path / "gt", "_out")
-    assert [(s.name, g.name) for s, g in pairing.pairs] == [("a_out.png", "a.png"), ("b_out.png", "b.png")]
-    assert pairing.unpaired_sr == [] and pairing.unpaired_gt == []
