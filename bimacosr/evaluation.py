@@ -20,6 +20,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -142,17 +143,31 @@ class Evaluation:
         }
 
     def markdown(self) -> str:
-        """Markdown table: one row per SR folder, one column per metric (4 decimals)."""
+        """Markdown table: one row per SR folder (labelled by :func:`folder_labels`; the full
+        paths are in :meth:`summary`), one column per metric (4 decimals)."""
         skipped = {s.metric for s in self.skipped}
         head = [f"{METRICS[m].label} {'↓' if METRICS[m].lower_better else '↑'}"
                 for m in self.metrics]
         lines = ["| SR folder | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-        for f in self.folders:
+        for f, label in zip(self.folders, folder_labels([f.sr_dir for f in self.folders])):
             cells = ["skipped" if m in skipped else f"{f.scores[m]:.4f}" for m in self.metrics]
-            lines.append(f"| {f.sr_dir} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += [""] + [f"* {s.metric} skipped: {s.reason}" for s in self.skipped]
         lines += [f"* {m}: {note}" for m, note in self.notes.items()]
         return "\n".join(lines).rstrip() + "\n"
+
+
+def folder_labels(folders: list[str]) -> list[str]:
+    """Short row labels: each folder's name, with as many parent folders as it takes to tell
+    folders of the same name apart (``run1/out``, ``run2/out``)."""
+    parts = [Path(os.path.abspath(f)).parts for f in folders]
+    labels = []
+    for own in parts:
+        depth = 1
+        while depth < len(own) and sum(p[-depth:] == own[-depth:] for p in parts) > 1:
+            depth += 1
+        labels.append(str(Path(*own[-depth:])))
+    return labels
 
 
 def trainer_psnr_per_image(sr: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:

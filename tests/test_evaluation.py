@@ -16,8 +16,8 @@ from PIL import Image, ImageFilter
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from bimacosr.evaluation import (EvaluationError, channel_mismatch, evaluate, metric_name, pair_by_name,
-                                 write_results)
+from bimacosr.evaluation import (EvaluationError, channel_mismatch, evaluate, folder_labels, metric_name,
+                                 pair_by_name, write_results)
 from bimacosr.parity import check_file
 from tests.conftest import FIXTURES, REPO
 
@@ -132,7 +132,8 @@ def test_learned_metrics_skipped_with_their_files(run, photos):
     assert all(f["channel_mismatch"] == [] for f in summary["folders"])
     lines = table.splitlines()
     assert lines[0].startswith("| SR folder | PSNR ↑ | SSIM ↑ | LPIPS ↓")
-    assert len([ln for ln in lines if ln.startswith(f"| {photos}")]) == 2
+    assert [ln.split(" | ")[0] for ln in lines[2:4]] == ["| sr_jpeg", "| sr_blur"]  # folder names
+    assert [f["sr_dir"] for f in summary["folders"]] == [str(photos / "sr_jpeg"), str(photos / "sr_blur")]
     assert lines[2].count("skipped") == len(LEARNED)
 
 
@@ -183,6 +184,13 @@ def test_gray_sr_against_colour_gt_is_warned_and_recorded(photos, tmp_path):
     folder = json.loads((tmp_path / "out" / "metrics_summary.json").read_text())["folders"][0]
     assert folder["channel_mismatch"] == [{"sr_file": "astronaut.png", "gt_file": "astronaut.png",
                                            "channel_mismatch": note}]
+
+
+def test_rows_are_labelled_by_folder_name(tmp_path, monkeypatch):
+    assert folder_labels(["/r/run1/out", "/r/run2/out", "/x/sinsr", "/y/a/b", "/z/a/b"]) == \
+        ["run1/out", "run2/out", "sinsr", "y/a/b", "z/a/b"]
+    monkeypatch.chdir(tmp_path)
+    assert folder_labels([".", "sub/."]) == [tmp_path.name, "sub"]
 
 
 def test_channel_mismatch_notes():

@@ -152,7 +152,7 @@ def test_ref_path_scores_the_suffixed_outputs_against_gt(workdir, tmp_path):
     result = run(workdir, "-i", lr, "-o", lr, "--suffix", "out", "--ref_path", gt, env=env)
     assert result.returncode == 0, result.stderr
     assert (lr / "astronaut_out.png").exists() and (lr / "metrics" / "metrics_summary.json").exists()
-    assert f"| {lr} | " in result.stdout  # the table, one row, paired astronaut_out.png with astronaut.png
+    assert "| lr | " in result.stdout  # the table, one row labelled by the folder name
     summary = json.loads((lr / "metrics" / "metrics_summary.json").read_text())
     assert summary["folders"][0]["images"] == 1 and summary["folders"][0]["scores"]["psnr"] > 10
 
