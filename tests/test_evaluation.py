@@ -127,8 +127,8 @@ def test_learned_metrics_skipped_with_their_files(run, photos):
     for folder in summary["folders"]:
         assert set(folder["scores"]) == {"psnr", "ssim", "niqe"}
     assert set(rows[0]) == {"folder", "image", "sr_file", "gt_file", "psnr", "ssim", "niqe",
-                            "channel_mismatch"}
-    assert all(r["channel_mismatch"] == "" for r in rows)
+                            "channel_mismatch", "not_scored"}
+    assert all(r["channel_mismatch"] == r["not_scored"] == "" for r in rows)  # 192 px: NIQE scores
     assert all(f["channel_mismatch"] == [] for f in summary["folders"])
     lines = table.splitlines()
     assert lines[0].startswith("| SR folder | PSNR ↑ | SSIM ↑ | LPIPS ↓")
