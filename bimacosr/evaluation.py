@@ -160,20 +160,24 @@ class Evaluation:
                         for f in self.folders],
         }
 
-    def markdown(self) -> str:
-        """Markdown table: one row per SR folder (labelled by :func:`folder_labels`; the full
-        paths are in :meth:`summary`), one column per metric (:meth:`FolderResult.cell`)."""
+    def markdown(self, labels: list[str] | None = None,
+                 more_rows: list[tuple[str, list[str]]] = ()) -> str:
+        """Markdown table: one row per SR folder, one column per metric (:meth:`FolderResult.cell`).
+
+        labels: the folders' row labels (default :func:`folder_labels`; the full paths are in
+        :meth:`summary`); more_rows: ``(label, cells)`` rows after them (Table 1's paper rows)."""
         skipped = {s.metric for s in self.skipped}
         head = [f"{METRICS[m].label} {'↓' if METRICS[m].lower_better else '↑'}"
                 for m in self.metrics]
         lines = ["| SR folder | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
         partial = []
-        for f, label in zip(self.folders, folder_labels([f.sr_dir for f in self.folders])):
+        for f, label in zip(self.folders, labels or folder_labels([f.sr_dir for f in self.folders])):
             cells = ["skipped" if m in skipped else f.cell(m) for m in self.metrics]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
             if any(n < len(f.rows) for n in f.scored.values()):
                 partial.append(f"* {label}: (n/N) = mean over the n of N images that have a value; the "
                                f"others are outside the metric's size limit (not_scored in the CSV)")
+        lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in more_rows]
         lines += [""] + partial + [f"* {s.metric} skipped: {s.reason}" for s in self.skipped]
         lines += [f"* {m}: {note}" for m, note in self.notes.items()]
         return "\n".join(lines).rstrip() + "\n"
@@ -408,7 +412,7 @@ def write_results(result: Evaluation, out_dir: str | Path, log_name: str | None 
     for folder in result.folders:
         writer.writerows({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()}
                          for row in folder.rows)
-    summary = json.dumps(_json_safe(result.summary()), indent=2, allow_nan=False)
+    summary = json.dumps(json_safe(result.summary()), indent=2, allow_nan=False)
     paths = {"csv": out / "metrics_per_image.csv", "json": out / "metrics_summary.json",
              "markdown": out / "metrics_table.md"}
     texts = {"csv": buf.getvalue(), "json": summary + "\n", "markdown": result.markdown()}
@@ -435,14 +439,14 @@ def original_log(result: Evaluation, per_image: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Non-finite floats (PSNR of identical images is inf) as the strings 'inf'/'-inf'/'nan'."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
