@@ -71,7 +71,8 @@ class Table1:
                 paper.append((f"{method} (paper's Table 1)", cells))
             parts.append(f"### {dataset} (GT: {result.gt_dir})\n\n"
                          + result.markdown(self.labels[dataset], paper))
-        return "\n".join(parts) + "".join(f"\n* {note}" for note in self.notes) + ("\n" if self.notes else "")
+        text = "\n".join(parts)
+        return text + ("\n" + "".join(f"* {note}\n" for note in self.notes) if self.notes else "")
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: per test set the evaluation summary plus the paper's rows (null: not recorded)."""
