@@ -3,9 +3,6 @@ detected), comparison panels left out; metric.py on inference-named outputs with
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,6 @@ from PIL import Image
 
 from bimacosr.pairing import EvaluationError, detect_suffix, pair_by_name
 from bimacosr.smoke import photo
-from tests.conftest import REPO
 
 
 def _folder(root: Path, name: str, files: list[str], size: int = 8) -> Path:
@@ -84,6 +80,8 @@ def test_nothing_paired_names_the_suffix_flag(tmp_path):
 def test_metric_py_scores_inference_named_outputs_without_warnings(tmp_path, monkeypatch, capsys):
     """Outputs named as inference_quant.py --suffix out --compare writes them: paired with their GT
     (suffix detected; then given with --suffix), panels left out, no 'without a partner' warning."""
+    import metric
+
     crop = photo("astronaut")[:48, :48]
     gt, out = tmp_path / "gt", tmp_path / "out"
     gt.mkdir(), out.mkdir()
@@ -91,18 +89,14 @@ def test_metric_py_scores_inference_named_outputs_without_warnings(tmp_path, mon
         Image.fromarray(crop).save(gt / f"{name}.png")
         Image.fromarray(crop // 2 + 60).save(out / f"{name}_out.png")
         Image.new("RGB", (96, 48)).save(out / f"{name}_out_compare.png")
-    env = {**os.environ, "TORCH_HOME": str(tmp_path / "home")}
-    args = ["--inp_imgs", str(out), "--gt_imgs", str(gt), "--metrics", "psnr", "--log", str(tmp_path / "log")]
-    proc = subprocess.run([sys.executable, str(REPO / "metric.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
-    import metric
-    assert metric.main([*args, "--suffix", "out"]) == 0
-    for stderr, detected in ((proc.stderr, True), (capsys.readouterr().err, False)):
+    for extra in ([], ["--suffix", "out"]):
+        assert metric.main(["--inp_imgs", str(out), "--gt_imgs", str(gt), "--metrics", "psnr", "--offline",
+                            "--log", str(tmp_path / "log"), *extra]) == 0
+        stderr = capsys.readouterr().err
         assert "without a partner" not in stderr and "warning" not in stderr
         assert f"note: {out}: 2 comparison panel(s) (*_compare) left out" in stderr
-        assert ("paired by the suffix '_out'" in stderr) == detected
-    assert proc.returncode == 0, proc.stderr
-    folder = json.loads((tmp_path / "log" / "metrics_summary.json").read_text())["folders"][0]
-    assert folder["images"] == 2 and folder["left_out"] == ["a_out_compare.png", "b_out_compare.png"]
-    assert 0 < folder["scores"]["psnr"] < 30
+        assert ("paired by the suffix '_out'" in stderr) == (not extra)
+        folder = json.loads((tmp_path / "log" / "metrics_summary.json").read_text())["folders"][0]
+        assert folder["images"] == 2 and folder["left_out"] == ["a_out_compare.png", "b_out_compare.png"]
+        assert 0 < folder["scores"]["psnr"] < 30
