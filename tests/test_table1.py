@@ -9,8 +9,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from bimacosr.evaluation import EvaluationError
-from bimacosr.table1 import COLUMNS, DATASETS, NOT_RECORDED, PAPER_METHODS, PAPER_ROWS, score_table1
 from bimacosr.smoke import photo
+from bimacosr.table1 import COLUMNS, DATASETS, NOT_RECORDED, PAPER_METHODS, PAPER_ROWS, score_table1
 
 HEADER = "| SR folder | PSNR ↑ | SSIM ↑ | LPIPS ↓ | DISTS ↓ | FID ↓ | NIQE ↓ | MUSIQ ↑ | MANIQA ↑ | CLIP-IQA+ ↑ |"
 
