@@ -1,7 +1,11 @@
 """Evaluation of SR folders with the paper's Table 1 metrics through pyiqa (docs/pipeline.md §7).
 
 Differences from the original ``metric.py``, all deliberate: SR and GT files are paired by file
-stem (not by position in two sorted lists) and every unpaired file is named; only the requested
+stem (not by position in two sorted lists; the rule, output suffixes and comparison panels
+included, is :mod:`bimacosr.pairing`) and every unpaired file is named; an image outside a
+metric's size limit (:mod:`bimacosr.metric_sizes`, e.g. NIQE below 96 px) gets a note naming the
+metric and the size instead of a value, and folder means are over the images that have one (the
+count is reported); only the requested
 metrics are built; weight files are fetched from pyiqa's own URLs and checked so that none can run
 code (bimacosr/metric_weights.py), and a metric whose files cannot be had is reported as
 :class:`Skipped` with the URL, the path and the command that fetches them (never a crash);
@@ -19,6 +23,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -32,17 +37,15 @@ import torch
 from tqdm import tqdm
 
 from bimacosr.atomic import atomic_write_text
-from bimacosr.imageio import find_images, read_image
+from bimacosr.imageio import read_image
+from bimacosr.metric_sizes import SIZE_LIMITS
 from bimacosr.metric_weights import MetricFile, metric_hub, prepare
+from bimacosr.pairing import EvaluationError, Pairing, pair_by_name  # re-exported: evaluation's API
 
 Kind = Literal["fr", "nr", "folder"]
 _NIQE_FALLBACK = Path(__file__).with_name("assets") / "niqe_pris_params.npz"
 _CLIP_MODULES = {"clip": "pip install openai-clip",
                  "pkg_resources": "openai-clip imports it: pip install 'setuptools<81'"}
-
-
-class EvaluationError(Exception):
-    """A problem with the inputs (missing folder, nothing paired, size mismatch, ...)."""
 
 
 @dataclass(frozen=True)
@@ -107,23 +110,25 @@ class Skipped:
     needed_files: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class Pairing:
-    """SR/GT files matched by stem (``gt`` is None for every pair when there is no GT folder)."""
-
-    pairs: list[tuple[Path, Path | None]]
-    unpaired_sr: list[str]
-    unpaired_gt: list[str]
-
-
 @dataclass
 class FolderResult:
-    """Scores of one SR folder: per image ``{metric: value}`` rows, folder means and FID."""
+    """Scores of one SR folder: per image ``{metric: value}`` rows (a metric that cannot score
+    an image's size is absent from its row; ``row["not_scored"]`` says why), folder means over the
+    images that have a value plus FID (``scores``), and how many images those are (``scored``,
+    per-image metrics only)."""
 
     sr_dir: str
     pairing: Pairing
     rows: list[dict[str, Any]]
     scores: dict[str, float]
+    scored: dict[str, int]
+
+    def cell(self, metric: str) -> str:
+        """``metric``'s table cell: the mean to 4 decimals, followed by ``(n/N)`` when only n of
+        the N images have a value; ``— (0/N)`` when none has."""
+        total, count = len(self.rows), self.scored.get(metric, len(self.rows))
+        mean = f"{self.scores[metric]:.4f}" if metric in self.scores else "—"
+        return mean if count == total else f"{mean} ({count}/{total})"
 
 
 @dataclass
@@ -144,25 +149,51 @@ class Evaluation:
             "pyiqa_version": _pyiqa_version(), "notes": self.notes,
             "skipped": [asdict(s) for s in self.skipped],
             "folders": [{"sr_dir": f.sr_dir, "images": len(f.pairing.pairs), "scores": f.scores,
+                         "scored_images": f.scored,
+                         "not_scored": [{"sr_file": r["sr_file"], "note": r["not_scored"]}
+                                        for r in f.rows if "not_scored" in r],
                          "unpaired_sr": f.pairing.unpaired_sr,
-                         "unpaired_gt": f.pairing.unpaired_gt,
+                         "unpaired_gt": f.pairing.unpaired_gt, "left_out": f.pairing.left_out,
+                         "pairing_notes": f.pairing.notes,
                          "channel_mismatch": [{k: r[k] for k in ("sr_file", "gt_file", "channel_mismatch")}
                                               for r in f.rows if "channel_mismatch" in r]}
                         for f in self.folders],
         }
 
-    def markdown(self) -> str:
-        """Markdown table: one row per SR folder, one column per metric (4 decimals)."""
+    def markdown(self, labels: list[str] | None = None,
+                 more_rows: list[tuple[str, list[str]]] = ()) -> str:
+        """Markdown table: one row per SR folder, one column per metric (:meth:`FolderResult.cell`).
+
+        labels: the folders' row labels (default :func:`folder_labels`; the full paths are in
+        :meth:`summary`); more_rows: ``(label, cells)`` rows after them (Table 1's paper rows)."""
         skipped = {s.metric for s in self.skipped}
         head = [f"{METRICS[m].label} {'↓' if METRICS[m].lower_better else '↑'}"
                 for m in self.metrics]
         lines = ["| SR folder | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-        for f in self.folders:
-            cells = ["skipped" if m in skipped else f"{f.scores[m]:.4f}" for m in self.metrics]
-            lines.append(f"| {f.sr_dir} | " + " | ".join(cells) + " |")
-        lines += [""] + [f"* {s.metric} skipped: {s.reason}" for s in self.skipped]
+        partial = []
+        for f, label in zip(self.folders, labels or folder_labels([f.sr_dir for f in self.folders])):
+            cells = ["skipped" if m in skipped else f.cell(m) for m in self.metrics]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            if any(n < len(f.rows) for n in f.scored.values()):
+                partial.append(f"* {label}: (n/N) = mean over the n of N images that have a value; the "
+                               f"others are outside the metric's size limit (not_scored in the CSV)")
+        lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in more_rows]
+        lines += [""] + partial + [f"* {s.metric} skipped: {s.reason}" for s in self.skipped]
         lines += [f"* {m}: {note}" for m, note in self.notes.items()]
         return "\n".join(lines).rstrip() + "\n"
+
+
+def folder_labels(folders: list[str]) -> list[str]:
+    """Short row labels: each folder's name, with as many parent folders as it takes to tell
+    folders of the same name apart (``run1/out``, ``run2/out``)."""
+    parts = [Path(os.path.abspath(f)).parts for f in folders]
+    labels = []
+    for own in parts:
+        depth = 1
+        while depth < len(own) and sum(p[-depth:] == own[-depth:] for p in parts) > 1:
+            depth += 1
+        labels.append(str(Path(*own[-depth:])))
+    return labels
 
 
 def trainer_psnr_per_image(sr: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -185,40 +216,6 @@ def trainer_psnr(sr: torch.Tensor, gt: torch.Tensor) -> float:
     return float(trainer_psnr_per_image(sr, gt).sum())
 
 
-def images_by_stem(folder: Path) -> dict[str, Path]:
-    """Image files directly in ``folder`` (``imageio.find_images``) by stem; two files with one
-    stem are an error."""
-    if not folder.is_dir():
-        raise EvaluationError(f"folder not found: {folder}")
-    found: dict[str, Path] = {}
-    for path in find_images(folder):
-        if path.stem in found:
-            raise EvaluationError(f"ambiguous name in {folder}: {found[path.stem].name} and "
-                                  f"{path.name} have the same stem")
-        found[path.stem] = path
-    return found
-
-
-def pair_by_name(sr_dir: Path, gt_dir: Path | None, sr_suffix: str = "") -> Pairing:
-    """Match SR and GT images by file stem; raise EvaluationError when nothing pairs.
-
-    ``sr_suffix`` (e.g. ``_out``, inference's ``--suffix``): only SR files whose stem ends with it
-    are scored, paired by the stem without it (``a_out.png`` with ``a.png``)."""
-    sr = images_by_stem(sr_dir)
-    if sr_suffix:
-        sr = {stem[: -len(sr_suffix)]: p for stem, p in sr.items() if stem.endswith(sr_suffix)}
-    if not sr:
-        raise EvaluationError(f"no images in {sr_dir}")
-    if gt_dir is None:
-        return Pairing([(p, None) for p in sr.values()], [], [])
-    gt = images_by_stem(gt_dir)
-    pairs = [(p, gt[s]) for s, p in sr.items() if s in gt]
-    unpaired_sr = [p.name for s, p in sr.items() if s not in gt]
-    unpaired_gt = [p.name for s, p in gt.items() if s not in sr]
-    if not pairs:
-        raise EvaluationError(f"no SR image in {sr_dir} has a GT of the same name in {gt_dir} "
-                              f"(SR: {', '.join(p.name for p in sr.values())[:200]})")
-    return Pairing(pairs, unpaired_sr, unpaired_gt)
 
 
 @contextlib.contextmanager
@@ -324,7 +321,9 @@ def channel_mismatch(sr_mode: str, gt_mode: str) -> str | None:
 
 def _score_folder(sr_dir: Path, gt_dir: Path | None, pairing: Pairing,
                   metrics: dict[str, torch.nn.Module], device: torch.device) -> FolderResult:
-    """Per-image FR/NR scores, their means, and FID for one SR folder."""
+    """Per-image FR/NR scores (none for a metric whose size limit an image is outside: a note
+    instead, printed and kept in the row), their means over the images that have one, and FID for
+    one SR folder."""
     rows = []
     for sr_path, gt_path in tqdm(pairing.pairs, desc=str(sr_dir), unit="img", file=sys.stderr,
                                  disable=None):
@@ -342,30 +341,35 @@ def _score_folder(sr_dir: Path, gt_dir: Path | None, pairing: Pairing,
         if note:
             print(f"warning: {sr_path} and {gt_path} differ in channels: {note}", file=sys.stderr)
             row["channel_mismatch"] = note
+        per_image = {name: metric for name, metric in metrics.items() if METRICS[name].kind != "folder"}
+        outside = {name: SIZE_LIMITS[name].note(METRICS[name].label, sr.shape[3], sr.shape[2])
+                   for name in per_image}
+        if any(outside.values()):
+            row["not_scored"] = "; ".join(note for note in outside.values() if note)
+            print(f"note: {sr_path}: {row['not_scored']}", file=sys.stderr)
         with torch.no_grad():
-            for name, metric in metrics.items():
-                if METRICS[name].kind == "fr":
-                    row[name] = float(metric(sr, gt).item())
-                elif METRICS[name].kind == "nr":
-                    row[name] = float(metric(sr).item())
+            for name, metric in per_image.items():
+                if outside[name] is None:
+                    row[name] = float((metric(sr, gt) if METRICS[name].kind == "fr" else metric(sr)).item())
         rows.append(row)
-    scores = {m: float(np.mean([r[m] for r in rows]))
-              for m in metrics if METRICS[m].kind != "folder"}
+    values = {m: [r[m] for r in rows if m in r] for m in metrics if METRICS[m].kind != "folder"}
+    scores = {m: float(np.mean(v)) for m, v in values.items() if v}
     if "fid" in metrics:
         with contextlib.redirect_stdout(sys.stderr):
             scores["fid"] = float(metrics["fid"](str(sr_dir), str(gt_dir), num_workers=0,
                                                  verbose=False))
-    return FolderResult(str(sr_dir), pairing, rows, scores)
+    return FolderResult(str(sr_dir), pairing, rows, scores, {m: len(v) for m, v in values.items()})
 
 
 def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
              metrics: list[str] | None = None, weights_dir: str | Path | None = None,
              device: str | None = None, sr_suffix: str = "", offline: bool = False) -> Evaluation:
-    """Score every SR folder (paired with ``gt_dir`` by file stem when given; ``sr_suffix`` as
-    :func:`pair_by_name`).
+    """Score every SR folder (paired with ``gt_dir`` by :func:`bimacosr.pairing.pair_by_name`;
+    ``sr_suffix``: inference's ``--suffix``, ``""`` to detect it).
 
-    With a GT folder only paired images are scored (no-reference metrics included), so every
-    row has every metric; unpaired files are reported (stderr and ``Pairing``).
+    With a GT folder only paired images are scored (no-reference metrics included); unpaired
+    files are reported (stderr and ``Pairing``). An image outside a metric's size limit
+    (:data:`bimacosr.metric_sizes.SIZE_LIMITS`) has no value for it, only a note.
     metrics: names from :data:`METRICS` (default all). Weight files missing from the caches are
     downloaded first, unless ``offline`` (bimacosr/metric_weights.py). Raises EvaluationError for
     input problems (missing folder, nothing paired, size mismatch); metrics that cannot run are
@@ -381,6 +385,8 @@ def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
         raise EvaluationError(f"weights folder not found: {wdir}")
     pairings = [(Path(d), pair_by_name(Path(d), gt, sr_suffix)) for d in sr_dirs]
     for d, p in pairings:
+        for note in p.notes:
+            print(f"note: {d}: {note}", file=sys.stderr)
         for side, files in (("SR", p.unpaired_sr), ("GT", p.unpaired_gt)):
             if files:
                 print(f"warning: {d}: {len(files)} {side} file(s) without a partner: "
@@ -401,12 +407,12 @@ def write_results(result: Evaluation, out_dir: str | Path, log_name: str | None 
                  and m not in {s.metric for s in result.skipped}]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, ["folder", "image", "sr_file", "gt_file", *per_image,
-                                  "channel_mismatch"], lineterminator="\n")
+                                  "channel_mismatch", "not_scored"], lineterminator="\n")
     writer.writeheader()
     for folder in result.folders:
         writer.writerows({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()}
                          for row in folder.rows)
-    summary = json.dumps(_json_safe(result.summary()), indent=2, allow_nan=False)
+    summary = json.dumps(json_safe(result.summary()), indent=2, allow_nan=False)
     paths = {"csv": out / "metrics_per_image.csv", "json": out / "metrics_summary.json",
              "markdown": out / "metrics_table.md"}
     texts = {"csv": buf.getvalue(), "json": summary + "\n", "markdown": result.markdown()}
@@ -420,25 +426,27 @@ def write_results(result: Evaluation, out_dir: str | Path, log_name: str | None 
 
 def original_log(result: Evaluation, per_image: list[str]) -> str:
     """The original metric.py's log lines (docs/pipeline.md §7.2): per image
-    ``<dir>/<file> | PSNR: x.xxxxxx; ...``, then each folder's means to 4 decimals."""
+    ``<dir>/<file> | PSNR: x.xxxxxx; ...`` (`` | <note>`` for metrics it has no value of), then each
+    folder's means to 4 decimals."""
     lines = []
     for folder in result.folders:
         for row in folder.rows:
-            cells = "; ".join(f"{METRICS[m].label}: {row[m]:.6f}" for m in per_image)
-            lines.append(f"{folder.sr_dir}/{row['sr_file']} | {cells}")
+            cells = "; ".join(f"{METRICS[m].label}: {row[m]:.6f}" for m in per_image if m in row)
+            parts = [f"{folder.sr_dir}/{row['sr_file']}", cells, row.get("not_scored", "")]
+            lines.append(" | ".join(part for part in parts if part))
         means = [m for m in result.metrics if m in folder.scores]
         lines.append(f"{folder.sr_dir} | " + "; ".join(f"{METRICS[m].label}: {folder.scores[m]:.4f}" for m in means))
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Non-finite floats (PSNR of identical images is inf) as the strings 'inf'/'-inf'/'nan'."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

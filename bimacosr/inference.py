@@ -25,12 +25,12 @@ from bimacosr import build
 from bimacosr.atomic import temp_path
 from bimacosr.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config
 from bimacosr.imageio import SAVE_EXTENSIONS, ImageReadError, LoadedImage, list_images, read_image, write_image
+from bimacosr.pairing import COMPARE_SUFFIX, suffix_part
 from bimacosr.pipeline import SRPipeline
 from bimacosr.visualize import save_compare
 
 TASKS = ("sinsr", "bimacosr", "realsr", "realsrx4")
 """``--task`` values of the original that mean this model's job (real-world x4 SR)."""
-COMPARE_SUFFIX = "_compare"
 
 
 @dataclass
@@ -69,11 +69,6 @@ class InferenceOptions:
 def default(name: str):
     """The default of option ``name`` (for the argument parser)."""
     return next(f.default for f in fields(InferenceOptions) if f.name == name)
-
-
-def suffix_part(suffix: str) -> str:
-    """Real-ESRGAN's convention: ``--suffix out`` names ``a.png`` -> ``a_out.png``."""
-    return f"_{suffix}" if suffix and not suffix.startswith("_") else suffix
 
 
 def output_paths(inputs: list[Path], out_dir: Path, suffix: str, ext: str) -> dict[Path, Path]:
@@ -278,6 +273,6 @@ def score(opts: InferenceOptions, world: int) -> None:
         print(f"note: --ref_path is scored by one process only; run: python metric.py --inp_imgs "
               f"{opts.out_path} --gt_imgs {opts.ref_path} --log {opts.out_path / 'metrics'}")
         return
-    result = evaluate([opts.out_path], opts.ref_path, device=opts.device, sr_suffix=suffix_part(opts.suffix))
+    result = evaluate([opts.out_path], opts.ref_path, device=opts.device, sr_suffix=opts.suffix)
     write_results(result, opts.out_path / "metrics")
     print(result.markdown(), end="")

@@ -16,8 +16,8 @@ from PIL import Image, ImageFilter
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from bimacosr.evaluation import (EvaluationError, channel_mismatch, evaluate, metric_name, pair_by_name,
-                                 write_results)
+from bimacosr.evaluation import (EvaluationError, channel_mismatch, evaluate, folder_labels, metric_name,
+                                 pair_by_name, write_results)
 from bimacosr.parity import check_file
 from tests.conftest import FIXTURES, REPO
 
@@ -127,12 +127,13 @@ def test_learned_metrics_skipped_with_their_files(run, photos):
     for folder in summary["folders"]:
         assert set(folder["scores"]) == {"psnr", "ssim", "niqe"}
     assert set(rows[0]) == {"folder", "image", "sr_file", "gt_file", "psnr", "ssim", "niqe",
-                            "channel_mismatch"}
-    assert all(r["channel_mismatch"] == "" for r in rows)
+                            "channel_mismatch", "not_scored"}
+    assert all(r["channel_mismatch"] == r["not_scored"] == "" for r in rows)  # 192 px: NIQE scores
     assert all(f["channel_mismatch"] == [] for f in summary["folders"])
     lines = table.splitlines()
     assert lines[0].startswith("| SR folder | PSNR ↑ | SSIM ↑ | LPIPS ↓")
-    assert len([ln for ln in lines if ln.startswith(f"| {photos}")]) == 2
+    assert [ln.split(" | ")[0] for ln in lines[2:4]] == ["| sr_jpeg", "| sr_blur"]  # folder names
+    assert [f["sr_dir"] for f in summary["folders"]] == [str(photos / "sr_jpeg"), str(photos / "sr_blur")]
     assert lines[2].count("skipped") == len(LEARNED)
 
 
@@ -185,6 +186,13 @@ def test_gray_sr_against_colour_gt_is_warned_and_recorded(photos, tmp_path):
                                            "channel_mismatch": note}]
 
 
+def test_rows_are_labelled_by_folder_name(tmp_path, monkeypatch):
+    assert folder_labels(["/r/run1/out", "/r/run2/out", "/x/sinsr", "/y/a/b", "/z/a/b"]) == \
+        ["run1/out", "run2/out", "sinsr", "y/a/b", "z/a/b"]
+    monkeypatch.chdir(tmp_path)
+    assert folder_labels([".", "sub/."]) == [tmp_path.name, "sub"]
+
+
 def test_channel_mismatch_notes():
     assert channel_mismatch("rgb", "rgb") is None
     assert channel_mismatch("rgb", "gray") == ("SR rgb (3 ch) vs GT gray (1 ch); GT gray replicated to 3 "
@@ -216,12 +224,3 @@ def test_log_name_writes_the_original_log(photos, tmp_path, monkeypatch):
                          f"SSIM: {result.folders[0].scores['ssim']:.4f}")
     assert "log" not in write_results(result, tmp_path / "plain")
 
-
-def test_pairing_with_the_inference_suffix(tmp_path):
-    for sub, names in (("sr", ["a_out.png", "b_out.png", "a.png"]), ("gt", ["a.png", "b.png"])):
-        (tmp_path / sub).mkdir()
-        for name in names:
-            Image.new("RGB", (8, 8)).save(tmp_path / sub / name)
-    pairing = pair_by_name(tmp_path / "sr", tmp_path / "gt", "_out")
-    assert [(s.name, g.name) for s, g in pairing.pairs] == [("a_out.png", "a.png"), ("b_out.png", "b.png")]
-    assert pairing.unpaired_sr == [] and pairing.unpaired_gt == []

@@ -152,6 +152,30 @@ def test_ref_path_scores_the_suffixed_outputs_against_gt(workdir, tmp_path):
     result = run(workdir, "-i", lr, "-o", lr, "--suffix", "out", "--ref_path", gt, env=env)
     assert result.returncode == 0, result.stderr
     assert (lr / "astronaut_out.png").exists() and (lr / "metrics" / "metrics_summary.json").exists()
-    assert f"| {lr} | " in result.stdout  # the table, one row, paired astronaut_out.png with astronaut.png
+    assert "| lr | " in result.stdout  # the table, one row labelled by the folder name
     summary = json.loads((lr / "metrics" / "metrics_summary.json").read_text())
     assert summary["folders"][0]["images"] == 1 and summary["folders"][0]["scores"]["psnr"] > 10
+
+
+@pytest.mark.slow
+def test_compare_and_suffix_outputs_score_in_metric_py(workdir, tmp_path):
+    """inference_quant.py --suffix out --compare, then metric.py on its output folder: every output
+    paired with its GT (suffix detected), the panels left out, no unpaired warning."""
+    gt, lr, out = tmp_path / "gt", tmp_path / "lr", tmp_path / "out"
+    gt.mkdir(), lr.mkdir()
+    for name, (top, left) in {"astronaut": (0, 0), "rocket": (100, 200)}.items():
+        hr = downscale(photo("astronaut"), 2)[top:top + 192, left:left + 160]
+        Image.fromarray(hr).save(gt / f"{name}.png")
+        Image.fromarray(downscale(hr, 4)).save(lr / f"{name}.png")
+    assert run(workdir, "-i", lr, "-o", out, "--suffix", "out", "--compare").returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut_out.png", "astronaut_out_compare.png",
+                                                     "rocket_out.png", "rocket_out_compare.png"]
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "hub")}
+    metric = subprocess.run([sys.executable, str(REPO / "metric.py"), "--inp_imgs", str(out), "--gt_imgs",
+                             str(gt), "--metrics", "psnr", "ssim", "--log", str(tmp_path / "scores")],
+                            cwd=workdir, capture_output=True, text=True, timeout=300, env=env)
+    assert metric.returncode == 0, metric.stderr
+    assert "warning" not in metric.stderr and "without a partner" not in metric.stderr
+    assert "2 comparison panel(s)" in metric.stderr and "paired by the suffix '_out'" in metric.stderr
+    folder = json.loads((tmp_path / "scores" / "metrics_summary.json").read_text())["folders"][0]
+    assert folder["images"] == 2 and (folder["unpaired_sr"], folder["unpaired_gt"]) == ([], [])
