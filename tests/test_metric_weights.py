@@ -3,6 +3,7 @@ the hosts (BIMACOSR_METRIC_URL_BASE). Download, a cut transfer, a changed file, 
 and pickled files that would run code, refused wherever they come from."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.io
 import torch
 from PIL import Image
 from skimage import data
@@ -21,6 +21,7 @@ from skimage import data
 from bimacosr.metric_weights import URL_BASE_ENV, MetricFile, metric_hub, prepare, safety_problem
 from tests.conftest import REPO
 from tests.loopback import Server, server  # noqa: F401 -- the fixture
+from tests.metric_layouts import saved, served_files
 
 LPIPS = MetricFile("pyiqa", "LPIPS_v0.1_alex-df73285e.pth")
 ALEXNET = MetricFile("torchvision", "alexnet-owt-7be5be79.pth")
@@ -44,39 +45,9 @@ def pickled_marker(path: Path) -> bytes:
     return buffer.getvalue()
 
 
-def views_of_one_buffer(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch.Tensor]:
-    """Random tensors of the given shapes, all views of one 64 k-element buffer (overlapping rows):
-    a state dict of any size that saves in ~256 kB. The values only have to load."""
-    buffer = torch.randn(1 << 16, generator=torch.Generator().manual_seed(seed)) * 0.02
-    out = {}
-    for key, shape in shapes.items():
-        inner = math.prod(shape[1:])
-        strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
-        if shape and math.prod(shape) > buffer.numel():
-            strides[0] = (buffer.numel() - inner) // max(shape[0] - 1, 1)
-        out[key] = buffer.as_strided(shape, strides)
-    return out
-
-
-def saved(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
 def serve_lpips_and_niqe(server: Server) -> None:
-    """AlexNet (torchvision layout), LPIPS's linear heads and NIQE's parameters, random values."""
-    from torchvision.models import alexnet
-
-    with torch.device("meta"):
-        layout = {k: v.shape for k, v in alexnet().state_dict().items()}
-    server.files[f"/{ALEXNET.name}"] = saved(views_of_one_buffer(layout, 0))
-    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 192, 384, 256, 256))}
-    server.files[f"/{LPIPS.name}"] = saved(heads)
-    params = np.load(REPO / "bimacosr/assets/niqe_pris_params.npz")
-    mat = io.BytesIO()
-    scipy.io.savemat(mat, {"mu_prisparam": params["mu_pris_param"], "cov_prisparam": params["cov_pris_param"]})
-    server.files[f"/{NIQE.name}"] = mat.getvalue()
+    """AlexNet (torchvision layout), LPIPS's own file and NIQE's parameters, random values."""
+    server.files.update({f"/{name}": body for name, body in served_files(["lpips", "niqe"]).items()})
 
 
 @pytest.fixture
@@ -161,21 +132,47 @@ def folders(tmp_path_factory) -> Path:
     return root
 
 
+SCORED = ["psnr", "ssim", "lpips", "dists", "niqe", "musiq"]
+BUILT_ONLY = ["maniqa-pipal", "fid"]  # MANIQA scores ~80 s an image on 2 cores; FID's sqrtm of 2048² minutes
+
+
 @pytest.mark.slow
 def test_metric_py_fetches_and_scores_in_a_fresh_cache(folders, tmp_path, server):
-    serve_lpips_and_niqe(server)
+    """Every file downloaded from the loopback server into a fresh cache, checked, recorded, and
+    the metrics built from them: six score in metric.py, MANIQA and FID are built in-process.
+    CLIP's RN50 is a TorchScript archive accepted only with the sha256 its URL publishes, so no
+    stand-in can be served (see test_clip_archive_needs_its_published_sha256)."""
+    from bimacosr.evaluation import _build, preflight
+
+    server.files.update({f"/{name}": body for name, body in served_files(SCORED + BUILT_ONLY).items()})
     env = {"TORCH_HOME": str(tmp_path / "torch"), URL_BASE_ENV: server.url}
-    args = ["--inp_imgs", folders / "sr", "--gt_imgs", folders / "gt", "--metrics", "psnr", "lpips", "niqe"]
+    args = ["--inp_imgs", folders / "sr", "--gt_imgs", folders / "gt", "--metrics", *SCORED]
     first = _metric_py(*args, "--log", tmp_path / "one", env=env)
     assert first.returncode == 0, first.stderr
     scores = json.loads((tmp_path / "one/metrics_summary.json").read_text())
     assert scores["skipped"] == [] and "niqe" not in scores["notes"]  # NIQE from the served file
     values = scores["folders"][0]["scores"]
-    assert set(values) == {"psnr", "lpips", "niqe"} and all(math.isfinite(v) for v in values.values())
+    assert set(values) == set(SCORED) and all(math.isfinite(v) for v in values.values()), values
     second = _metric_py(*args, "--log", tmp_path / "two", "--offline", env=env)  # from the cache
     assert second.returncode == 0 and json.loads((tmp_path / "two/metrics_summary.json").read_text())[
         "folders"][0]["scores"] == values
-    assert not list((tmp_path / "torch/hub").glob("*/*.part")) and not list(Path("/tmp").glob("bimacosr-metric-hub-*"))
+    assert not list((tmp_path / "torch/hub").glob("*/.*.part")) and not list(Path("/tmp").glob("bimacosr-metric-hub-*"))
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        skipped, found = preflight(BUILT_ONLY, True, None, progress=False)
+        assert skipped == [] and len(found) == 2
+        with metric_hub(found):
+            assert all(_build(name, torch.device("cpu"), {}, found) is not None for name in BUILT_ONLY)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_clip_archive_needs_its_published_sha256(tmp_path):
+    archive = tmp_path / "RN50.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), archive)  # TorchScript: not plain tensors
+    assert safety_problem(archive) is not None
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert safety_problem(archive, digest) is None and safety_problem(archive, "0" * 64) is not None
 
 
 @pytest.mark.slow
