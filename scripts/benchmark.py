@@ -4,7 +4,10 @@ Variants (released architecture, random weights: speed does not depend on the va
 ``resshift`` FP UNet, 15 ancestral steps, fp32 | ``sinsr`` FP UNet, one step, fp32 (the reference,
 as the original runs it on CPU) | ``sinsr_bf16`` the same under bf16 autocast (the best plain FP
 option) | ``sim`` BiMaCo UNet as trained (simulated binarization) | ``deploy`` the packed 1-bit file
-with this project's defaults (``--precision auto``, the fused kernel when it builds).
+with this project's defaults (``--precision auto``, the fused kernel when it builds) |
+``realesrgan`` Real-ESRGAN x4plus (RRDBNet, 23 blocks, from ``spandrel``), what users would pick
+instead, in the best precision this CPU has (bf16 channels-last where bf16 is native, else fp32);
+its network time is in the UNet column.
 
 All variants live in one process and run **interleaved**: each round runs every variant once, in
 an order rotated by one per round, after one warm-up round. A shared, noisy machine slows every
@@ -37,20 +40,43 @@ from bimacosr.deploy import export_deploy, load_deploy
 from bimacosr.pipeline import SRPipeline
 from bimacosr.smoke import randomize
 
-VARIANTS = ("resshift", "sinsr", "sinsr_bf16", "sim", "deploy")
+VARIANTS = ("resshift", "sinsr", "sinsr_bf16", "sim", "deploy", "realesrgan")
 STAGES = ("encode", "unet", "decode", "total")
 
 
 def precision_of(variant: str, cfg, device: torch.device) -> build.Precision:
-    """``deploy``: the project's default (``auto``); ``sinsr_bf16``: bf16; the others fp32."""
-    name = "auto" if variant == "deploy" else "bf16" if variant == "sinsr_bf16" else "fp32"
+    """``deploy`` and ``realesrgan``: the best this device has (``auto``); ``sinsr_bf16``: bf16;
+    the others fp32."""
+    name = "auto" if variant in ("deploy", "realesrgan") else "bf16" if variant == "sinsr_bf16" else "fp32"
     return build.resolve_precision(name, device, cfg)
 
 
-def build_variant(variant: str, cfg, device: torch.device, deploy_file: Path) -> SRPipeline:
+class RealESRGAN:
+    """Real-ESRGAN x4plus as a pipeline: ``(lr [B, 3, H, W] in [0, 1]) -> sr [B, 3, 4H, 4W]``,
+    the whole image at once (the LR sizes here are one tile), under ``autocast`` if given."""
+
+    def __init__(self, device: torch.device, autocast: torch.dtype | None) -> None:
+        from spandrel.architectures.ESRGAN import ESRGAN
+
+        self.autocast, self.autoencoder = autocast, None
+        self.denoiser = ESRGAN(in_nc=3, out_nc=3, num_filters=64, num_blocks=23, scale=4).eval().to(device)
+        if autocast is not None:
+            self.denoiser = self.denoiser.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, lr: torch.Tensor, **_: object) -> torch.Tensor:
+        x = lr.to(next(self.denoiser.parameters()).device)
+        x = x.to(memory_format=torch.channels_last) if self.autocast is not None else x
+        with torch.autocast(x.device.type, self.autocast or torch.float32, enabled=self.autocast is not None):
+            return self.denoiser(x).float().clamp(0, 1)
+
+
+def build_variant(variant: str, cfg, device: torch.device, deploy_file: Path) -> SRPipeline | RealESRGAN:
     """The pipeline of ``variant`` with random weights (seeded: every variant sees the same)."""
     torch.manual_seed(0)
     prec = precision_of(variant, cfg, device)
+    if variant == "realesrgan":
+        return RealESRGAN(device, prec.autocast)
     if variant == "deploy":
         denoiser = load_deploy(deploy_file, device=device)
     else:
@@ -73,10 +99,11 @@ class StageTimer:
     """Wraps ``vq.encode`` / ``vq.decode`` / ``denoiser.forward`` of a pipeline to add up their
     wall and process CPU seconds per call of the pipeline."""
 
-    def __init__(self, pipe: SRPipeline, sync: Callable[[], None]):
+    def __init__(self, pipe: SRPipeline | RealESRGAN, sync: Callable[[], None]):
         self.sync, self.wall, self.cpu = sync, dict.fromkeys(STAGES, 0.0), dict.fromkeys(STAGES, 0.0)
         vq = pipe.autoencoder
-        vq.encode, vq.decode = self.wrap("encode", vq.encode), self.wrap("decode", vq.decode)
+        if vq is not None:
+            vq.encode, vq.decode = self.wrap("encode", vq.encode), self.wrap("decode", vq.decode)
         pipe.denoiser.forward = self.wrap("unet", pipe.denoiser.forward)
 
     def wrap(self, stage: str, fn: Callable) -> Callable:
@@ -124,19 +151,23 @@ def interleaved(variants: list[str], size: int, rounds: int, cfg, device: torch.
                      "max": {s: max(w[s] for w in walls[v]) for s in STAGES},
                      "cpu": {s: statistics.median(c[s] for c in cpus[v]) for s in STAGES}})
     ref = next((r for r in rows if r["variant"] == "sinsr"), None)
+    esr = next((r for r in rows if r["variant"] == "realesrgan"), None)
     for row in rows:
-        row["vs_sinsr"] = {s: ref[s] / row[s] for s in STAGES} if ref else None
+        row["vs_sinsr"] = {s: ref[s] / row[s] if row[s] else None for s in STAGES} if ref else None
+        row["times_realesrgan"] = row["total"] / esr["total"] if esr else None
     return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| variant | LR -> SR | precision | encode s | UNet s | decode s | total s (min-max) | CPU s | "
-             "UNet vs SinSR | total vs SinSR |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "UNet vs SinSR | total vs SinSR | total / Real-ESRGAN |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = (lambda s: f"{r['vs_sinsr'][s]:.2f}x" if r["vs_sinsr"] else "-")
+        def ratio(stage: str) -> str:
+            return f"{r['vs_sinsr'][stage]:.2f}x" if r["vs_sinsr"] and r["vs_sinsr"][stage] else "-"
+        esr = f"{r['times_realesrgan']:.2f}x" if r["times_realesrgan"] else "-"
         lines.append(f"| {r['variant']} | {r['lr']}² -> {4 * r['lr']}² | {r['precision']} | {r['encode']:.3f} | "
                      f"{r['unet']:.3f} | {r['decode']:.3f} | {r['total']:.3f} ({r['min']['total']:.3f}-"
-                     f"{r['max']['total']:.3f}) | {r['cpu']['total']:.2f} | {ratio('unet')} | {ratio('total')} |")
+                     f"{r['max']['total']:.3f}) | {r['cpu']['total']:.2f} | {ratio('unet')} | {ratio('total')} | {esr} |")
     return "\n".join(lines)
 
 
