@@ -38,6 +38,16 @@ def pytest_report_header(config) -> str:
     return f"{describe()}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()} kernels)"
 
 
+@pytest.fixture
+def server():
+    """A file server on 127.0.0.1 (tests/loopback.py), closed after the test."""
+    from tests.loopback import Server
+
+    running = Server()
+    yield running
+    running.close()
+
+
 @pytest.fixture(scope="session")
 def reference() -> Path:
     if not REFERENCE.is_dir():

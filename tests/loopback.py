@@ -3,8 +3,6 @@ metric URLs at a closed loopback port unless a test starts this server)."""
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
-
 
 class Server:
     """Serves ``files`` (path -> bytes) on 127.0.0.1; counts the requests."""
@@ -42,18 +40,3 @@ class Server:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=5)
-
-
-@pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.close()
-
-
-
-@pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.close()

@@ -20,7 +20,7 @@ from skimage import data
 
 from bimacosr.metric_weights import URL_BASE_ENV, MetricFile, metric_hub, prepare, safety_problem
 from tests.conftest import REPO
-from tests.loopback import Server, server  # noqa: F401 -- the fixture
+from tests.loopback import Server
 from tests.metric_layouts import saved, served_files
 
 LPIPS = MetricFile("pyiqa", "LPIPS_v0.1_alex-df73285e.pth")

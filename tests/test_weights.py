@@ -15,7 +15,7 @@ from bimacosr import weights
 from bimacosr.config import REPO_ROOT
 from bimacosr.weights import DownloadError, MissingWeightsError, VerifyError, WeightFile
 from tests.conftest import REPO
-from tests.loopback import Server, server  # noqa: F401 -- the fixture
+from tests.loopback import Server
 
 # The smallest state dicts that look like each kind (checkpoint.state_dict_kind).
 LAYOUTS = {
