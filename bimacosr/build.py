@@ -30,11 +30,14 @@ from bimacosr.pipeline import SRPipeline
 from bimacosr.quant import binarize
 from bimacosr.weights import resolve_weight
 
-__all__ = ["Precision", "PRECISIONS", "InferenceFiles", "build_autoencoder", "build_denoiser_from_config",
-           "build_inference_denoiser", "build_pipeline", "build_schedule", "build_student", "build_teacher",
-           "export_checkpoint", "freeze", "inference_files", "native_bf16", "pick_device", "resolve_precision"]
+__all__ = ["INFERENCE_KEYS", "Precision", "PRECISIONS", "InferenceFiles", "build_autoencoder",
+           "build_denoiser_from_config", "build_inference_denoiser", "build_pipeline", "build_schedule",
+           "build_student", "build_teacher", "export_checkpoint", "freeze", "inference_files", "native_bf16",
+           "pick_device", "resolve_precision"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INFERENCE_KEYS = ("model.params", "diffusion.params", "autoencoder.params", "autoencoder.ckpt_path")
+"""The config keys an inference run reads."""
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -169,7 +172,7 @@ def inference_files(cfg: DictConfig, ckpt: str | os.PathLike | None,
     """Resolve the denoiser file (``deploy`` when given, else ``ckpt``) and the autoencoder, or
     raise ``MissingWeightsError`` / ``ConfigError`` naming the absolute path tried -- in
     milliseconds, before any model is built."""
-    require(cfg, "model.params", "diffusion.params", "autoencoder.params", "autoencoder.ckpt_path")
+    require(cfg, *INFERENCE_KEYS)
     if deploy is not None:
         files = {"deploy": resolve_weight(deploy, what="deploy file (--deploy)")}
         if deploy_params(files["deploy"]) != to_plain(cfg.model.params):
@@ -218,6 +221,7 @@ def export_checkpoint(ckpt: str | os.PathLike, config: str | os.PathLike | DictC
     """Write the deploy file ``out`` of a BiMaCo checkpoint trained with ``config`` (a YAML path or
     a loaded config): strict load into the meta skeleton, then :func:`bimacosr.deploy.export_deploy`."""
     cfg = config if isinstance(config, DictConfig) else load_config(config)
+    require(cfg, "model.params", source=f"config {config}")
     params = to_plain(cfg.model.params)
     if not is_binarized(params):
         raise ConfigError(f"{config}: model.params has no binarization keys; only BiMaCo denoisers can be "

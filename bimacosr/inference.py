@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from bimacosr import build
 from bimacosr.atomic import temp_path
-from bimacosr.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config
+from bimacosr.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config, require
 from bimacosr.imageio import SAVE_EXTENSIONS, ImageReadError, LoadedImage, list_images, read_image, write_image
 from bimacosr.pairing import COMPARE_SUFFIX, suffix_part
 from bimacosr.pipeline import SRPipeline
@@ -187,6 +187,7 @@ class Plan:
 def plan(opts: InferenceOptions) -> Plan:
     """Config, flags and files: every problem knowable up front raises here, in milliseconds."""
     cfg = load_config(opts.config)
+    require(cfg, *build.INFERENCE_KEYS, source=f"config {opts.config}")
     sf = build.scale_factor(cfg)
     if opts.scale != sf:
         raise ConfigError(f"--scale {opts.scale} but {opts.config} is a x{sf} model (diffusion.params.sf)")
