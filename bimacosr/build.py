@@ -23,6 +23,7 @@ from bimacosr.checkpoint import load_state_dict_into, read_state_dict
 from bimacosr.config import ConfigError, load_config, require, to_plain
 from bimacosr.cpu import native_bf16
 from bimacosr.deploy import ExportInfo, deploy_params, export_deploy, load_deploy
+from bimacosr.device import usable_device
 from bimacosr.diffusion import Schedule
 from bimacosr.models import build_denoiser, denoiser_skeleton, is_binarized, split_params
 from bimacosr.models.autoencoder import VQAutoencoder
@@ -41,9 +42,12 @@ INFERENCE_KEYS = ("model.params", "diffusion.params", "autoencoder.params", "aut
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    """``name`` or, by default, this process's CUDA device (``LOCAL_RANK``) when there is one."""
+    """``name`` or, by default, this process's CUDA device (``LOCAL_RANK``) when there is one.
+
+    A name that is no device, or a device this machine cannot use (``cuda`` without CUDA, ``cuda:3``
+    with two GPUs), raises ``ValueError`` naming ``--device`` -- before anything is built."""
     if name:
-        return torch.device(name)
+        return usable_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")

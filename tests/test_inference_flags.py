@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import inference_quant
@@ -109,6 +110,25 @@ def test_flags_out_of_range_are_refused_first(lr_dir, no_model, flags, message):
     with pytest.raises(ValueError, match=message):
         run(options(lr_dir, **flags))
     assert not (lr_dir.parent / "out").exists()
+
+
+@pytest.mark.parametrize("device, message", [
+    ("banana", "--device banana is not a device name; use cpu, cuda, cuda:1"),
+    ("cuda:99", "--device cuda:99: this machine has "),
+    ("xpu", "--device xpu cannot be used here"),
+])
+def test_unusable_device_is_refused_first(lr_dir, no_model, device, message):
+    if device == "xpu" and torch.xpu.is_available():
+        pytest.skip("this machine has an XPU")
+    with pytest.raises(ValueError, match=message):
+        run(options(lr_dir, device=device))
+    assert not (lr_dir.parent / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_on_a_machine_without_it_is_refused_first(lr_dir, no_model):
+    with pytest.raises(ValueError, match="--device cuda: this machine has no usable CUDA device"):
+        run(options(lr_dir, device="cuda"))
 
 
 def test_output_folder_that_is_the_input_folder(lr_dir, no_model):
