@@ -127,6 +127,10 @@ def check_options(opts: InferenceOptions) -> None:
     for flag, value, ok, valid in checks:
         if not ok:
             raise ValueError(f"{flag} {value} is out of range: it must be {valid}")
+    forbidden = sorted({"..", "/", os.sep, os.altsep} - {None})
+    if any(part in opts.suffix for part in forbidden):
+        raise ValueError(f"--suffix {opts.suffix}: a suffix is part of a file name; it may not contain "
+                         f"{' or '.join(map(repr, forbidden))} (outputs go to --out_path)")
     if opts.task.lower() not in TASKS:
         raise ValueError(f"--task {opts.task}: this model does real-world x4 SR; the original's task names "
                          f"for that are {', '.join(TASKS)} (any case)")

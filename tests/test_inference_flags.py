@@ -105,6 +105,9 @@ def test_typo_in_config_path_fails_first(lr_dir, no_model):
     ({"chop_size": 0}, "--chop_size 0 is out of range"),
     ({"infer_steps": 0}, "--infer_steps 0 is out of range"),
     ({"task": "inpaint_imagenet"}, "--task inpaint_imagenet"),
+    ({"suffix": "../../../x"}, "--suffix ../../../x: a suffix is part of a file name; it may not contain '..'"),
+    ({"suffix": "sub/x"}, "--suffix sub/x: a suffix is part of a file name"),
+    ({"suffix": "x.."}, "--suffix x..: a suffix is part of a file name"),
 ])
 def test_flags_out_of_range_are_refused_first(lr_dir, no_model, flags, message):
     with pytest.raises(ValueError, match=message):
