@@ -106,15 +106,21 @@ def _folders(first: Path) -> Iterator[Path]:
 
 
 def _build() -> tuple[Path, str]:
-    """Build (or reuse) the extension in the first folder of :func:`_folders` whose build is not
-    damaged (:func:`_damage`); a damaged one is passed over, never loaded. Registers
-    ``torch.ops.bimacosr.binary_conv``; returns the folder and why earlier builds were passed over."""
+    """Load the library of the first folder of :func:`_folders` whose build is not damaged
+    (:func:`_damage`): as it is when it matches its record (no lock, nothing written: a read-only
+    cache works), else through :func:`_compile`; a damaged one is passed over, never loaded.
+    Registers ``torch.ops.bimacosr.binary_conv``; returns the folder and why earlier builds were
+    passed over."""
     folders, passed_over = _folders(build_dir()), []
     folder = next(folders)
     while (problem := _damage(folder)) is not None:
         passed_over.append(problem)
         folder = next(folders)
-    _compile(folder)
+    library = _library(folder)
+    if _record(library).exists():  # and the library matches it
+        torch.ops.load_library(str(library))
+    else:
+        _compile(folder)
     return folder, "; ".join(passed_over)
 
 
