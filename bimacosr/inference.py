@@ -26,7 +26,8 @@ from tqdm import tqdm
 from bimacosr import build
 from bimacosr.atomic import temp_path
 from bimacosr.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config, require
-from bimacosr.imageio import SAVE_EXTENSIONS, ImageReadError, LoadedImage, list_images, read_image, write_image
+from bimacosr.imageio import (GIF_EXTENSIONS, SAVE_EXTENSIONS, ImageReadError, LoadedImage, find_images, list_images,
+                              read_image, write_image)
 from bimacosr.pairing import COMPARE_SUFFIX, suffix_part
 from bimacosr.pipeline import SRPipeline
 from bimacosr.visualize import save_compare
@@ -103,6 +104,10 @@ def list_inputs(opts: InferenceOptions) -> list[Path]:
     inputs = list_images(opts.in_path)
     if not opts.in_path.is_dir():
         return inputs
+    gifs = [p.name for p in find_images(opts.in_path, GIF_EXTENSIONS)]
+    if gifs:
+        print(f"note: {len(gifs)} GIF file(s) in {opts.in_path} are left out ({', '.join(gifs[:3])}"
+              f"{', ...' if len(gifs) > 3 else ''}); give one as -i FILE to super-resolve its first frame")
     src, dst = opts.in_path.resolve(), opts.out_path.resolve()
     if dst == src or src in dst.parents:
         if not opts.suffix:
@@ -259,6 +264,8 @@ def process_images(pipe: SRPipeline, paths: list[Path], targets: dict[Path, Path
             tally.failed.append((path, str(exc)))
             tqdm.write(f"skipped: {exc}")
             continue
+        if image.frames > 1:
+            tqdm.write(f"note: {path} has {image.frames} frames; only the first is super-resolved")
         bar.set_postfix_str(f"{path.name} {image.rgb.shape[-1]}x{image.rgb.shape[-2]}")
         sr, alpha = upscale_image(pipe, image, opts)
         write_image(target, sr, alpha=alpha, mode=image.mode, bit_depth=image.bit_depth)
