@@ -244,6 +244,7 @@ class Tally:
 
     @property
     def finished(self) -> int:
+        """Images done with, one way or another (a rerun with ``--skip_existing`` passes the written)."""
         return self.written + self.existing + len(self.failed)
 
 

@@ -172,7 +172,7 @@ def test_corrupt_training_image_advice_matches_the_run_folder(root, monkeypatch)
     run_dir = root / "unreadable_run"
     run = trainer_module.Trainer(trainer_module.TrainOptions(cfg_path=cfg, save_dir=run_dir),
                                  trainer_module.Dist(0, 1, torch.device("cpu")))
-    fresh = r"replace or remove it, then run the same command again \(no checkpoint was saved yet, so without --resume\)$"
+    fresh = r"remove it, then run the same command again \(no checkpoint was saved yet, so without --resume\)$"
     with pytest.raises(TrainingDataError, match=fresh):
         run._next_batch(iter(run._loader()))
     assert state.list_checkpoints(run_dir) == []

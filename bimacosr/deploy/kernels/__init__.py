@@ -38,7 +38,7 @@ ENV = "BIMACOSR_KERNEL"
 SOURCE = Path(__file__).with_name("binary.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]  # -fopenmp: at::parallel_for is OpenMP in the headers
 
-_state: dict[str, object] = {}  # "ok": bool, "reason": str (why not), "line": the notice
+_state: dict[str, object] = {}  # "ok": bool, "reason": str (why not), "folder", "passed_over", "line": the notice
 
 
 def build_dir() -> Path:
@@ -60,6 +60,7 @@ def _record(library: Path) -> Path:
 
 
 def _fingerprint(library: Path) -> dict[str, object]:
+    """What a build records of its library: size in bytes and sha256."""
     return {"size": library.stat().st_size, "sha256": hashlib.sha256(library.read_bytes()).hexdigest()}
 
 
