@@ -23,6 +23,7 @@ from bimacosr.checkpoint import load_state_dict_into, read_state_dict
 from bimacosr.config import ConfigError, load_config, require, to_plain
 from bimacosr.cpu import native_bf16
 from bimacosr.deploy import ExportInfo, deploy_params, export_deploy, load_deploy
+from bimacosr.device import usable_device
 from bimacosr.diffusion import Schedule
 from bimacosr.models import build_denoiser, denoiser_skeleton, is_binarized, split_params
 from bimacosr.models.autoencoder import VQAutoencoder
@@ -30,17 +31,23 @@ from bimacosr.pipeline import SRPipeline
 from bimacosr.quant import binarize
 from bimacosr.weights import resolve_weight
 
-__all__ = ["Precision", "PRECISIONS", "InferenceFiles", "build_autoencoder", "build_denoiser_from_config",
-           "build_inference_denoiser", "build_pipeline", "build_schedule", "build_student", "build_teacher",
-           "export_checkpoint", "freeze", "inference_files", "native_bf16", "pick_device", "resolve_precision"]
+__all__ = ["INFERENCE_KEYS", "Precision", "PRECISIONS", "InferenceFiles", "build_autoencoder",
+           "build_denoiser_from_config", "build_inference_denoiser", "build_pipeline", "build_schedule",
+           "build_student", "build_teacher", "export_checkpoint", "freeze", "inference_files", "native_bf16",
+           "pick_device", "resolve_precision"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INFERENCE_KEYS = ("model.params", "diffusion.params", "autoencoder.params", "autoencoder.ckpt_path")
+"""The config keys an inference run reads."""
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    """``name`` or, by default, this process's CUDA device (``LOCAL_RANK``) when there is one."""
+    """``name`` or, by default, this process's CUDA device (``LOCAL_RANK``) when there is one.
+
+    A name that is no device, or a device this machine cannot use (``cuda`` without CUDA, ``cuda:3``
+    with two GPUs), raises ``ValueError`` naming ``--device`` -- before anything is built."""
     if name:
-        return torch.device(name)
+        return usable_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")
@@ -169,7 +176,7 @@ def inference_files(cfg: DictConfig, ckpt: str | os.PathLike | None,
     """Resolve the denoiser file (``deploy`` when given, else ``ckpt``) and the autoencoder, or
     raise ``MissingWeightsError`` / ``ConfigError`` naming the absolute path tried -- in
     milliseconds, before any model is built."""
-    require(cfg, "model.params", "diffusion.params", "autoencoder.params", "autoencoder.ckpt_path")
+    require(cfg, *INFERENCE_KEYS)
     if deploy is not None:
         files = {"deploy": resolve_weight(deploy, what="deploy file (--deploy)")}
         if deploy_params(files["deploy"]) != to_plain(cfg.model.params):
@@ -218,6 +225,7 @@ def export_checkpoint(ckpt: str | os.PathLike, config: str | os.PathLike | DictC
     """Write the deploy file ``out`` of a BiMaCo checkpoint trained with ``config`` (a YAML path or
     a loaded config): strict load into the meta skeleton, then :func:`bimacosr.deploy.export_deploy`."""
     cfg = config if isinstance(config, DictConfig) else load_config(config)
+    require(cfg, "model.params", source=f"config {config}")
     params = to_plain(cfg.model.params)
     if not is_binarized(params):
         raise ConfigError(f"{config}: model.params has no binarization keys; only BiMaCo denoisers can be "

@@ -111,6 +111,9 @@ def _read(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config {path} must be a YAML mapping at the top level")
+    if not cfg:
+        raise ConfigError(f"config {path.absolute()} is empty; copy {DEFAULT_CONFIG} or write "
+                          f"'{BASE_KEY}: <a config>' and the keys you change")
     base = cfg.pop(BASE_KEY, None)
     if base is None:
         return cfg

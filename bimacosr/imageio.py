@@ -25,6 +25,9 @@ from bimacosr.atomic import atomic_write
 
 Mode = Literal["rgb", "gray", "rgba", "gray_alpha"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+GIF_EXTENSIONS = (".gif",)
+"""Left out of image folders (animations of 256-colour frames) -- and named, never silently;
+:func:`read_image` reads the first frame of one given as a file."""
 # Pillow format and save options per extension. JPEG: quality 95 with 4:4:4 chroma (no
 # subsampling); WebP: lossless, keeping RGB under fully transparent pixels (exact).
 _SAVE_FORMATS: dict[str, tuple[str, dict]] = {
@@ -62,6 +65,7 @@ class LoadedImage:
     alpha: float32 [1, 1, H, W] in [0, 1], or None when the file has no alpha.
     mode: what the file held, so ``write_image`` can write the result back the same way.
     bit_depth: 8 or 16 bits per channel in the file.
+    frames: frames in the file (GIF, animated PNG / WebP, multi-page TIFF); only the first is read.
     """
 
     rgb: torch.Tensor
@@ -69,6 +73,7 @@ class LoadedImage:
     mode: Mode
     bit_depth: int
     path: Path
+    frames: int = 1
 
 
 def _decode(path: Path, rawmode: str | None = None) -> Image.Image:
@@ -80,8 +85,15 @@ def _decode(path: Path, rawmode: str | None = None) -> Image.Image:
         return ImageOps.exif_transpose(im)
 
 
+def _frames(path: Path) -> int:
+    """How many frames the file holds (1 for a still image)."""
+    with Image.open(path) as probe:
+        return int(getattr(probe, "n_frames", 1))
+
+
 def _pixels(path: Path) -> tuple[np.ndarray, Mode, int]:
-    """Return (H x W x C array of integer samples, mode, bit depth) with C = 1, 2, 3 or 4."""
+    """Return (H x W x C array of integer samples, mode, bit depth) with C = 1, 2, 3 or 4, of the
+    first frame."""
     with Image.open(path) as probe:
         rawmode = probe.tile[0].args if probe.format == "PNG" and len(probe.tile) == 1 else None
     if rawmode in _PNG16_LOW_RAWMODE:
@@ -115,6 +127,7 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     path = Path(path)
     try:
         samples, mode, bit_depth = _pixels(path)
+        frames = _frames(path)
     except ImageReadError:
         raise
     except FileNotFoundError:
@@ -132,7 +145,7 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     x = x.permute(2, 0, 1).unsqueeze(0).contiguous()
     color, alpha = (x[:, :-1], x[:, -1:]) if mode in ("rgba", "gray_alpha") else (x, None)
     rgb = color.expand(-1, 3, -1, -1).contiguous() if color.shape[1] == 1 else color
-    return LoadedImage(rgb=rgb, alpha=alpha, mode=mode, bit_depth=bit_depth, path=path)
+    return LoadedImage(rgb=rgb, alpha=alpha, mode=mode, bit_depth=bit_depth, path=path, frames=frames)
 
 
 def _chw(x: torch.Tensor, channels: int, name: str) -> torch.Tensor:
@@ -251,8 +264,8 @@ def find_images(folder: str | os.PathLike, im_exts: str | Iterable[str] = IMAGE_
 
 
 def list_images(path: str | os.PathLike) -> list[Path]:
-    """A file -> [file]; a folder -> its image files (:func:`find_images`, not recursive); an
-    empty folder is an error naming the accepted extensions."""
+    """A file -> [file]; a folder -> its image files (:func:`find_images`, not recursive); a
+    folder without any is an error naming the accepted extensions (and its GIFs, if any)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"input path does not exist: '{path.absolute()}'")
@@ -260,6 +273,8 @@ def list_images(path: str | os.PathLike) -> list[Path]:
         return [path]
     files = find_images(path)
     if not files:
-        raise ValueError(f"no image files in folder '{path}' "
-                         f"(accepted extensions, any case: {', '.join(IMAGE_EXTENSIONS)})")
+        gifs = len(find_images(path, GIF_EXTENSIONS))
+        hint = f"; its {gifs} GIF file(s) are left out: give one as a file to use its first frame" if gifs else ""
+        raise ValueError(f"no image files in folder '{path}' (accepted extensions, any case: "
+                         f"{', '.join(IMAGE_EXTENSIONS)}){hint}")
     return files

@@ -5,15 +5,17 @@ Everything that can be wrong is checked before a model is built: the config, eve
 folder unless outputs are told apart by ``--suffix``) and the output format of every input. Then
 the pipeline is built once (``bimacosr.build``), every image is super-resolved with a progress bar
 naming the file, grayscale and alpha are kept, unreadable files are reported by name and skipped.
+Every output is written whole or not at all; Ctrl-C stops with one line saying how far it got.
 Under ``torchrun`` each process takes every ``WORLD_SIZE``-th file. Every image is sampled with its
 own generator seeded by ``seed``, so results do not depend on the order or the process count.
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -23,8 +25,9 @@ from tqdm import tqdm
 
 from bimacosr import build
 from bimacosr.atomic import temp_path
-from bimacosr.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config
-from bimacosr.imageio import SAVE_EXTENSIONS, ImageReadError, LoadedImage, list_images, read_image, write_image
+from bimacosr.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config, require
+from bimacosr.imageio import (GIF_EXTENSIONS, SAVE_EXTENSIONS, ImageReadError, LoadedImage, find_images, list_images,
+                              read_image, write_image)
 from bimacosr.pairing import COMPARE_SUFFIX, suffix_part
 from bimacosr.pipeline import SRPipeline
 from bimacosr.visualize import save_compare
@@ -101,6 +104,10 @@ def list_inputs(opts: InferenceOptions) -> list[Path]:
     inputs = list_images(opts.in_path)
     if not opts.in_path.is_dir():
         return inputs
+    gifs = [p.name for p in find_images(opts.in_path, GIF_EXTENSIONS)]
+    if gifs:
+        print(f"note: {len(gifs)} GIF file(s) in {opts.in_path} are left out ({', '.join(gifs[:3])}"
+              f"{', ...' if len(gifs) > 3 else ''}); give one as -i FILE to super-resolve its first frame")
     src, dst = opts.in_path.resolve(), opts.out_path.resolve()
     if dst == src or src in dst.parents:
         if not opts.suffix:
@@ -127,6 +134,10 @@ def check_options(opts: InferenceOptions) -> None:
     for flag, value, ok, valid in checks:
         if not ok:
             raise ValueError(f"{flag} {value} is out of range: it must be {valid}")
+    forbidden = sorted({"..", "/", os.sep, os.altsep} - {None})
+    if any(part in opts.suffix for part in forbidden):
+        raise ValueError(f"--suffix {opts.suffix}: a suffix is part of a file name; it may not contain "
+                         f"{' or '.join(map(repr, forbidden))} (outputs go to --out_path)")
     if opts.task.lower() not in TASKS:
         raise ValueError(f"--task {opts.task}: this model does real-world x4 SR; the original's task names "
                          f"for that are {', '.join(TASKS)} (any case)")
@@ -187,6 +198,7 @@ class Plan:
 def plan(opts: InferenceOptions) -> Plan:
     """Config, flags and files: every problem knowable up front raises here, in milliseconds."""
     cfg = load_config(opts.config)
+    require(cfg, *build.INFERENCE_KEYS, source=f"config {opts.config}")
     sf = build.scale_factor(cfg)
     if opts.scale != sf:
         raise ConfigError(f"--scale {opts.scale} but {opts.config} is a x{sf} model (diffusion.params.sf)")
@@ -218,9 +230,54 @@ def tile_size(opts: InferenceOptions, pipe: SRPipeline) -> int:
     return opts.chop_size
 
 
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT), as a shell reports it."""
+
+
+@dataclass
+class Tally:
+    """What became of the images of one run so far."""
+
+    written: int = 0
+    existing: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> int:
+        """Images done with, one way or another (a rerun with ``--skip_existing`` passes the written)."""
+        return self.written + self.existing + len(self.failed)
+
+
+def process_images(pipe: SRPipeline, paths: list[Path], targets: dict[Path, Path], opts: InferenceOptions,
+                   tally: Tally, desc: str) -> None:
+    """Super-resolve ``paths`` into ``targets`` with a progress bar, counting into ``tally``;
+    unreadable files are reported and skipped, every output is written whole or not at all."""
+    bar = tqdm(paths, desc=desc, unit="img", dynamic_ncols=True)
+    for path in bar:
+        bar.set_postfix_str(path.name)
+        target = targets[path]
+        if opts.skip_existing and target.exists():
+            tally.existing += 1
+            continue
+        try:
+            image = read_image(path)
+        except ImageReadError as exc:
+            tally.failed.append((path, str(exc)))
+            tqdm.write(f"skipped: {exc}")
+            continue
+        if image.frames > 1:
+            tqdm.write(f"note: {path} has {image.frames} frames; only the first is super-resolved")
+        bar.set_postfix_str(f"{path.name} {image.rgb.shape[-1]}x{image.rgb.shape[-2]}")
+        sr, alpha = upscale_image(pipe, image, opts)
+        write_image(target, sr, alpha=alpha, mode=image.mode, bit_depth=image.bit_depth)
+        if opts.compare:
+            save_compare(target.with_name(f"{target.stem}{COMPARE_SUFFIX}.png"), image.rgb, sr)
+        tally.written += 1
+
+
 def run(opts: InferenceOptions) -> int:
     """Check everything, then process every input image; returns the exit status (1 if any image
-    failed)."""
+    failed, :data:`INTERRUPTED` after Ctrl-C, with one line saying how far it got)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     check_options(opts)
     inputs = list_inputs(opts)
@@ -229,39 +286,25 @@ def run(opts: InferenceOptions) -> int:
         raise FileNotFoundError(f"--ref_path {opts.ref_path.absolute()} is not a folder (the GT images)")
     pipe_plan = plan(opts)
     check_writable(opts.out_path)
-    pipe = load(opts, pipe_plan)
-    opts.chop_size = tile_size(opts, pipe)
-    opts.chop_stride = None if opts.chop_stride is None else min(opts.chop_stride, opts.chop_size)
-    mine = inputs[rank::world]
-    failed: list[tuple[Path, str]] = []
-    done = skipped = 0
-    bar = tqdm(mine, desc=f"SR x{pipe.sf}" + (f" [rank {rank}/{world}]" if world > 1 else ""), unit="img",
-               dynamic_ncols=True)
-    for path in bar:
-        bar.set_postfix_str(path.name)
-        target = targets[path]
-        if opts.skip_existing and target.exists():
-            skipped += 1
-            continue
-        try:
-            image = read_image(path)
-        except ImageReadError as exc:
-            failed.append((path, str(exc)))
-            tqdm.write(f"skipped: {exc}")
-            continue
-        bar.set_postfix_str(f"{path.name} {image.rgb.shape[-1]}x{image.rgb.shape[-2]}")
-        sr, alpha = upscale_image(pipe, image, opts)
-        write_image(target, sr, alpha=alpha, mode=image.mode, bit_depth=image.bit_depth)
-        if opts.compare:
-            save_compare(target.with_name(f"{target.stem}{COMPARE_SUFFIX}.png"), image.rgb, sr)
-        done += 1
-    summary = f"{done} image(s) written to {opts.out_path}" + (f", {skipped} already there" if skipped else "")
-    if failed:
-        summary += f"; {len(failed)} failed: " + ", ".join(str(p) for p, _ in failed)
-    print(summary + (f" [rank {rank}]" if world > 1 else ""))
+    mine, tally, of_rank = inputs[rank::world], Tally(), f" [rank {rank}]" if world > 1 else ""
+    try:
+        pipe = load(opts, pipe_plan)
+        opts.chop_size = tile_size(opts, pipe)
+        opts.chop_stride = None if opts.chop_stride is None else min(opts.chop_stride, opts.chop_size)
+        process_images(pipe, mine, targets, opts, tally,
+                       desc=f"SR x{pipe.sf}" + (f" [rank {rank}/{world}]" if world > 1 else ""))
+    except KeyboardInterrupt:
+        tqdm.write(f"interrupted after {tally.finished} of {len(mine)} images; rerun with --skip_existing"
+                   f"{of_rank}", file=sys.stderr)
+        return INTERRUPTED
+    summary = f"{tally.written} image(s) written to {opts.out_path}"
+    summary += f", {tally.existing} already there" if tally.existing else ""
+    if tally.failed:
+        summary += f"; {len(tally.failed)} failed: " + ", ".join(str(p) for p, _ in tally.failed)
+    print(summary + of_rank)
     if opts.ref_path is not None:
         score(opts, world)
-    return 1 if failed else 0
+    return 1 if tally.failed else 0
 
 
 def score(opts: InferenceOptions, world: int) -> None:

@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -68,6 +69,15 @@ def fixture_denoiser(relpath: str) -> tuple[torch.nn.Module, dict]:
     model = build_denoiser(data["config"])
     model.load_state_dict(data["state_dict"])
     return model.eval(), data
+
+
+def animation(path: Path, values: tuple[int, ...] = (10, 120, 240)) -> Path:
+    """Write a GIF of one grey 8x6 frame per value at ``path``; returns ``path``."""
+    from PIL import Image
+
+    frames = [Image.fromarray(np.full((6, 8), v, np.uint8)) for v in values]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    return path
 
 
 # -- tiny-model kit: configs/smoke.yaml --------------------------------------------------------

@@ -9,6 +9,7 @@ from skimage import data
 
 from bimacosr import imageio
 from bimacosr.imageio import ImageReadError, list_images, read_image, to_uint8, write_image
+from tests.conftest import animation
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +213,19 @@ def test_list_images_errors(tmp_path):
         list_images(tmp_path / "missing")
     (tmp_path / "readme.txt").write_text("hi")
     with pytest.raises(ValueError, match=r"no image files in folder .*\.png"):
+        list_images(tmp_path)
+
+
+def test_an_animation_is_read_as_its_first_frame_and_says_how_many(tmp_path, photo):
+    image = read_image(animation(tmp_path / "anim.gif"))
+    assert image.frames == 3 and image.rgb.shape == (1, 3, 6, 8) and torch.all(image.rgb == 10 / 255)
+    Image.fromarray(photo).save(tmp_path / "still.png")
+    assert read_image(tmp_path / "still.png").frames == 1
+
+
+def test_a_folder_of_gifs_only_names_them(tmp_path):
+    animation(tmp_path / "anim.gif")
+    with pytest.raises(ValueError, match="no image files in folder .*; its 1 GIF file.s. are left out: give one"):
         list_images(tmp_path)
 
 

@@ -1,9 +1,12 @@
 """inference_quant.py end to end, as a user runs it: tiny random checkpoints, real photographs."""
-import os
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -179,3 +182,24 @@ def test_compare_and_suffix_outputs_score_in_metric_py(workdir, tmp_path):
     assert "2 comparison panel(s)" in metric.stderr and "paired by the suffix '_out'" in metric.stderr
     folder = json.loads((tmp_path / "scores" / "metrics_summary.json").read_text())["folders"][0]
     assert folder["images"] == 2 and (folder["unpaired_sr"], folder["unpaired_gt"]) == ([], [])
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_leaves_only_whole_images(workdir, tmp_path):
+    lr, out = tmp_path / "lr", tmp_path / "out"
+    lr.mkdir()
+    for i in range(8):
+        shutil.copy(workdir / "lr/astronaut.png", lr / f"a{i}.png")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(CONFIG), "--ckpt",
+                             "data/smoke/weights/bimacosr.pth", "-i", str(lr), "-o", str(out)],
+                            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*.png")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert re.fullmatch(r"interrupted after [1-7] of 8 images; rerun with --skip_existing", err.splitlines()[-1])
+    written = sorted(out.iterdir())  # no temp file, no partial image
+    assert written and not [p.name for p in written if p.name.startswith(".")]
+    assert all(read_image(path).rgb.shape[-2:] == (192, 160) for path in written)

@@ -7,15 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import inference_quant
 from bimacosr import build
 from bimacosr.config import DEFAULT_CONFIG, ConfigError
-from bimacosr.inference import InferenceOptions, check_writable, output_paths, run, tile_size
+from bimacosr.imageio import read_image
+from bimacosr.inference import (InferenceOptions, Tally, check_writable, list_inputs, output_paths, process_images, run,
+                                tile_size)
 from bimacosr.models.unet import UNetModelSwin
 from bimacosr.weights import MissingWeightsError
-from tests.conftest import REPO
+from tests.conftest import REPO, animation
 
 SMOKE = REPO / "configs/smoke.yaml"
 
@@ -104,11 +108,33 @@ def test_typo_in_config_path_fails_first(lr_dir, no_model):
     ({"chop_size": 0}, "--chop_size 0 is out of range"),
     ({"infer_steps": 0}, "--infer_steps 0 is out of range"),
     ({"task": "inpaint_imagenet"}, "--task inpaint_imagenet"),
+    ({"suffix": "../../../x"}, "--suffix ../../../x: a suffix is part of a file name; it may not contain '..'"),
+    ({"suffix": "sub/x"}, "--suffix sub/x: a suffix is part of a file name"),
+    ({"suffix": "x.."}, "--suffix x..: a suffix is part of a file name"),
 ])
 def test_flags_out_of_range_are_refused_first(lr_dir, no_model, flags, message):
     with pytest.raises(ValueError, match=message):
         run(options(lr_dir, **flags))
     assert not (lr_dir.parent / "out").exists()
+
+
+@pytest.mark.parametrize("device, message", [
+    ("banana", "--device banana is not a device name; use cpu, cuda, cuda:1"),
+    ("cuda:99", "--device cuda:99: this machine has "),
+    ("xpu", "--device xpu cannot be used here"),
+])
+def test_unusable_device_is_refused_first(lr_dir, no_model, device, message):
+    if device == "xpu" and torch.xpu.is_available():
+        pytest.skip("this machine has an XPU")
+    with pytest.raises(ValueError, match=message):
+        run(options(lr_dir, device=device))
+    assert not (lr_dir.parent / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_on_a_machine_without_it_is_refused_first(lr_dir, no_model):
+    with pytest.raises(ValueError, match="--device cuda: this machine has no usable CUDA device"):
+        run(options(lr_dir, device="cuda"))
 
 
 def test_output_folder_that_is_the_input_folder(lr_dir, no_model):
@@ -119,6 +145,28 @@ def test_output_folder_that_is_the_input_folder(lr_dir, no_model):
     (lr_dir / "a_sr.png").write_bytes((lr_dir / "a.png").read_bytes())  # an earlier run's output
     with pytest.raises(MissingWeightsError):  # with a suffix it is allowed: on to the weights
         run(options(lr_dir, out_path=lr_dir, suffix="sr"))
+
+
+def test_gifs_left_out_of_a_folder_are_named(lr_dir, capsys):
+    animation(lr_dir / "anim.gif")
+    assert list_inputs(options(lr_dir)) == [lr_dir / "a.png"]
+    assert capsys.readouterr().out == (f"note: 1 GIF file(s) in {lr_dir} are left out (anim.gif); give one as "
+                                       f"-i FILE to super-resolve its first frame\n")
+
+
+def test_an_animation_given_as_a_file_says_only_its_first_frame_is_used(tmp_path, capsys):
+    class Upscale:  # stands in for the pipeline: bicubic x4
+        device, sf = "cpu", 4
+
+        def __call__(self, rgb, generator, progress, **kwargs):
+            return F.interpolate(rgb, scale_factor=4, mode="bicubic")
+
+    gif = animation(tmp_path / "anim.gif")
+    target = tmp_path / "out/anim.png"
+    tally = Tally()
+    process_images(Upscale(), [gif], {gif: target}, options(tmp_path, in_path=gif), tally, desc="SR")
+    assert tally.written == 1 and read_image(target).rgb.shape == (1, 3, 24, 32)
+    assert f"note: {gif} has 3 frames; only the first is super-resolved" in capsys.readouterr().out
 
 
 def test_output_format_is_checked_for_every_input(tmp_path, no_model):

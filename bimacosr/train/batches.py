@@ -117,7 +117,7 @@ class EpochIndexed(Dataset):
             return self.dataset[index]
         except ImageReadError as exc:
             raise TrainingDataError(f"training image {exc.path} cannot be read ({exc.reason}): replace or "
-                                    f"remove it, then continue with --resume") from None
+                                    f"remove it") from None
 
 
 class PairPool:

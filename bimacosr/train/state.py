@@ -10,7 +10,9 @@ A checkpoint is a folder ``<run>/checkpoints/step_<NNNNNNN>/`` holding
 
 It is written into a hidden temporary folder and renamed into place, so an interruption at any
 moment leaves the previous checkpoints intact and no half-written one under a real name. The last
-``keep_last`` step folders are kept; ``best_psnr/`` holds model + EMA of the best validation PSNR.
+``keep_last`` step folders are kept; an older one is renamed to a hidden name before it is deleted,
+so an interrupted deletion leaves no partial step folder either. ``best_psnr/`` holds model + EMA of
+the best validation PSNR.
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ import torch
 from bimacosr.checkpoint import CheckpointError, read_state_dict, save_state_dict
 
 STEP_PREFIX = "step_"
+CHECKPOINT_FILES = ("model.pth", "ema.pth", "trainer.pth")
+PRUNED_PREFIX = ".pruned_"
+"""A step folder being deleted: out of the checkpoint namespace (see :func:`prune_checkpoints`)."""
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -55,9 +60,21 @@ def save_checkpoint(run_dir: Path, step: int, model: Mapping[str, torch.Tensor],
     save_state_dict(ema, tmp / "ema.pth")
     save_state_dict({**trainer, "step": step}, tmp / "trainer.pth")
     _replace_dir(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, keep_last)
     return final
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` step folders (``0``: keep all). Each is first renamed
+    out of the checkpoint namespace (``.pruned_step_N``, one atomic rename), so a kill while its
+    files are deleted never leaves a partial ``step_N/``; what such a kill left is deleted here."""
+    root = run_dir / "checkpoints"
+    for leftover in root.glob(f"{PRUNED_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        doomed = old.with_name(PRUNED_PREFIX + old.name)
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_best(run_dir: Path, step: int, psnr: float, model: Mapping[str, torch.Tensor],
@@ -74,9 +91,10 @@ def save_best(run_dir: Path, step: int, psnr: float, model: Mapping[str, torch.T
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete step folders, oldest first (temporary folders are ignored)."""
+    """Complete step folders (all of :data:`CHECKPOINT_FILES` present), oldest first; temporary,
+    pruned and incomplete folders are ignored."""
     root = run_dir / "checkpoints"
-    found = [p for p in root.glob(f"{STEP_PREFIX}*") if (p / "trainer.pth").is_file()] if root.is_dir() else []
+    found = [p for p in root.glob(f"{STEP_PREFIX}*") if all((p / name).is_file() for name in CHECKPOINT_FILES)]
     return sorted(found, key=lambda p: p.name)
 
 

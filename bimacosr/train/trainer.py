@@ -211,16 +211,26 @@ class Trainer:
 
     def _next_batch(self, batches: Iterator[dict]) -> dict:
         """The next batch on every rank, or the same error on every rank (an unreadable training
-        image on any of them), after saving the steps done since the last checkpoint."""
+        image on any of them), after saving the steps done since the last checkpoint; the error
+        then says how to go on (:meth:`_how_to_continue`)."""
         try:
             with self.env.together():
                 return next(batches)
-        except Exception:
+        except Exception as exc:
             if self.step > self.saved_step:
                 path = self.save()
                 if self.env.main:
                     tqdm.write(f"checkpoint saved: {path}", file=sys.stderr)
+            if isinstance(exc, (TrainingDataError, PeerFailed)):
+                exc.args = (f"{exc}, then {self._how_to_continue()}",)
             raise
+
+    def _how_to_continue(self) -> str:
+        """After fixing the cause: ``--resume`` once the run folder holds a checkpoint, else the
+        same command again (``--resume`` would find nothing to continue)."""
+        if state.list_checkpoints(self.run_dir):
+            return "continue with --resume"
+        return "run the same command again (no checkpoint was saved yet, so without --resume)"
 
     def fit(self) -> int:
         """Train from ``self.step`` to ``iterations``; returns the process exit status."""

@@ -1,5 +1,7 @@
 """Distillation building blocks: fixture e, lr schedule, EMA, batch plan, pair pool, checkpoints."""
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +91,33 @@ def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         state.resume_candidates(tmp_path, str(tmp_path / "nope"))
     assert state.load_resume(tmp_path, None) == (None, [])
+
+
+def test_a_kill_while_pruning_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    for step in (1, 2):
+        state.save_checkpoint(tmp_path, step, tiny_state(step), tiny_state(-step), {"optimizer": {}}, keep_last=3)
+    real_rmtree = shutil.rmtree
+
+    def killed(path, ignore_errors=False):  # the process dies after deleting one file
+        (Path(path) / "model.pth").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        state.prune_checkpoints(tmp_path, keep_last=1)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert [p.name for p in state.list_checkpoints(tmp_path)] == ["step_0000002"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".pruned_step_0000001", "step_0000002"]
+    state.save_checkpoint(tmp_path, 3, tiny_state(3), tiny_state(-3), {"optimizer": {}}, keep_last=3)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000002", "step_0000003"]
+
+
+@pytest.mark.parametrize("name", ["model.pth", "ema.pth", "trainer.pth"])
+def test_a_step_folder_missing_a_file_is_not_a_checkpoint(tmp_path, name):
+    for step in (1, 2):
+        state.save_checkpoint(tmp_path, step, tiny_state(step), tiny_state(-step), {"optimizer": {}}, keep_last=3)
+    (tmp_path / "checkpoints/step_0000002" / name).unlink()
+    assert [p.name for p in state.list_checkpoints(tmp_path)] == ["step_0000001"]
 
 
 @pytest.mark.parametrize("name", ["model.pth", "ema.pth", "trainer.pth"])

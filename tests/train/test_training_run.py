@@ -156,6 +156,32 @@ def test_non_finite_loss_stops_without_touching_the_weights(root, monkeypatch):
     assert all(torch.equal(before[k], v) for k, v in run.student.state_dict().items())
 
 
+def test_corrupt_training_image_advice_matches_the_run_folder(root, monkeypatch):
+    """Before any checkpoint the advice is to run the command again (--resume would find nothing),
+    after one (saved on the way out) to continue with --resume."""
+    from bimacosr.train import state
+    from bimacosr.train import trainer as trainer_module
+    from bimacosr.train.batches import TrainingDataError
+
+    monkeypatch.chdir(root)
+    data = root / "data/smoke/train_unreadable"
+    shutil.copytree(root / "data/smoke/train", data, dirs_exist_ok=True)
+    for image in data.iterdir():
+        image.write_bytes(image.read_bytes()[:200])
+    cfg = config(root, "unreadable", **{"data.train.params.dir_paths": [str(data)], "train.num_workers": 0})
+    run_dir = root / "unreadable_run"
+    run = trainer_module.Trainer(trainer_module.TrainOptions(cfg_path=cfg, save_dir=run_dir),
+                                 trainer_module.Dist(0, 1, torch.device("cpu")))
+    fresh = r"remove it, then run the same command again \(no checkpoint was saved yet, so without --resume\)$"
+    with pytest.raises(TrainingDataError, match=fresh):
+        run._next_batch(iter(run._loader()))
+    assert state.list_checkpoints(run_dir) == []
+    run.step = 1  # a step trained since the last checkpoint: saved before the error
+    with pytest.raises(TrainingDataError, match="replace or remove it, then continue with --resume$"):
+        run._next_batch(iter(run._loader()))
+    assert [p.name for p in state.list_checkpoints(run_dir)] == ["step_0000001"]
+
+
 def malformed(root):
     path = root / "malformed.yaml"
     path.write_text(f"_base_: {SMOKE}\ntrain:\n  iterations: [1, 2\n")

@@ -4,22 +4,30 @@ The C++ source is compiled on first use with ``torch.utils.cpp_extension.load`` 
 -march=native``; g++ and ninja needed) into ``$BIMACOSR_KERNEL_DIR`` or
 ``~/.cache/bimacosr/kernels/<tag>``, where the tag hashes the source, the torch version and this
 CPU's flags, so a build is reused by later processes and never run on a CPU it was not built for.
-When the build fails (no compiler, no ninja, a compile error) or ``BIMACOSR_KERNEL=off``, the deploy
-layers run the stock PyTorch path (``torch._int_mm`` per tap, layers.py) instead. Either way one
-line on stderr, printed once per process, says which path runs.
+Each build records the size and sha256 of the library it produced beside it (``<library>.json``);
+a later process loads a library only when it matches that record, directly (no lock: a read-only
+cache works), and otherwise builds afresh in the next folder ``<tag>_1``, ``<tag>_2``, ... (a
+truncated library crashed every process with a bus error). When the build fails (no compiler, no
+ninja, a compile error) or ``BIMACOSR_KERNEL=off``, the deploy layers run the stock PyTorch path
+(``torch._int_mm`` per tap, layers.py) instead. Either way one line on stderr, printed once per
+process, says which path runs.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from bimacosr.atomic import atomic_write_text
 from bimacosr.cpu import cpu_flags
 
 __all__ = ["ENV", "LANES", "available", "binary_conv", "build_dir", "pack_lowrank", "pack_sparse",
@@ -30,7 +38,7 @@ ENV = "BIMACOSR_KERNEL"
 SOURCE = Path(__file__).with_name("binary.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]  # -fopenmp: at::parallel_for is OpenMP in the headers
 
-_state: dict[str, object] = {}  # "ok": bool, "reason": str (why not), "line": the notice
+_state: dict[str, object] = {}  # "ok": bool, "reason": str (why not), "folder", "passed_over", "line": the notice
 
 
 def build_dir() -> Path:
@@ -41,8 +49,41 @@ def build_dir() -> Path:
     return Path(root) / tag
 
 
-def _build() -> None:
-    """Compile (or reuse) and load the extension: registers ``torch.ops.bimacosr.binary_conv``."""
+def _library(folder: Path) -> Path:
+    """The library a build in ``folder`` produces (``cpp_extension`` names it after the extension)."""
+    return folder / f"bimacosr_binary_{folder.name}.so"
+
+
+def _record(library: Path) -> Path:
+    """The record of what the build produced, beside the library."""
+    return library.with_name(library.name + ".json")
+
+
+def _fingerprint(library: Path) -> dict[str, object]:
+    """What a build records of its library: size in bytes and sha256."""
+    return {"size": library.stat().st_size, "sha256": hashlib.sha256(library.read_bytes()).hexdigest()}
+
+
+def _damage(folder: Path) -> str | None:
+    """Why the build in ``folder`` must not be loaded: its library is not what the build recorded
+    (truncated, overwritten, gone). None when it matches, or when there is no record yet (never
+    built, or built before records were kept: cpp_extension's up-to-date check decides)."""
+    library = _library(folder)
+    if not _record(library).exists():
+        return None
+    try:
+        recorded = json.loads(_record(library).read_text())
+        found = _fingerprint(library)
+    except (OSError, ValueError) as err:
+        return f"{library}: {err}"
+    if found == recorded:
+        return None
+    what = "size" if found["size"] != recorded.get("size") else "sha256"
+    return f"{library} has {what} {found[what]}, its build recorded {recorded.get(what)}"
+
+
+def _compile(folder: Path) -> None:
+    """Compile (or let ninja reuse) the extension in ``folder``, load it, and record the library."""
     quiet = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found" on import
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -50,11 +91,38 @@ def _build() -> None:
         from torch.utils.cpp_extension import load
     finally:
         quiet.setLevel(level)
-    folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     load(name=f"bimacosr_binary_{folder.name}", sources=[str(SOURCE)], extra_cflags=FLAGS,
          extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False,
          verbose=False)
+    library = _library(folder)
+    atomic_write_text(_record(library), json.dumps(_fingerprint(library)) + "\n")
+
+
+def _folders(first: Path) -> Iterator[Path]:
+    """Build folders in the order they are tried: ``first``, then ``<first>_1``, ``<first>_2``, ..."""
+    yield first
+    for n in itertools.count(1):
+        yield first.with_name(f"{first.name}_{n}")
+
+
+def _build() -> tuple[Path, str]:
+    """Load the library of the first folder of :func:`_folders` whose build is not damaged
+    (:func:`_damage`): as it is when it matches its record (no lock, nothing written: a read-only
+    cache works), else through :func:`_compile`; a damaged one is passed over, never loaded.
+    Registers ``torch.ops.bimacosr.binary_conv``; returns the folder and why earlier builds were
+    passed over."""
+    folders, passed_over = _folders(build_dir()), []
+    folder = next(folders)
+    while (problem := _damage(folder)) is not None:
+        passed_over.append(problem)
+        folder = next(folders)
+    library = _library(folder)
+    if _record(library).exists():  # and the library matches it
+        torch.ops.load_library(str(library))
+    else:
+        _compile(folder)
+    return folder, "; ".join(passed_over)
 
 
 def _load() -> None:
@@ -66,15 +134,16 @@ def _load() -> None:
     else:
         start = time.perf_counter()
         try:
-            _build()
-            _state.update(ok=True, reason="")
+            folder, passed_over = _build()
+            _state.update(ok=True, reason="", folder=folder, passed_over=passed_over)
         except Exception as err:  # noqa: BLE001 -- any build failure means: use the stock path
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             _state.update(ok=False, reason=f"{type(err).__name__}: {first[:200]}")
         took = time.perf_counter() - start
     if _state["ok"]:
+        rebuilt = f"; not loaded: {_state['passed_over']}" if _state["passed_over"] else ""
         line = (f"bimacosr: deploy layers run the fused 1-bit CPU kernel ({torch.ops.bimacosr.path()}; "
-                f"ready in {took:.1f} s, built in {build_dir()})")
+                f"ready in {took:.1f} s, built in {_state['folder']}{rebuilt})")
     else:
         line = (f"bimacosr: fused 1-bit kernel unavailable ({_state['reason']}); deploy layers run "
                 f"the stock PyTorch int8 path")
