@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from bimacosr.atomic import atomic_write_text
+from bimacosr.device import usable_device
 from bimacosr.imageio import read_image
 from bimacosr.metric_sizes import SIZE_LIMITS
 from bimacosr.metric_weights import MetricFile, metric_hub, prepare
@@ -379,6 +380,10 @@ def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
     unknown = sorted(set(metrics or []) - set(METRICS))
     if unknown:
         raise EvaluationError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
+    try:
+        dev = usable_device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except ValueError as err:
+        raise EvaluationError(str(err)) from None
     gt = Path(gt_dir) if gt_dir is not None else None
     wdir = Path(weights_dir) if weights_dir is not None else None
     if wdir is not None and not wdir.is_dir():
@@ -391,7 +396,6 @@ def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
             if files:
                 print(f"warning: {d}: {len(files)} {side} file(s) without a partner: "
                       f"{', '.join(files)}", file=sys.stderr)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     built, skipped, notes = build_metrics(names, gt is not None, wdir, dev, offline)
     folders = [_score_folder(d, gt, p, built, dev) for d, p in pairings]
     order = {m: i for i, m in enumerate(names)}

@@ -224,3 +224,14 @@ def test_log_name_writes_the_original_log(photos, tmp_path, monkeypatch):
                          f"SSIM: {result.folders[0].scores['ssim']:.4f}")
     assert "log" not in write_results(result, tmp_path / "plain")
 
+
+
+@pytest.mark.parametrize("device, words", [("banana", "not a device name"), ("cuda:99", "CUDA device")])
+def test_bad_device_is_one_line_before_any_work(photos, tmp_path, capsys, device, words):
+    import metric
+
+    assert metric.main(["--inp_imgs", str(photos / "sr_jpeg"), "--log", str(tmp_path / "log"),
+                        "--device", device, "--offline"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --device {device}") and words in err and err.count("\n") == 1
+    assert not (tmp_path / "log").exists()
