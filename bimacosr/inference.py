@@ -303,7 +303,12 @@ def run(opts: InferenceOptions) -> int:
         summary += f"; {len(tally.failed)} failed: " + ", ".join(str(p) for p, _ in tally.failed)
     print(summary + of_rank)
     if opts.ref_path is not None:
-        score(opts, world)
+        try:
+            score(opts, world)
+        except KeyboardInterrupt:
+            tqdm.write(f"interrupted while scoring against --ref_path; the {tally.written + tally.existing} "
+                       f"outputs are complete; score them with metric.py", file=sys.stderr)
+            return INTERRUPTED
     return 1 if tally.failed else 0
 
 
