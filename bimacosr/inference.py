@@ -306,8 +306,9 @@ def run(opts: InferenceOptions) -> int:
         try:
             score(opts, world)
         except KeyboardInterrupt:
-            tqdm.write(f"interrupted while scoring against --ref_path; the {tally.written + tally.existing} "
-                       f"outputs are complete; score them with metric.py", file=sys.stderr)
+            tqdm.write(f"interrupted while scoring against --ref_path; the outputs are complete; score them "
+                       f"with: python metric.py --inp_imgs {opts.out_path} --gt_imgs {opts.ref_path} --log "
+                       f"{opts.out_path / 'metrics'}", file=sys.stderr)
             return INTERRUPTED
     return 1 if tally.failed else 0
 

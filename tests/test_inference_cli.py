@@ -203,3 +203,25 @@ def test_ctrl_c_is_one_line_and_leaves_only_whole_images(workdir, tmp_path):
     written = sorted(out.iterdir())  # no temp file, no partial image
     assert written and not [p.name for p in written if p.name.startswith(".")]
     assert all(read_image(path).rgb.shape[-2:] == (192, 160) for path in written)
+
+
+def test_ctrl_c_while_scoring_is_one_line(smoke_assets, tmp_path, monkeypatch, capsys):
+    import inference_quant
+    from bimacosr import inference
+
+    root = smoke_assets.copy_to(tmp_path)
+    monkeypatch.chdir(root)
+    (root / "lr").mkdir()
+    Image.fromarray(photo("astronaut")[:16, :16]).save(root / "lr" / "a.png")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference, "score", interrupted)
+    args = ["-i", "lr", "-o", "out", "--config", str(REPO / "configs/smoke.yaml"),
+            "--ckpt", str(smoke_assets.weights["student"]), "--ref_path", "lr"]
+    assert inference.run(inference_quant.parse_args(args)) == 130
+    assert (root / "out" / "a.png").is_file()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "interrupted while scoring against --ref_path; the outputs are complete; score them with: "
+        "python metric.py --inp_imgs out --gt_imgs lr --log out/metrics")
