@@ -29,7 +29,7 @@ from bimacosr.models import build_denoiser, denoiser_skeleton, is_binarized, spl
 from bimacosr.models.autoencoder import VQAutoencoder
 from bimacosr.pipeline import SRPipeline
 from bimacosr.quant import binarize
-from bimacosr.weights import resolve_weight
+from bimacosr.weights import resolve_weight, resolve_weights
 
 __all__ = ["INFERENCE_KEYS", "Precision", "PRECISIONS", "InferenceFiles", "build_autoencoder",
            "build_denoiser_from_config", "build_inference_denoiser", "build_pipeline", "build_schedule",
@@ -177,17 +177,16 @@ def inference_files(cfg: DictConfig, ckpt: str | os.PathLike | None,
     raise ``MissingWeightsError`` / ``ConfigError`` naming the absolute path tried -- in
     milliseconds, before any model is built."""
     require(cfg, *INFERENCE_KEYS)
-    if deploy is not None:
-        files = {"deploy": resolve_weight(deploy, what="deploy file (--deploy)")}
-        if deploy_params(files["deploy"]) != to_plain(cfg.model.params):
-            raise ConfigError(f"--deploy {files['deploy']} was exported from other model.params than the "
-                              f"config's; re-export it with scripts/export_deploy.py --config <this config>")
-    else:
-        if ckpt is None:
-            raise ConfigError("no denoiser weights: give --ckpt (a BiMaCoSR checkpoint) or --deploy")
-        files = {"ckpt": resolve_weight(ckpt, what="denoiser checkpoint (--ckpt)")}
-    return InferenceFiles(resolve_weight(cfg.autoencoder.ckpt_path, what="autoencoder (autoencoder.ckpt_path)"),
-                          **files)
+    if deploy is None and ckpt is None:
+        raise ConfigError("no denoiser weights: give --ckpt (a BiMaCoSR checkpoint) or --deploy")
+    role, what, path = (("deploy", "deploy file (--deploy)", deploy) if deploy is not None
+                        else ("ckpt", "denoiser checkpoint (--ckpt)", ckpt))
+    autoencoder = "autoencoder (autoencoder.ckpt_path)"
+    found = resolve_weights({what: path, autoencoder: cfg.autoencoder.ckpt_path})  # every missing file at once
+    if deploy is not None and deploy_params(found[what]) != to_plain(cfg.model.params):
+        raise ConfigError(f"--deploy {found[what]} was exported from other model.params than the "
+                          f"config's; re-export it with scripts/export_deploy.py --config <this config>")
+    return InferenceFiles(found[autoencoder], **{role: found[what]})
 
 
 def build_inference_denoiser(cfg: DictConfig, files: InferenceFiles) -> nn.Module:

@@ -30,7 +30,7 @@ from bimacosr.config import REPO_ROOT
 
 __all__ = ["WeightFile", "RELEASED", "TARGETS", "WEIGHTS_DIR", "LOCK_NAME", "WeightsError",
            "MissingWeightsError", "DownloadError", "VerifyError", "Fetched", "get", "expand_targets",
-           "kind_problem", "resolve_weight", "download", "fetch", "fetch_command", "read_lock"]
+           "kind_problem", "resolve_weight", "resolve_weights", "download", "fetch", "fetch_command", "read_lock"]
 
 WEIGHTS_DIR = REPO_ROOT / "weights"
 LOCK_NAME = "weights.lock.json"
@@ -161,11 +161,13 @@ def expand_targets(names: list[str]) -> list[str]:
     return list(dict.fromkeys(files))
 
 
-def fetch_command(entry: WeightFile, dest_dir: Path | None = None) -> str:
-    """The download_weights.py command line that puts ``entry`` into ``dest_dir`` (default: its home)."""
-    same = dest_dir is None or Path(dest_dir).absolute() == entry.folder.absolute()
+def fetch_command(entries: WeightFile | list[WeightFile], dest_dir: Path | None = None) -> str:
+    """The download_weights.py command line that puts ``entries`` (of one home folder) into
+    ``dest_dir`` (default: their home)."""
+    entries = [entries] if isinstance(entries, WeightFile) else entries
+    same = dest_dir is None or Path(dest_dir).absolute() == entries[0].folder.absolute()
     dest = "" if same else f" --dest {shlex.quote(str(dest_dir))}"
-    return f"python scripts/download_weights.py {shlex.quote(entry.name)}{dest}"
+    return f"python scripts/download_weights.py {' '.join(shlex.quote(e.name) for e in entries)}{dest}"
 
 
 def resolve_weight(path_or_name: str | os.PathLike, *, what: str) -> Path:
@@ -195,6 +197,31 @@ def resolve_weight(path_or_name: str | os.PathLike, *, what: str) -> Path:
     else:
         lines.append(f"  not a released file name ({', '.join(RELEASED)}); check the path")
     raise MissingWeightsError("\n".join(lines), path, entry)
+
+
+def resolve_weights(wanted: dict[str, str | os.PathLike]) -> dict[str, Path]:
+    """:func:`resolve_weight` for each ``{what: path}``; when several are missing, one
+    ``MissingWeightsError`` lists them all, with one command that fetches every released one."""
+    found, missing = {}, []
+    for what, path in wanted.items():
+        try:
+            found[what] = resolve_weight(path, what=what)
+        except MissingWeightsError as err:
+            missing.append(err)
+    if len(missing) == 1:
+        raise missing[0]
+    if missing:
+        lines = [f"{len(missing)} weight files not found:"]
+        for err in missing:
+            about = f": {err.entry.what}, from {err.entry.source}" if err.entry is not None else ""
+            lines.append(f"  {err}".splitlines()[0].replace(": weight file not found: ", " -> ") + about)
+        by_folder: dict[Path, list[WeightFile]] = {}
+        for err in missing:
+            if err.entry is not None:
+                by_folder.setdefault(err.path.parent, []).append(err.entry)
+        lines += [f"fetch them with:  {fetch_command(entries, folder)}" for folder, entries in by_folder.items()]
+        raise MissingWeightsError("\n".join(lines), missing[0].path, missing[0].entry)
+    return found
 
 
 def _bar(desc: str, total: int | None, progress: bool) -> tqdm:

@@ -285,3 +285,19 @@ def test_script_list_resolves_against_the_repository(tmp_path):
     assert "LPIPS_v0.1_alex-df73285e.pth" in lines and "RN50.pt" in lines  # and the metric files
     assert weights.RELEASED["autoencoder_vq_f4.pth"].urls[0] in result.stdout
     assert "inference = autoencoder_vq_f4.pth + BiMaCoSR.pth" in result.stdout
+
+
+def test_every_missing_file_of_a_run_in_one_error(tmp_path, monkeypatch, smoke_config):
+    from omegaconf import OmegaConf
+
+    from bimacosr.build import inference_files
+
+    monkeypatch.chdir(tmp_path)
+    cfg = OmegaConf.merge(smoke_config, {"autoencoder": {"ckpt_path": "w/autoencoder_vq_f4.pth"}})
+    with pytest.raises(MissingWeightsError) as info:
+        inference_files(cfg, "w/BiMaCoSR.pth")
+    lines = str(info.value).splitlines()
+    assert lines[0] == "2 weight files not found:"
+    assert lines[1].startswith(f"  denoiser checkpoint (--ckpt) -> {tmp_path / 'w/BiMaCoSR.pth'}: BiMaCoSR")
+    assert lines[2].startswith(f"  autoencoder (autoencoder.ckpt_path) -> {tmp_path / 'w/autoencoder_vq_f4.pth'}")
+    assert lines[3:] == ["fetch them with:  python scripts/download_weights.py BiMaCoSR.pth autoencoder_vq_f4.pth --dest w"]
