@@ -41,12 +41,15 @@ def parse_args(argv: list[str] | None = None) -> InferenceOptions:
     add("--deploy", type=Path, help="packed 1-bit file from scripts/export_deploy.py (used instead of --ckpt)")
     add("--task", help="the original's task name; this model does real-world x4 SR")
     add("--scale", type=int, help="SR factor (must match the config)")
+    add("-s", "--outscale", type=float, help="final scale as Real-ESRGAN's -s: SR x4, then an antialiased "
+                                             "bicubic resize to this factor of the input, e.g. 2 or 3.5")
     add("--seed", type=int, help="noise seed (same noise for every image)")
     add("--one_step", type=str2bool, help="one-step sampling (false: multi-step)")
     add("--ddim", type=str2bool, help="multi-step: DDIM instead of ancestral")
     add("--steps", type=int, help="diffusion steps of the schedule (default: the config's)")
     add("--infer_steps", type=int, help="multi-step sampling steps (respacing; default: all)")
-    add("--chop_size", type=int, help="tile size in LR pixels (raised to the model's minimum, 64)")
+    add("-t", "--tile", "--chop_size", dest="chop_size", type=int,
+        help="tile size in LR pixels (raised to the model's minimum, 64); -t/--tile as in Real-ESRGAN")
     add("--chop_stride", type=int, help="tile stride in LR pixels (default 7/8 of the tile)")
     add("--blend", choices=("average", "gaussian"), help="tile blending: average = the original's, gaussian = seam-free")
     add("--tile_batch", type=int, help="tiles sampled together (faster, other noise)")

@@ -46,6 +46,7 @@ class InferenceOptions:
     ckpt: Path = REPO_ROOT / "weights" / "BiMaCoSR.pth"
     task: str = "BiMaCoSR"
     scale: int = 4
+    outscale: float | None = None
     seed: int = 12345
     steps: int | None = None
     infer_steps: int | None = None
@@ -129,6 +130,7 @@ def check_options(opts: InferenceOptions) -> None:
               ("--chop_stride", opts.chop_stride, opts.chop_stride is None or 1 <= opts.chop_stride <= opts.chop_size,
                f"in 1..--chop_size ({opts.chop_size})"),
               ("--tile_batch", opts.tile_batch, opts.tile_batch >= 1, ">= 1"),
+              ("--outscale", opts.outscale, opts.outscale is None or 0 < opts.outscale <= 16, "in (0, 16]"),
               ("--steps", opts.steps, opts.steps is None or opts.steps >= 1, ">= 1"),
               ("--infer_steps", opts.infer_steps, opts.infer_steps is None or opts.infer_steps >= 1, ">= 1")]
     for flag, value, ok, valid in checks:
@@ -182,6 +184,17 @@ def upscale_image(pipe: SRPipeline, image: LoadedImage, opts: InferenceOptions) 
     if image.alpha is not None:  # alpha is not a photo: upscaled separately, bicubic
         alpha = F.interpolate(image.alpha, scale_factor=pipe.sf, mode="bicubic").clamp(0, 1)
     return sr, alpha
+
+
+def to_outscale(image: torch.Tensor | None, outscale: float | None, lr_size: tuple[int, int]) -> torch.Tensor | None:
+    """``--outscale``: the x4 output ``[1, C, 4h, 4w]`` resized (antialiased bicubic) to
+    ``int(outscale * h) x int(outscale * w)``, as Real-ESRGAN's ``-s``; unchanged without it."""
+    if image is None or outscale is None:
+        return image
+    size = (max(1, int(lr_size[0] * outscale)), max(1, int(lr_size[1] * outscale)))
+    if tuple(image.shape[-2:]) == size:
+        return image
+    return F.interpolate(image, size=size, mode="bicubic", antialias=True).clamp(0, 1)
 
 
 @dataclass
@@ -269,7 +282,9 @@ def process_images(pipe: SRPipeline, paths: list[Path], targets: dict[Path, Path
             tqdm.write(f"note: {path} has {image.frames} frames; only the first is super-resolved")
         bar.set_postfix_str(f"{path.name} {image.rgb.shape[-1]}x{image.rgb.shape[-2]}")
         sr, alpha = upscale_image(pipe, image, opts)
-        write_image(target, sr, alpha=alpha, mode=image.mode, bit_depth=image.bit_depth)
+        lr_size = tuple(image.rgb.shape[-2:])
+        write_image(target, to_outscale(sr, opts.outscale, lr_size), alpha=to_outscale(alpha, opts.outscale, lr_size),
+                    mode=image.mode, bit_depth=image.bit_depth)
         if opts.compare:
             save_compare(target.with_name(f"{target.stem}{COMPARE_SUFFIX}.png"), image.rgb, sr)
         tally.written += 1
@@ -287,18 +302,26 @@ def run(opts: InferenceOptions) -> int:
     pipe_plan = plan(opts)
     check_writable(opts.out_path)
     mine, tally, of_rank = inputs[rank::world], Tally(), f" [rank {rank}]" if world > 1 else ""
+    todo = [p for p in mine if not (opts.skip_existing and targets[p].exists())]  # decided before loading
+    tally.existing, tic = len(mine) - len(todo), time.perf_counter()
     try:
-        pipe = load(opts, pipe_plan)
-        opts.chop_size = tile_size(opts, pipe)
-        opts.chop_stride = None if opts.chop_stride is None else min(opts.chop_stride, opts.chop_size)
-        process_images(pipe, mine, targets, opts, tally,
-                       desc=f"SR x{pipe.sf}" + (f" [rank {rank}/{world}]" if world > 1 else ""))
+        if todo:
+            pipe = load(opts, pipe_plan)
+            opts.chop_size = tile_size(opts, pipe)
+            opts.chop_stride = None if opts.chop_stride is None else min(opts.chop_stride, opts.chop_size)
+            tic = time.perf_counter()
+            process_images(pipe, todo, targets, opts, tally,
+                           desc=f"SR x{pipe.sf}" + (f" [rank {rank}/{world}]" if world > 1 else ""))
     except KeyboardInterrupt:
         tqdm.write(f"interrupted after {tally.finished} of {len(mine)} images; rerun with --skip_existing"
                    f"{of_rank}", file=sys.stderr)
         return INTERRUPTED
+    seconds = time.perf_counter() - tic
     summary = f"{tally.written} image(s) written to {opts.out_path}"
-    summary += f", {tally.existing} already there" if tally.existing else ""
+    if tally.written:
+        summary += f" in {seconds:.1f} s ({seconds / tally.written:.1f} s/image)"
+    if tally.existing:
+        summary += f", {tally.existing} already there" + ("" if todo else " (nothing to do: no model loaded)")
     if tally.failed:
         summary += f"; {len(tally.failed)} failed: " + ", ".join(str(p) for p, _ in tally.failed)
     print(summary + of_rank)

@@ -213,7 +213,8 @@ def resolve_weights(wanted: dict[str, str | os.PathLike]) -> dict[str, Path]:
     if missing:
         lines = [f"{len(missing)} weight files not found:"]
         for err in missing:
-            about = f": {err.entry.what}, from {err.entry.source}" if err.entry is not None else ""
+            about = (f": {err.entry.what}, from {err.entry.source}" if err.entry is not None
+                     else ": not a released file name; check the path")
             lines.append(f"  {err}".splitlines()[0].replace(": weight file not found: ", " -> ") + about)
         by_folder: dict[Path, list[WeightFile]] = {}
         for err in missing:

@@ -216,3 +216,37 @@ def test_errors_are_one_line_from_any_folder(tmp_path, lr_dir):
         if "weights" not in expected:
             assert len(lines) == 1, result.stderr
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_real_esrgan_tile_and_outscale_flags():
+    base = ["-i", "a.png", "-o", "out"]
+    assert inference_quant.parse_args(base + ["-t", "96"]).chop_size == 96
+    assert inference_quant.parse_args(base + ["--tile", "80"]).chop_size == 80
+    assert inference_quant.parse_args(base + ["-s", "2.5"]).outscale == 2.5
+    assert inference_quant.parse_args(base).outscale is None
+    from bimacosr.inference import check_options, to_outscale
+
+    sr = torch.rand(1, 3, 64, 48)
+    assert to_outscale(sr, None, (16, 12)) is sr and to_outscale(sr, 4.0, (16, 12)) is sr
+    half = to_outscale(sr, 2, (16, 12))
+    assert half.shape == (1, 3, 32, 24) and 0 <= half.min() and half.max() <= 1
+    assert to_outscale(sr, 3.5, (16, 12)).shape == (1, 3, 56, 42)  # int(3.5 * side), as Real-ESRGAN
+    with pytest.raises(ValueError, match="--outscale 0.0 is out of range"):
+        check_options(inference_quant.parse_args(base + ["-s", "0"]))
+
+
+def test_skip_existing_is_decided_before_loading(smoke_assets, tmp_path, monkeypatch, capsys):
+    from bimacosr import inference
+
+    root = smoke_assets.copy_to(tmp_path)
+    monkeypatch.chdir(root)
+    (root / "lr").mkdir()
+    (root / "out").mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8)).save(root / "lr" / f"{name}.png")
+        Image.new("RGB", (32, 32)).save(root / "out" / f"{name}.png")
+    monkeypatch.setattr(inference, "load", lambda *args: pytest.fail("the model was loaded"))
+    args = ["-i", "lr", "-o", "out", "--config", str(SMOKE), "--ckpt", str(smoke_assets.weights["student"]),
+            "--skip_existing"]
+    assert run(inference_quant.parse_args(args)) == 0
+    assert capsys.readouterr().out.strip() == "0 image(s) written to out, 2 already there (nothing to do: no model loaded)"
