@@ -2,6 +2,7 @@
 
     python inference_quant.py -i examples/ -o results/
     python inference_quant.py -i photo.jpg -o results/ --suffix out --compare --ref_path gt/
+    python inference_quant.py -i examples/ -o results/smoke --smoke    # no weights needed: tiny random ones
     torchrun --nproc_per_node=4 inference_quant.py -i big_set/ -o results/     # files split over 4 GPUs
 
 Flags of the original (--task, --steps, --infer_steps, --ref_path, ...) are accepted; README.md
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> InferenceOptions:
     p.add_argument("--skip_existing", action="store_true", help="skip images whose output exists (resume)")
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    p.add_argument("--smoke", action="store_true",
+                   help="try it without the released weights: tiny random weights (configs/smoke.yaml), noise out")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return InferenceOptions(**vars(p.parse_args(argv)))
 

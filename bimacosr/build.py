@@ -9,6 +9,7 @@ SVD/top-k init of weights that the file overwrites).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bimacosr.checkpoint import load_state_dict_into, read_state_dict
-from bimacosr.config import ConfigError, load_config, require, to_plain
+from bimacosr.config import REPO_ROOT, ConfigError, load_config, require, to_plain
 from bimacosr.cpu import native_bf16
 from bimacosr.deploy import ExportInfo, deploy_params, export_deploy, load_deploy
 from bimacosr.device import usable_device
@@ -29,7 +30,7 @@ from bimacosr.models import build_denoiser, denoiser_skeleton, is_binarized, spl
 from bimacosr.models.autoencoder import VQAutoencoder
 from bimacosr.pipeline import SRPipeline
 from bimacosr.quant import binarize
-from bimacosr.weights import resolve_weight, resolve_weights
+from bimacosr.weights import MissingWeightsError, resolve_weight, resolve_weights
 
 __all__ = ["INFERENCE_KEYS", "Precision", "PRECISIONS", "InferenceFiles", "build_autoencoder",
            "build_denoiser_from_config", "build_inference_denoiser", "build_pipeline", "build_schedule",
@@ -181,12 +182,25 @@ def inference_files(cfg: DictConfig, ckpt: str | os.PathLike | None,
         raise ConfigError("no denoiser weights: give --ckpt (a BiMaCoSR checkpoint) or --deploy")
     role, what, path = (("deploy", "deploy file (--deploy)", deploy) if deploy is not None
                         else ("ckpt", "denoiser checkpoint (--ckpt)", ckpt))
+    if deploy is not None:  # a deploy file of another config: its config also names other files
+        with contextlib.suppress(MissingWeightsError):
+            _check_deploy_config(resolve_weight(deploy, what=what), cfg)
     autoencoder = "autoencoder (autoencoder.ckpt_path)"
     found = resolve_weights({what: path, autoencoder: cfg.autoencoder.ckpt_path})  # every missing file at once
-    if deploy is not None and deploy_params(found[what]) != to_plain(cfg.model.params):
-        raise ConfigError(f"--deploy {found[what]} was exported from other model.params than the "
-                          f"config's; re-export it with scripts/export_deploy.py --config <this config>")
     return InferenceFiles(found[autoencoder], **{role: found[what]})
+
+
+def _check_deploy_config(path: Path, cfg: DictConfig) -> None:
+    """``ConfigError`` when the deploy file was exported from other ``model.params`` than ``cfg``'s,
+    naming the repository config that matches it, if one does."""
+    exported = deploy_params(path)
+    if exported == to_plain(cfg.model.params):
+        return
+    same = [p for p in sorted((REPO_ROOT / "configs").glob("*.yaml"))
+            if to_plain(load_config(p).model.get("params", {})) == exported]
+    fix = (f"pass the config it was exported with: --config {same[0].relative_to(REPO_ROOT)}" if same else
+           "pass the config it was exported with, or re-export it with scripts/export_deploy.py --config <this config>")
+    raise ConfigError(f"--deploy {path} was exported from other model.params than the config's; {fix}")
 
 
 def build_inference_denoiser(cfg: DictConfig, files: InferenceFiles) -> nn.Module:

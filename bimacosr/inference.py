@@ -30,6 +30,7 @@ from bimacosr.imageio import (GIF_EXTENSIONS, SAVE_EXTENSIONS, ImageReadError, L
                               read_image, write_image)
 from bimacosr.pairing import COMPARE_SUFFIX, suffix_part
 from bimacosr.pipeline import SRPipeline
+from bimacosr.smoke import smoke_inference
 from bimacosr.visualize import save_compare
 
 TASKS = ("sinsr", "bimacosr", "realsr", "realsrx4")
@@ -68,6 +69,7 @@ class InferenceOptions:
     channels_last: bool = False
     compile: bool = False
     debug: bool = False
+    smoke: bool = False
 
 
 def default(name: str):
@@ -210,7 +212,14 @@ class Plan:
 
 def plan(opts: InferenceOptions) -> Plan:
     """Config, flags and files: every problem knowable up front raises here, in milliseconds."""
-    cfg = load_config(opts.config)
+    ckpt = opts.ckpt
+    if opts.smoke:
+        if opts.deploy is not None:
+            raise ValueError("--smoke runs its own tiny random weights: leave --deploy out")
+        cfg, ckpt = smoke_inference()
+        print(f"smoke mode: tiny random weights ({ckpt.parent}), the outputs are noise", flush=True)
+    else:
+        cfg = load_config(opts.config)
     require(cfg, *build.INFERENCE_KEYS, source=f"config {opts.config}")
     sf = build.scale_factor(cfg)
     if opts.scale != sf:
@@ -219,7 +228,7 @@ def plan(opts: InferenceOptions) -> Plan:
     device = build.pick_device(opts.device)
     precision = "fp32" if opts.fp32 else opts.precision
     build.resolve_precision(precision, device, cfg)  # e.g. fp16 without CUDA
-    return Plan(cfg, build.inference_files(cfg, opts.ckpt, opts.deploy), device, sampler, precision)
+    return Plan(cfg, build.inference_files(cfg, ckpt, opts.deploy), device, sampler, precision)
 
 
 def load(opts: InferenceOptions, p: Plan) -> SRPipeline:

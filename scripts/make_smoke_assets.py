@@ -21,3 +21,8 @@ if __name__ == "__main__":
     weights = write_smoke_assets(load_config(args.config), args.root, n_train=args.n_train)
     for role, path in weights.items():
         print(f"{role:12s} {path}")
+    config = args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config
+    print("next, from the repository folder (tiny random weights: the pictures are noise):\n"
+          f"  python inference_quant.py -i examples -o results/smoke --config {config} --ckpt {weights['student']}\n"
+          "  torchrun --standalone --nproc_per_node=2 main_distill.py --cfg_path configs/smoke.yaml --save_dir experiments/smoke\n"
+          "  python app.py --smoke")

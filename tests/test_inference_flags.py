@@ -250,3 +250,27 @@ def test_skip_existing_is_decided_before_loading(smoke_assets, tmp_path, monkeyp
             "--skip_existing"]
     assert run(inference_quant.parse_args(args)) == 0
     assert capsys.readouterr().out.strip() == "0 image(s) written to out, 2 already there (nothing to do: no model loaded)"
+
+
+@pytest.mark.slow  # writes the tiny assets (~15 s on 2 cores)
+def test_smoke_runs_without_the_released_weights(tmp_path, monkeypatch, capsys):
+    from bimacosr import inference
+    from bimacosr.smoke import smoke_inference
+
+    monkeypatch.setattr(inference, "smoke_inference", lambda: smoke_inference(tmp_path / "cache"))
+    Image.fromarray(np.full((12, 16, 3), 128, np.uint8)).save(tmp_path / "a.png")
+    args = ["-i", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--smoke", "--chop_size", "64"]
+    assert run(inference_quant.parse_args(args)) == 0
+    assert read_image(tmp_path / "out" / "a.png").rgb.shape == (1, 3, 48, 64)
+    assert "smoke mode: tiny random weights" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="leave --deploy out"):
+        run(inference_quant.parse_args(args + ["--deploy", "x.safetensors"]))
+
+
+def test_deploy_file_of_another_config_names_that_config(tmp_path, smoke_config, tiny_bimaco_denoiser):
+    from bimacosr.config import load_config
+    from bimacosr.deploy import export_deploy
+
+    export_deploy(tiny_bimaco_denoiser, build.plain_params(smoke_config), tmp_path / "d.safetensors")
+    with pytest.raises(ConfigError, match="pass the config it was exported with: --config configs/smoke.yaml"):
+        build.inference_files(load_config(DEFAULT_CONFIG), None, tmp_path / "d.safetensors")
