@@ -10,6 +10,7 @@ that one table; nothing else in the package calls ``cfg.get(key, default)``.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 __all__ = ["ConfigError", "DEFAULTS", "OPEN", "load_config", "require", "to_plain", "REPO_ROOT",
-           "DEFAULT_CONFIG"]
+           "DEFAULT_CONFIG", "resolve_config_path", "PATH_RULE"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 """The repository root: where ``configs/``, ``weights/`` and ``examples/`` live."""
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "BiMaCoSR.yaml"
 BASE_KEY = "_base_"
+PATH_RULE = f"relative paths are tried from the working folder, then from the repository {REPO_ROOT}"
+"""The one rule for relative paths in configs, in words (error messages quote it)."""
 
 
 class ConfigError(ValueError):
@@ -163,11 +166,12 @@ def _fill(table: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path) -> DictConfig:
-    """Read, merge over ``_base_``, validate and complete a YAML config (see module docstring).
+    """Read, merge over ``_base_``, validate and complete a YAML config (see module docstring);
+    a relative ``path`` follows :func:`resolve_config_path`.
 
     Raises ``ConfigError`` (one line naming the file, the key or YAML line, and the fix).
     """
-    path = Path(path)
+    path = resolve_config_path(path)
     cfg = _read(path)
     _check(cfg, DEFAULTS, "", path)
     return OmegaConf.merge(OmegaConf.create(_fill(DEFAULTS)), cfg)
@@ -190,3 +194,16 @@ def to_plain(node: Any) -> Any:
     if isinstance(node, (list, tuple)):
         return [to_plain(v) for v in node]
     return node
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """The one rule for a relative path in a config (weights, data folders, file lists), the same
+    for training, inference and the scripts: relative to the working folder when it exists there,
+    else relative to the repository root when it exists there (``configs/*.yaml`` name
+    ``weights/...`` and ``data/...`` of this repository, so any working folder works), else the path
+    as given, for the caller to report missing (quoting :data:`PATH_RULE`). Absolute paths are
+    returned as they are. (A config's ``_base_`` is relative to the config file itself.)"""
+    path = Path(path)
+    if path.is_absolute() or path.exists() or not (REPO_ROOT / path).exists():
+        return path
+    return REPO_ROOT / path

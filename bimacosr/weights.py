@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bimacosr.atomic import atomic_write_text, temp_path
-from bimacosr.config import REPO_ROOT
+from bimacosr.config import REPO_ROOT, resolve_config_path
 
 __all__ = ["WeightFile", "RELEASED", "TARGETS", "WEIGHTS_DIR", "LOCK_NAME", "WeightsError",
            "MissingWeightsError", "DownloadError", "VerifyError", "Fetched", "get", "expand_targets",
@@ -174,15 +174,15 @@ def resolve_weight(path_or_name: str | os.PathLike, *, what: str) -> Path:
     """Return the path when the file exists, else raise ``MissingWeightsError``.
 
     A bare released name (``SinSR_v1.pth``) not in the working directory means
-    ``<repo>/weights/<name>``; a relative path not found from the working directory is tried
-    from the repository root (config paths like ``weights/x.pth`` work from any folder). ``what``
-    names the role in the message, e.g. ``"autoencoder (autoencoder.ckpt_path)"``.
+    ``<repo>/weights/<name>``; other relative paths follow ``config.resolve_config_path`` (the
+    working folder, then the repository root: config paths like ``weights/x.pth`` work from any
+    folder). ``what`` names the role in the message, e.g. ``"autoencoder (autoencoder.ckpt_path)"``.
     """
     path = Path(path_or_name)
     if not path.is_file() and path.name in RELEASED and path.parent == Path("."):
         path = WEIGHTS_DIR / path.name
-    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
-        path = REPO_ROOT / path  # config paths like weights/x.pth work from any working folder
+    if not path.is_file():
+        path = resolve_config_path(path)  # config paths like weights/x.pth work from any working folder
     if path.is_file():
         return path
     entry = RELEASED.get(path.name)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from bimacosr.config import to_plain
+from bimacosr.config import PATH_RULE, resolve_config_path, to_plain
 from bimacosr.data.kernels import BlurKernelOptions, sample_final_sinc
 from bimacosr.data.transforms import area_resize, augment, pad_to_square, random_crop
 from bimacosr.imageio import find_images, image_extensions, read_image
@@ -29,8 +29,9 @@ class RealESRGANDataset(Dataset):
 
     Files: every image under each of ``dir_paths`` (recursive) with an extension in ``im_exts``,
     matched in any case and with 'jpg'/'jpeg' as one format, sorted per folder, plus the paths listed
-    one per line in ``txt_file_paths``. (The original matched exactly, so the released config's
-    ``JPEG`` missed ``.jpg``/``.jpeg`` files; PNGs still need ``png`` in ``im_exts``.)
+    one per line in ``txt_file_paths`` (relative ones as ``config.resolve_config_path``). (The
+    original matched exactly, so the released config's ``JPEG`` missed ``.jpg``/``.jpeg`` files;
+    PNGs still need ``png`` in ``im_exts``.)
 
     An item (``index``) is: the image read as RGB [0, 1] (Pillow), horizontal flip with p 1/2
     (``use_hflip``; ``use_rot`` adds a vertical flip / transpose), then with ``rescale_gt``: side
@@ -54,7 +55,8 @@ class RealESRGANDataset(Dataset):
         for folder in dir_paths:
             self.paths += find_images(folder, im_exts, recursive=True)
         for txt in txt_file_paths:
-            self.paths += [Path(line.strip()) for line in Path(txt).read_text().splitlines() if line.strip()]
+            self.paths += [resolve_config_path(line.strip()) for line in Path(txt).read_text().splitlines()
+                           if line.strip()]
         if not self.paths:
             raise ValueError(f"no training images found in {[str(d) for d in dir_paths]} with extensions "
                              f"{list(image_extensions(im_exts))} (any case, recursive)"
@@ -149,6 +151,15 @@ def _section(section: Any, allowed: tuple[str, ...], which: str) -> dict[str, An
     return dict(section.get("params") or {})
 
 
+def _existing(path: str | os.PathLike, key: str, folder: bool = True) -> Path:
+    """A config path resolved by ``resolve_config_path``; a missing one is an error naming the key."""
+    resolved = resolve_config_path(path)
+    if not (resolved.is_dir() if folder else resolved.is_file()):
+        kind = "folder" if folder else "file"
+        raise FileNotFoundError(f"{key}: {kind} not found: '{path}' ({PATH_RULE})")
+    return resolved
+
+
 def build_train_dataset(section: Any, seed: int = 0) -> RealESRGANDataset:
     """``RealESRGANDataset`` from ``cfg.data.train`` (``type: realesrgan`` and its ``params``)."""
     p = _section(section, TRAIN_TYPES, "train")
@@ -156,10 +167,12 @@ def build_train_dataset(section: Any, seed: int = 0) -> RealESRGANDataset:
     if (p.get("io_backend") or {}).get("type", "disk") != "disk" or p.get("length") is not None:
         raise ValueError("realesrgan dataset: only io_backend 'disk' and length null are supported")
     return RealESRGANDataset(
-        p["dir_paths"], p["im_exts"], gt_size=int(p["gt_size"]), use_hflip=bool(p["use_hflip"]),
+        [_existing(d, "data.train.params.dir_paths") for d in p["dir_paths"]], p["im_exts"],
+        gt_size=int(p["gt_size"]), use_hflip=bool(p["use_hflip"]),
         use_rot=bool(p["use_rot"]), rescale_gt=bool(p.get("rescale_gt", False)), crop_pad_size=int(p["crop_pad_size"]),
         blur1=_blur_options(p, ""), blur2=_blur_options(p, "2"), final_sinc_prob=float(p["final_sinc_prob"]),
-        txt_file_paths=p.get("txt_file_path") or (), seed=seed)
+        txt_file_paths=[_existing(t, "data.train.params.txt_file_path", folder=False)
+                        for t in p.get("txt_file_path") or ()], seed=seed)
 
 
 def build_val_dataset(section: Any) -> PairedFolderDataset:
@@ -170,6 +183,7 @@ def build_val_dataset(section: Any) -> PairedFolderDataset:
     if p.get("transform_type", "default") != "default":
         raise ValueError(f"folder dataset: transform_type must be 'default', got {p['transform_type']!r}")
     norm = p.get("transform_kwargs") or {}
-    return PairedFolderDataset(p["dir_path"], p["dir_path_extra"], p.get("im_exts", "png"),
+    return PairedFolderDataset(_existing(p["dir_path"], "data.val.params.dir_path"),
+                               _existing(p["dir_path_extra"], "data.val.params.dir_path_extra"), p.get("im_exts", "png"),
                                mean=float(norm.get("mean", 0.0)), std=float(norm.get("std", 1.0)),
                                recursive=bool(p.get("recursive", False)), length=p.get("length"))

@@ -330,3 +330,21 @@ def test_killing_the_torchrun_launcher_stops_its_workers_and_frees_the_folder(ro
     lock = RunLock(root / "orphan")
     assert lock.acquire().endswith("is no longer running")  # the folder is free for the next run
     lock.release()
+
+
+@pytest.mark.slow
+def test_training_from_another_working_folder_finds_the_configs_data(smoke_assets, tmp_path):
+    """configs/smoke.yaml's relative data and weight paths resolve against the repository, as in
+    inference: a copy of the repository with its smoke assets, trained from an empty folder."""
+    repo = tmp_path / "repo"
+    for part in ("bimacosr", "configs"):
+        shutil.copytree(REPO / part, repo / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "main_distill.py", repo)
+    smoke_assets.copy_to(repo)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([sys.executable, str(repo / "main_distill.py"), "--cfg_path", str(repo / "configs/smoke.yaml"),
+                             "--save_dir", str(tmp_path / "run"), "--iterations", "1"],
+                            cwd=elsewhere, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run/checkpoints/step_0000001/model.pth").is_file() and not any(elsewhere.iterdir())
