@@ -3,7 +3,7 @@ slider, a comparison panel and the SR image as a PNG download.
 
     python scripts/download_weights.py inference && python app.py     # then open http://127.0.0.1:7860
     python app.py --smoke                                              # tiny random weights: starts anywhere
-    python app.py --deploy weights/BiMaCoSR.deploy.safetensors         # the packed 1-bit file
+    python app.py --deploy weights/BiMaCoSR_deploy.safetensors         # the packed 1-bit file
 
 The page is served on 127.0.0.1 only unless --host says otherwise. The logic is in bimacosr/demo.py.
 """

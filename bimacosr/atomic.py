@@ -2,7 +2,9 @@
 
 The data goes to a hidden temp file in the target folder, is flushed to disk and renamed over the
 target (``os.replace`` is atomic within one file system); on any failure -- an exception, Ctrl-C,
-a full disk -- the temp file is removed and a previous file at the target is untouched.
+a full disk -- the temp file is removed and a previous file at the target is untouched. The file
+gets the mode a plain ``open(path, "w")`` would give (0666 less the umask), whatever the writer
+used for its temp file (safetensors creates 0600).
 """
 from __future__ import annotations
 
@@ -18,6 +20,16 @@ __all__ = ["atomic_write", "atomic_write_text", "temp_path"]
 def temp_path(path: Path, suffix: str = ".tmp") -> Path:
     """A hidden, unique sibling of ``path`` (same folder, so the rename stays atomic)."""
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+
+
+def _umask() -> int:
+    """The process's umask (Linux: read from /proc without changing it; elsewhere set and restored)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status", encoding="ascii") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path) -> None:
@@ -42,6 +54,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp = temp_path(path)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         _fsync(tmp)
         os.replace(tmp, path)
     finally:

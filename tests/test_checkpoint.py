@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from bimacosr.atomic import atomic_write
 from bimacosr.checkpoint import (CheckpointError, LoadReport, describe_state_dict,
                                  load_state_dict_into, read_state_dict, save_state_dict,
                                  unwrap_state_dict)
@@ -324,3 +325,18 @@ def test_atomic_save_keeps_previous_file(tmp_path: Path, monkeypatch, name, targ
     reloaded = Tiny()
     load_state_dict_into(reloaded, tmp_path / name)
     _assert_same(reloaded, previous)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_write_gives_the_umask_mode_whatever_the_writer_made(tmp_path: Path, umask: int) -> None:
+    """safetensors creates its file 0600: the written file still gets 0666 less the umask."""
+    def private(tmp: Path) -> None:
+        tmp.write_bytes(b"x")
+        os.chmod(tmp, 0o600)
+
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "f.bin", private)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -49,11 +49,16 @@ from bimacosr.models.swin import SwinTransformerBlock, relative_position_index
 from bimacosr.quant.bimaco import BiMaCoConv2d, BiMaCoLinear
 from bimacosr.quant.common import QuantLayer
 
-__all__ = ["ExportInfo", "FP_SINSR_BYTES", "export_deploy", "load_deploy", "deploy_params"]
+__all__ = ["ExportInfo", "fp_float32_bytes", "export_deploy", "load_deploy", "deploy_params"]
 
 PathLike = Union[str, os.PathLike]  # noqa: UP007
-FP_SINSR_BYTES = 118_593_583 * 4
-"""The FP SinSR denoiser in float32 (docs/denoiser.md §5), the reference for the size ratio."""
+
+
+def fp_float32_bytes(params: Mapping[str, Any]) -> int:
+    """Bytes of the full-precision float32 denoiser of the same architecture as ``params`` (its
+    parameters, as a checkpoint stores them; counted on the meta device): the reference for the
+    size ratio. For the released config this is FP SinSR, 118,593,583 x 4 bytes (docs/denoiser.md §5)."""
+    return 4 * sum(t.numel() for t in denoiser_skeleton(params, binarized=False).parameters())
 
 
 @dataclass
@@ -64,16 +69,18 @@ class ExportInfo:
     size_bytes: int
     binary_layers: int
     side_dtype: str
+    fp_bytes: int
+    """:func:`fp_float32_bytes` of the architecture."""
 
     @property
     def ratio(self) -> float:
-        """``FP SinSR float32 bytes / file bytes``."""
-        return FP_SINSR_BYTES / self.size_bytes
+        """``FP float32 bytes of the same architecture / file bytes``."""
+        return self.fp_bytes / self.size_bytes
 
     def line(self) -> str:
         return (f"{self.path}: {self.size_bytes:,} bytes ({self.size_bytes / 1e6:.2f} MB), "
                 f"{self.binary_layers} binary layers, side branches {self.side_dtype}; "
-                f"FP SinSR {FP_SINSR_BYTES / 1e6:.2f} MB / this = {self.ratio:.2f}x")
+                f"the same architecture in FP float32 {self.fp_bytes / 1e6:.2f} MB / this = {self.ratio:.2f}x")
 
 
 def _index_dtype(*sizes: int) -> torch.dtype:
@@ -164,7 +171,7 @@ def export_deploy(model: nn.Module, params: Mapping[str, Any], path: PathLike, *
     metadata = {"params": json.dumps(to_plain(params)), "layers": json.dumps(layers),
                 "side_dtype": str(side).replace("torch.", "")}
     path = write_deploy_file(tensors, metadata, path)
-    return ExportInfo(path, path.stat().st_size, len(layers), metadata["side_dtype"])
+    return ExportInfo(path, path.stat().st_size, len(layers), metadata["side_dtype"], fp_float32_bytes(params))
 
 
 def _check_recomputed(model: nn.Module) -> None:

@@ -9,12 +9,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bimacosr.atomic import _umask
 from bimacosr.checkpoint import CheckpointError
 from bimacosr.config import load_config, to_plain
 from bimacosr.build import export_checkpoint
-from bimacosr.deploy import (FP_SINSR_BYTES, DeployBinaryConv2d, DeployBinaryLinear, DeployFileError, export_deploy,
+from bimacosr.deploy import (DeployBinaryConv2d, DeployBinaryLinear, DeployFileError, export_deploy, fp_float32_bytes,
                              load_deploy, set_mode, to_deploy)
-from bimacosr.deploy.check import layerwise_max_diff
+from bimacosr.deploy.check import LAYER_TOLERANCE, layerwise_max_diff
 from bimacosr.deploy.format import checksum as _checksum
 from bimacosr.models import build_denoiser
 from bimacosr.models.swin import WindowAttention, relative_position_index
@@ -104,7 +105,8 @@ def smoke(smoke_assets, tiny_bimaco_denoiser, tmp_path_factory):
 @pytest.mark.slow
 def test_smoke_checkpoint_export_load(smoke):
     simulated, info, _ = smoke
-    assert info.binary_layers == 82 and info.ratio == FP_SINSR_BYTES / info.size_bytes
+    smoke_fp_bytes = fp_float32_bytes(to_plain(load_config(SMOKE_CONFIG).model.params))
+    assert info.binary_layers == 82 and info.ratio == smoke_fp_bytes / info.size_bytes  # not FP SinSR's size
     deployed = load_deploy(info.path)
     inputs = load_fixture("denoiser/bimaco_unet_forward.pt")["inputs"]
     for t in (0, 9):
@@ -118,14 +120,21 @@ def test_smoke_checkpoint_export_load(smoke):
 
 
 @pytest.mark.slow
-def test_export_script(smoke, tmp_path, capsys):
+def test_export_script(smoke, tmp_path, capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("export_deploy", REPO / "scripts/export_deploy.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     ckpt, config, out = smoke[2], SMOKE_CONFIG, tmp_path / "cli.safetensors"
-    assert script.main(["--ckpt", str(ckpt), "--config", str(config), "--out", str(out), "--check"]) == 0
+    args = ["--ckpt", str(ckpt), "--config", str(config), "--out", str(out), "--check"]
+    assert script.main(args) == 0
     printed = capsys.readouterr().out
-    assert f"{out.stat().st_size:,} bytes" in printed and "per layer" in printed
+    assert f"{out.stat().st_size:,} bytes" in printed and "the same architecture in FP float32" in printed
+    assert "\nPASS: max |deploy - simulated| per binary layer " in printed and "<= tolerance 0.0001" in printed
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    with monkeypatch.context() as m:
+        m.setitem(LAYER_TOLERANCE, "float32", 0.0)  # any difference at all fails
+        assert script.main(args) == 1
+    assert "\nFAIL: " in capsys.readouterr().out
     assert script.main(["--ckpt", str(tmp_path / "nope.pth"), "--config", str(config), "--out", str(out)]) == 1
     assert "not found" in capsys.readouterr().err
 
@@ -169,7 +178,7 @@ def test_released_size_file_is_at_most_one_twentieth(tmp_path):
     full = export_deploy(model, params, tmp_path / "full.safetensors")
     half = export_deploy(model, params, tmp_path / "half.safetensors", fp16=True)
     print(full.line(), half.line(), sep="\n")
-    assert full.binary_layers == 178
+    assert full.binary_layers == 178 and full.fp_bytes == 118_593_583 * 4  # FP SinSR in float32
     assert full.size_bytes <= LIMIT_BYTES and full.ratio >= 20.0
     assert half.size_bytes < full.size_bytes - 3e6
     deployed = load_deploy(full.path)
