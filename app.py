@@ -8,6 +8,7 @@ slider, a comparison panel and the SR image as a PNG download.
 The page is served on 127.0.0.1 only unless --host says otherwise. The logic is in bimacosr/demo.py.
 """
 import argparse
+import socket
 import sys
 import time
 from pathlib import Path
@@ -37,8 +38,22 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a server already listens on ``host:port`` (probed as the web server binds it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def main() -> int:
     args = parse_args()
+    if port_in_use(args.host, args.port):
+        print(f"error: port {args.port} is in use: pass --port N (a free port)", file=sys.stderr)
+        return 2
     try:
         if args.smoke:
             cfg, ckpt, deploy = *smoke_inference(), None

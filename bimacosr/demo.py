@@ -91,8 +91,8 @@ class Upscaler:
             raise gr.Error(str(e)) from None
         h, w = image.rgb.shape[-2:]
         if max(h, w) > self.max_side:
-            raise gr.Error(f"the image is {w}x{h}; this demo takes at most {self.max_side} pixels a side "
-                           f"(inference_quant.py has no limit)")
+            raise gr.Error(f"the image is {w}x{h}; this demo takes at most {self.max_side} pixels a side: "
+                           f"restart app.py with --max_side {max(h, w)} (inference_quant.py has no limit)")
         pipe, prec = self.pipeline(precision)
         start = time.perf_counter()
         generator = torch.Generator(pipe.device).manual_seed(int(seed))

@@ -4,8 +4,9 @@
 #   bash scripts/screenshot_demo.sh                      # smoke weights -> docs/demo.png
 #   bash scripts/screenshot_demo.sh out.png --ckpt weights/BiMaCoSR.pth   # other app.py flags
 #
-# Starts app.py on 127.0.0.1 (port $PORT, default 7870), waits until it answers (at most
-# $WAIT_S seconds, default 300), takes the picture, stops the app. Needs Chromium: on Debian/Ubuntu
+# Starts app.py with $PYTHON (default python3) on 127.0.0.1 (port $PORT, default 7870), waits until
+# it answers (at most $WAIT_S seconds, default 300), takes the picture, stops the app. Needs
+# Chromium: on Debian/Ubuntu
 #   apt-get update && apt-get install -y chromium
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ if [ -z "$browser" ]; then
 fi
 
 log="$(mktemp)"
-python app.py "${app_args[@]}" --host 127.0.0.1 --port "$port" >"$log" 2>&1 &
+"${PYTHON:-python3}" app.py "${app_args[@]}" --host 127.0.0.1 --port "$port" >"$log" 2>&1 &
 app=$!
 trap 'kill "$app" 2>/dev/null; wait "$app" 2>/dev/null || true; rm -f "$log"' EXIT
 

@@ -101,6 +101,18 @@ def test_upscaler_matches_the_pipeline_and_explains_bad_inputs(tmp_path):
     assert name == "bf16" and bf16.autocast == torch.bfloat16 and bf16.denoiser is upscaler.pipeline("fp32")[0].denoiser
     Image.fromarray(downscale(photo("astronaut"), 4)).save(tmp_path / "big.png")  # 128 x 128
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    for path, message in (("big.png", "at most 64 pixels a side"), ("bad.png", "cannot read image")):
+    for path, message in (("big.png", "at most 64 pixels a side: restart app.py with --max_side 128"), ("bad.png", "cannot read image")):
         with pytest.raises(gr.Error, match=message):
             upscaler(tmp_path / path)
+
+
+def test_busy_port_is_one_error_line(tmp_path):
+    """Checked before any model or Gradio is loaded: one line naming the port and the flag, exit 2."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, str(REPO / "app.py"), "--smoke", "--port", str(port)],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == f"error: port {port} is in use: pass --port N (a free port)\n"
