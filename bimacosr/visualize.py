@@ -5,15 +5,17 @@ A panel has two rows, each tile under a text label, tiles and rows split by thin
 separators::
 
     LR nearest xs | bicubic xs | SR            (a red box marks where the crop comes from)
-    the same detail crop of each of the three, zoomed x2 (nearest)
+    the same detail crop of each of the three, zoomed x2 (nearest), its SR pixel window in the label
 
 The crop is the window of the SR (a quarter of its area by default) with the most detail: the
-largest mean gradient magnitude of its luma. :func:`panel` lays out any rows of labelled tiles
-(the trainer's validation grids use it too).
+largest mean gradient magnitude of its luma. Labels grow with the panel (:func:`label_height`), so
+they stay readable when a large panel is shown scaled down to a screen. :func:`panel` lays out any
+rows of labelled tiles (the trainer's validation grids use it too).
 """
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +26,16 @@ from torch import Tensor
 
 from bimacosr.imageio import write_image
 
-__all__ = ["LABEL_H", "SEP", "ZOOM", "BOX", "compare_panel", "detail_window", "panel", "save_compare"]
+__all__ = ["LABEL_H", "SEP", "ZOOM", "BOX", "compare_panel", "detail_window", "label_height", "panel",
+           "save_compare"]
 
-LABEL_H = 22  # height of the label strip above each tile (px)
+LABEL_H = 22  # height of the label strip above each tile (px) in panels up to SCREEN_W wide
+SCREEN_W = 1280  # wider panels get labels LABEL_H * width / SCREEN_W high: the same size once fitted to it
+FONT_PER_LABEL_H = 16 / 22  # font size (px) per px of label strip
 SEP = 2  # width of the separators between tiles and rows (px)
 ZOOM = 2  # nearest-neighbour zoom of the crops
 BOX = 2  # line width of the red box marking the crop on the full views (px)
 BACKGROUND = 1.0  # label strips and separators are white; labels are black
-_FONT = ImageFont.load_default(size=16)
 
 
 def _rgb(x: Tensor, name: str) -> Tensor:
@@ -56,28 +60,42 @@ def detail_window(sr: Tensor, size: tuple[int, int]) -> tuple[int, int]:
     return y, x
 
 
-def _label(text: str, width: int) -> Tensor:
-    """A [3, LABEL_H, width] white strip with ``text`` in black (clipped to the width)."""
-    strip = Image.new("L", (width, LABEL_H), 255)
-    ImageDraw.Draw(strip).text((2, 0), text, fill=0, font=_FONT)
+def label_height(width: int) -> int:
+    """Height (px) of the label strips of a panel ``width`` px wide: ``LABEL_H`` up to ``SCREEN_W``,
+    then in proportion (a 3076 px wide panel of a 256² input gets 53 px, 38 px text)."""
+    return max(LABEL_H, round(LABEL_H * width / SCREEN_W))
+
+
+@lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _label(text: str, width: int, height: int) -> Tensor:
+    """A [3, height, width] white strip with ``text`` in black (clipped to the width)."""
+    strip = Image.new("L", (width, height), 255)
+    font = _font(round(height * FONT_PER_LABEL_H))
+    ImageDraw.Draw(strip).text((max(2, height // 11), 0), text, fill=0, font=font)
     return torch.from_numpy(np.asarray(strip, dtype=np.float32) / 255.0).expand(3, -1, -1)
 
 
 def panel(rows: list[list[tuple[str | None, Tensor]]]) -> Tensor:
     """Rows of labelled tiles ``(label or None, [3, h, w] in [0, 1])`` -> one ``[3, H, W]`` image:
-    tiles of a row share their height and sit side by side under LABEL_H-high label strips (blank
-    for a None label; no strips in a row without labels); SEP px of white between tiles and between rows, rows right-padded."""
+    tiles of a row share their height and sit side by side under label strips of
+    :func:`label_height` (of the panel's width; blank for a None label; no strips in a row without
+    labels); SEP px of white between tiles and between rows, rows right-padded."""
+    width = max(sum(img.shape[2] for _, img in tiles) + SEP * (len(tiles) - 1) for tiles in rows)
+    strip_h = label_height(width)
     built = []
     for tiles in rows:
         labelled = any(text is not None for text, _ in tiles)
         parts = []
         for i, (text, img) in enumerate(tiles):
-            tile = torch.cat([_label(text or "", img.shape[2]), img], dim=1) if labelled else img
+            tile = torch.cat([_label(text or "", img.shape[2], strip_h), img], dim=1) if labelled else img
             if i:
                 parts.append(torch.full((3, tile.shape[1], SEP), BACKGROUND))
             parts.append(tile)
         built.append(torch.cat(parts, dim=2))
-    width = max(r.shape[2] for r in built)
     out = []
     for i, r in enumerate(built):
         if i:
@@ -103,8 +121,9 @@ def compare_panel(lr: Tensor, sr: Tensor, *, crop: int | None = None) -> Tensor:
     BiMaCoSR). Top row: LR nearest xs | bicubic xs (torch, clamped) | SR, each s*h x s*w. Bottom
     row: the same window of each, zoomed x``ZOOM``; the window is ``crop`` x ``crop`` SR pixels
     (clipped to the image), by default half the SR height by half its width, placed by
-    ``detail_window`` and outlined in red (BOX px, inside the window) on the top row. Tiles sit
-    under LABEL_H-high labels, separated by SEP px of white.
+    ``detail_window`` and outlined in red (BOX px, inside the window) on the top row; the crops'
+    labels name the window in SR pixels (``x 6-29, y 40-71``). Tiles sit under labels of
+    :func:`label_height`, separated by SEP px of white.
     """
     low, high = _rgb(lr, "lr"), _rgb(sr, "sr")
     (h, w), (big_h, big_w) = low.shape[1:], high.shape[1:]
@@ -120,7 +139,8 @@ def compare_panel(lr: Tensor, sr: Tensor, *, crop: int | None = None) -> Tensor:
         min(crop, big_h), min(crop, big_w))
     y, x = detail_window(high, (ch, cw))
     columns = [(f"LR nearest x{s}", nearest), (f"bicubic x{s}", bicubic), ("SR", high)]
-    zoomed = [(f"{name.split()[0]} crop x{ZOOM}",
+    window = f"x {x}-{x + cw - 1}, y {y}-{y + ch - 1}"
+    zoomed = [(f"{name.split()[0]} crop x{ZOOM} ({window})",
                img[:, y:y + ch, x:x + cw].repeat_interleave(ZOOM, 1).repeat_interleave(ZOOM, 2))
               for name, img in columns]
     marked = [(name, draw_box(img, y, x, ch, cw)) for name, img in columns]

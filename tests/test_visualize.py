@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from bimacosr.imageio import read_image
-from bimacosr.visualize import BOX, LABEL_H, SEP, ZOOM, compare_panel, detail_window, panel, save_compare
+from bimacosr.smoke import photo
+from bimacosr.visualize import (BOX, LABEL_H, SEP, ZOOM, compare_panel, detail_window, label_height, panel,
+                                save_compare)
 
 
 def cubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
@@ -117,3 +119,41 @@ def test_panel_lays_out_labelled_rows_of_any_width():
     assert torch.equal(out[:, LABEL_H:LABEL_H + 4, :5], a)
     assert (out[:, :LABEL_H, :5].min() < 0.5) and (out[:, :LABEL_H, 5 + SEP:] == 1).all()  # only "a" labelled
     assert torch.equal(out[:, LABEL_H + 4 + SEP:, :3], b) and (out[:, LABEL_H + 4 + SEP:, 3:] == 1).all()
+
+
+def ink_rows(strip: torch.Tensor) -> int:
+    """Rows of a label strip with dark (text) pixels: the text's height."""
+    return int((strip.min(dim=0).values.min(dim=1).values < 0.5).sum())
+
+
+def test_labels_grow_with_the_panel():
+    """A 256² input gives a 3076 px wide panel: its labels are proportionally as tall as a small
+    panel's once both are fitted to a screen, not 22 px."""
+    small = compare_panel(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 256, 256))
+    large = compare_panel(torch.rand(1, 3, 256, 256), torch.rand(1, 3, 1024, 1024))
+    assert label_height(small.shape[2]) == LABEL_H and label_height(3076) == 53
+    assert tuple(large.shape) == (3, 53 + 1024 + SEP + 53 + ZOOM * 512, 3076)
+    assert ink_rows(large[:, :53, :1024]) >= 2 * ink_rows(small[:, :LABEL_H, :256]) > 0
+
+
+def test_crop_label_names_its_window():
+    sr = torch.full((1, 3, 64, 256), 0.5)
+    sr[..., 40:52, 150:160] = torch.rand(12, 10)
+    y, x = detail_window(sr[0], (32, 128))
+    text = f"SR crop x{ZOOM} (x {x}-{x + 127}, y {y}-{y + 31})"
+    strip = panel([[(text, torch.zeros(3, 1, ZOOM * 128))]])[:, :LABEL_H]
+    crop_labels = LABEL_H + 64 + SEP
+    x0 = 2 * (ZOOM * 128 + SEP)
+    assert torch.equal(compare_panel(sr[..., ::4, ::4], sr)[:, crop_labels:crop_labels + LABEL_H, x0:], strip)
+
+
+def test_crop_lands_on_the_detail_of_a_photo_with_a_flat_area():
+    """A photograph whose left two thirds are painted flat grey: the crop avoids the flat part."""
+    img = torch.from_numpy(photo("astronaut")[:192, :192].copy()).permute(2, 0, 1).float().div(255)[None]
+    img[..., :, :128] = 0.5
+    y, x = detail_window(img[0], (96, 96))
+    assert x >= 96  # within the photographed third, not the top-left corner
+    panel_img = compare_panel(torch.nn.functional.avg_pool2d(img, 4), img)
+    crop_top = LABEL_H + 192 + SEP + LABEL_H
+    sr_crop = panel_img[:, crop_top:crop_top + 2 * 96, 2 * (2 * 96 + SEP):]
+    assert torch.equal(sr_crop, img[0, :, y:y + 96, x:x + 96].repeat_interleave(2, 1).repeat_interleave(2, 2))
