@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bimacosr import build
 from bimacosr.checkpoint import CheckpointError
+from bimacosr.cli import argument_parser
 from bimacosr.config import DEFAULT_CONFIG, ConfigError, load_config
 from bimacosr.deploy import DeployFileError
 from bimacosr.smoke import smoke_inference
@@ -22,7 +23,7 @@ from bimacosr.weights import WEIGHTS_DIR, MissingWeightsError
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="original YAML config (default: %(default)s)")
     p.add_argument("--ckpt", type=Path, default=WEIGHTS_DIR / "BiMaCoSR.pth",
                    help="denoiser weights (default: %(default)s)")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bimacosr.build import PRECISIONS
 from bimacosr.checkpoint import CheckpointError
+from bimacosr.cli import argument_parser
 from bimacosr.config import ConfigError
 from bimacosr.deploy import DeployFileError
 from bimacosr.evaluation import EvaluationError
@@ -29,8 +30,7 @@ def str2bool(value: str) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> InferenceOptions:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=type(
-        "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
+    p = argument_parser(__doc__)
 
     def add(*names: str, **kw) -> None:  # an option whose default lives in InferenceOptions
         p.add_argument(*names, **kw, default=default(names[-1].lstrip("-")))

@@ -4,15 +4,15 @@
     torchrun --standalone --nproc_per_node=8 main_distill.py --cfg_path configs/BiMaCoSR.yaml --save_dir experiments/bimacosr
     python main_distill.py --cfg_path configs/BiMaCoSR.yaml --save_dir experiments/bimacosr --resume   # latest checkpoint
 """
-import argparse
 import sys
 from pathlib import Path
 
+from bimacosr.cli import argument_parser
 from bimacosr.train.trainer import TrainOptions, train
 
 
 def parse_args() -> TrainOptions:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--cfg_path", type=Path, required=True, help="original YAML training config")
     p.add_argument("--save_dir", type=Path, required=True, help="run folder: checkpoints, logs, validation grids")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",

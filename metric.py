@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bimacosr.cli import argument_parser
 from bimacosr.evaluation import METRICS, EvaluationError, evaluate, metric_name, write_results
 from bimacosr.table1 import COLUMNS, DATASETS, score_table1, write_table1
 
@@ -40,11 +41,11 @@ def metric_type(text: str) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The original flags plus ``--suffix``, ``--table1``, ``--weights_dir``, ``--offline``, ``--device``,
     ``--out``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--inp_imgs", nargs="+", required=True, metavar="DIR",
                         help="SR folder(s) (with --table1: method folders); each becomes one row of the table")
     parser.add_argument("--gt_imgs", metavar="DIR", help="GT folder (full-reference metrics, FID)")
-    parser.add_argument("--log", required=True, metavar="DIR", help="folder for the results")
+    parser.add_argument("--log", required=True, metavar="DIR", help="results folder (the original's flag; --out overrides it)")
     parser.add_argument("--log_name", metavar="NAME",
                         help="also write the original's log, <log>/test_<NAME>_<yymmdd-HHMMSS>.log")
     parser.add_argument("--metrics", nargs="+", type=metric_type, metavar="NAME",
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--offline", action="store_true",
                         help="never download: metrics whose weight files are not cached are skipped")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--out", metavar="DIR", help="results folder (default: --log)")
+    parser.add_argument("--out", metavar="DIR", help="results folder instead of --log's (default: the --log folder)")
     args = parser.parse_args(argv)
     if args.table1 and args.gt_imgs:
         parser.error("--table1 takes the GT folders from ROOT/<set>/HR: leave out --gt_imgs")

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from bimacosr import build
+from bimacosr.cli import argument_parser
 from bimacosr.config import DEFAULT_CONFIG, load_config
 from bimacosr.deploy import export_deploy, load_deploy
 from bimacosr.pipeline import SRPipeline
@@ -183,16 +184,17 @@ def peak_memory(variant: str, size: int, cfg, device: torch.device, deploy_file:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--variants", nargs="+", choices=VARIANTS,
                    default=["sinsr", "sinsr_bf16", "deploy"] if build.native_bf16() else ["sinsr", "deploy"],
                    help="default: sinsr, deploy, and sinsr_bf16 where this CPU has native bf16 (emulated bf16 "
                         "is >10x slower than fp32)")
     p.add_argument("--sizes", type=int, nargs="+", default=[64], help="LR sides (one tile each)")
     p.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds (after one warm-up)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="architecture (random weights)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default here: %(default)s)")
     p.add_argument("--memory", action="store_true", help="peak memory per variant, each in a fresh process")
     p.add_argument("--json", type=Path, help="write the rows here")
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)

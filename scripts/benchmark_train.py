@@ -9,7 +9,6 @@ step is the trainer's own ``distill_loss`` with parts from ``bimacosr.build``.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import resource
 import sys
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from bimacosr import build
+from bimacosr.cli import argument_parser
 from bimacosr.config import DEFAULT_CONFIG, load_config
 from bimacosr.data.datasets import BLUR1, BLUR2
 from bimacosr.data.degradation import degrade
@@ -27,7 +27,7 @@ from bimacosr.train.distill import distill_loss
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--gt_size", type=int, default=256)
     p.add_argument("--iters", type=int, default=2, help="timed iterations (after one warm-up)")

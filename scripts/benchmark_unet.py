@@ -14,7 +14,6 @@ the same rounds.
     python scripts/benchmark_unet.py --rounds 9 --json unet.json
     python scripts/benchmark_unet.py --profile deploy_fused    # where that variant's time goes
 """
-import argparse
 import contextlib
 import copy
 import json
@@ -27,6 +26,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bimacosr.cli import argument_parser  # noqa: E402
+
 VARIANTS = ("fp32", "fp_bf16", "deploy_int", "deploy_float", "deploy_fused", "deploy_bf16")
 BF16 = ("fp_bf16", "deploy_bf16")  # default only where the CPU has native bf16
 
@@ -114,7 +116,7 @@ def profile(name: str, size: int, batch: int, top: int) -> str:
 def main() -> None:
     from bimacosr.build import native_bf16
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argument_parser(__doc__)
     ap.add_argument("--variants", nargs="+", choices=VARIANTS,
                     default=[v for v in VARIANTS if v not in BF16 or native_bf16()],
                     help="default: all, fp_bf16 and deploy_bf16 only where this CPU has native bf16 "

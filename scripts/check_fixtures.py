@@ -2,16 +2,16 @@
 
     python scripts/check_fixtures.py ../shared/reference/fixtures/denoiser ../shared/reference/fixtures/baselines
 """
-import argparse
 import sys
 
 import torch
 
+from bimacosr.cli import argument_parser
 from bimacosr.parity import check_paths
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("paths", nargs="+", help="fixture folders or .pt files")
     parser.add_argument("--threads", type=int, default=max(2, torch.get_num_threads()),
                         help="CPU threads (the fixtures are bit-exact at >= 2)")

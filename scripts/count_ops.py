@@ -6,7 +6,6 @@ the complete rule (everything stored / executed), and the VQ stages at the match
 
     python scripts/count_ops.py --latent 64 [--json counts.json]
 """
-import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 
 from bimacosr.build import build_autoencoder, build_denoiser_from_config
+from bimacosr.cli import argument_parser
 from bimacosr.config import load_config
 from bimacosr.ops_count import complete_rule, count_autoencoder, count_denoiser, paper_rule
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--latent", type=int, default=64, help="latent size (a multiple of 64); image = 4x")
     parser.add_argument("--config", default=str(REPO / "configs/BiMaCoSR.yaml"))
     parser.add_argument("--json", help="also save every count and cost here")

@@ -14,11 +14,11 @@ is checked (the right kind of file; for metric files: loadable without running c
 and sha256 are recorded in weights.lock.json beside it; files already present are checked against
 that record. Exit status 0 when every requested file is present and verified.
 """
-import argparse
 import os
 import sys
 from pathlib import Path
 
+from bimacosr.cli import argument_parser
 from bimacosr.evaluation import METRICS, metric_name
 from bimacosr.metric_weights import metric_files, status
 from bimacosr.weights import LOCK_NAME, RELEASED, TARGETS, WEIGHTS_DIR, WeightFile, WeightsError, expand_targets, fetch
@@ -66,8 +66,7 @@ def show(dest: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argument_parser(__doc__)
     parser.add_argument("names", nargs="*", help="targets (inference, train, metrics, all), metric names or file names")
     parser.add_argument("--dest", type=Path, default=WEIGHTS_DIR, help="folder of the released files (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="download again even if present")

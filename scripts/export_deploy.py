@@ -11,7 +11,6 @@ stated tolerance (exit status 1 on FAIL; bimacosr/deploy/check.py).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ sys.path.insert(0, str(REPO))
 
 from bimacosr.build import InferenceFiles, build_inference_denoiser, export_checkpoint
 from bimacosr.checkpoint import CheckpointError
+from bimacosr.cli import argument_parser
 from bimacosr.config import DEFAULT_CONFIG, ConfigError, load_config
 from bimacosr.deploy import DeployFileError, ExportInfo, load_deploy
 from bimacosr.deploy.check import ExportCheck, check_export
@@ -34,7 +34,7 @@ def check(ckpt: Path, config: Path, info: ExportInfo) -> ExportCheck:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--ckpt", type=Path, required=True, help="BiMaCo checkpoint (.pth/.safetensors)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config the checkpoint was trained with")
     p.add_argument("--out", type=Path, required=True, help="deploy file to write (.safetensors)")

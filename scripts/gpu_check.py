@@ -14,7 +14,6 @@ Exits 2 with one line when CUDA is asked for and absent, 1 when a check fails.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -25,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from bimacosr.cli import argument_parser
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKS = ("autoencoder_fp16", "int_mm", "deploy_layers", "train_step", "benchmark")
@@ -136,7 +137,7 @@ RUNNERS: dict[str, Callable] = {name: globals()[f"check_{name}"] for name in CHE
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (for a dry run of the small checks)")
     p.add_argument("--config", type=Path, default=REPO / "configs/BiMaCoSR.yaml")
     p.add_argument("--checks", nargs="+", choices=CHECKS, default=list(CHECKS))

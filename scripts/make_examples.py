@@ -9,7 +9,6 @@ Each photograph (HR, cropped to a multiple of 4) is degraded as the trainer degr
 config's kernel settings, the config's ``degradation`` section for resizes, noise and JPEG, and the
 final resize to 1/4 of the HR size. Every image has its own fixed seeds.
 """
-import argparse
 import random
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bimacosr.cli import argument_parser
 from bimacosr.config import DEFAULT_CONFIG, REPO_ROOT, load_config, to_plain
 from bimacosr.data.datasets import BLUR1, BLUR2
 from bimacosr.data.degradation import degrade
@@ -42,7 +42,7 @@ def make_lr(image: np.ndarray, opts: dict, final_sinc_prob: float, seed: int) ->
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "examples", help="output folder (default: %(default)s)")
     args = p.parse_args()
     cfg = load_config(DEFAULT_CONFIG)

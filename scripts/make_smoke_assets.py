@@ -4,16 +4,16 @@ scikit-image photographs into data/smoke/, as configs/smoke.yaml expects.
     python scripts/make_smoke_assets.py
     torchrun --standalone --nproc_per_node=2 main_distill.py --cfg_path configs/smoke.yaml --save_dir experiments/smoke
 """
-import argparse
 from pathlib import Path
 
+from bimacosr.cli import argument_parser
 from bimacosr.config import load_config
 from bimacosr.smoke import write_smoke_assets
 
 REPO = Path(__file__).resolve().parents[1]
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--config", type=Path, default=REPO / "configs/smoke.yaml")
     p.add_argument("--root", type=Path, default=Path("."), help="folder the config's relative paths start from")
     p.add_argument("--n_train", type=int, default=8)

@@ -2,10 +2,11 @@
 
     python scripts/plot_training.py experiments/smoke            # writes experiments/smoke/curves.png
 """
-import argparse
 import csv
 import sys
 from pathlib import Path
+
+from bimacosr.cli import argument_parser
 
 
 def read(path: Path, column: str) -> tuple[list[int], list[float]]:
@@ -17,7 +18,7 @@ def read(path: Path, column: str) -> tuple[list[int], list[float]]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, default=None, help="PNG path (default <run_dir>/curves.png)")
     args = p.parse_args()

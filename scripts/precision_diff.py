@@ -9,7 +9,6 @@ With random weights this is evidence about the arithmetic only, not about image 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import tempfile
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from bimacosr import build
+from bimacosr.cli import argument_parser
 from bimacosr.config import DEFAULT_CONFIG, load_config
 from bimacosr.deploy import export_deploy, load_deploy
 from bimacosr.imageio import to_uint8
@@ -45,7 +45,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argument_parser(__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--size", type=int, default=64, help="LR crop side (pixels)")
     p.add_argument("--photos", nargs="+", default=["astronaut", "coffee", "chelsea"])
