@@ -5,7 +5,7 @@
     python inference_quant.py -i examples/ -o results/smoke --smoke    # no weights needed: tiny random ones
     torchrun --nproc_per_node=4 inference_quant.py -i big_set/ -o results/     # files split over 4 GPUs
 
-Flags of the original (--task, --steps, --infer_steps, --ref_path, ...) are accepted; README.md
+Flags of the original (--task, --steps, --infer_steps, --ref_path, ...) are accepted; docs/cli.md §2
 lists each and what it does here.
 """
 import argparse

@@ -36,8 +36,8 @@ def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> list[str]:
 
 def native_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX). Emulated bf16 is not
-    used: on an AVX2-only CPU it measured about 8x slower than fp32 for the autoencoder (README,
-    Speed)."""
+    used: on an AVX2-only CPU it measured about 8x slower than fp32 for the autoencoder (docs/speed.md
+    §2)."""
     flags = cpu_flags(cpuinfo)
     return "avx512_bf16" in flags or "amx_bf16" in flags
 

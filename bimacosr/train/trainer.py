@@ -2,8 +2,9 @@
 
 Setup loads everything that can be wrong (config, teacher / SinSR / VQ files, training images,
 quant names) before the first step, so a bad run fails in seconds with a named error. The loop
-follows docs/pipeline.md §5; where this implementation does better than the original is said in the
-README (exact resume, atomic checkpoints, EMA kept across resumes, NaN guard, signal-safe saves).
+follows docs/pipeline.md §5; where this implementation does better than the original is said in
+docs/cli.md §4 and docs/faults.md (exact resume, atomic checkpoints, EMA kept across resumes, NaN guard,
+signal-safe saves).
 """
 from __future__ import annotations
 
