@@ -4,10 +4,12 @@ Setup loads everything that can be wrong (config, teacher / SinSR / VQ files, tr
 quant names) before the first step, so a bad run fails in seconds with a named error. The loop
 follows docs/pipeline.md §5; where this implementation does better than the original is said in
 docs/cli.md §4 and docs/faults.md (exact resume, atomic checkpoints, EMA kept across resumes, NaN guard,
-signal-safe saves).
+signal-safe saves). The shutdown order (threads, writers, lock, barrier, process group, exit) is
+:func:`train`'s.
 """
 from __future__ import annotations
 
+import os
 import random
 import signal
 import sys
@@ -15,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -234,19 +237,23 @@ class Trainer:
         return "run the same command again (no checkpoint was saved yet, so without --resume)"
 
     def fit(self) -> int:
-        """Train from ``self.step`` to ``iterations``; returns the process exit status."""
+        """Train from ``self.step`` to ``iterations``; returns the process exit status. Returning
+        or raising, the progress bar and the TensorBoard writer are closed first (their threads
+        joined, the events flushed): step 1 of the shutdown order in :func:`train`."""
         if self.env.world > 1:
             self.model = DistributedDataParallel(
                 self.student, device_ids=[self.env.device] if self.env.device.type == "cuda" else None,
                 find_unused_parameters=True, forward_sync_buffers=False)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
-        if self.env.main:
-            OmegaConf.save(self.cfg, self.run_dir / "config.yaml")
-        with tqdm(total=self.iterations, initial=self.step, desc="distill", unit="it",
-                  disable=not self.env.main, dynamic_ncols=True) as bar:  # closed before any error line
-            stopped = self._train(bar)
-        self.logger.close()
+        try:
+            if self.env.main:
+                OmegaConf.save(self.cfg, self.run_dir / "config.yaml")
+            with tqdm(total=self.iterations, initial=self.step, desc="distill", unit="it",
+                      disable=not self.env.main, dynamic_ncols=True) as bar:  # closed before any error line
+                stopped = self._train(bar)
+        finally:
+            self.logger.close()
         if stopped and self.env.main:
             print(f"stopped by signal at step {self.step}; continue with --resume")
         return 0
@@ -308,30 +315,64 @@ def _setup(opts: TrainOptions, env: Dist, lock: RunLock) -> Trainer:
 
 
 def train(opts: TrainOptions) -> int:
-    """Set up the process group, build the run and train it; returns the exit status.
+    """Set up the process group, build the run and train it; returns the exit status (a process
+    of a multi-process job leaves with it instead: step 5 below).
 
     Errors in :data:`REPORTED` end the run with one ``error:`` line, printed by rank 0 whichever
     rank hit it (the other ranks exit quietly with the same status); ``opts.debug`` raises them
     instead, with their tracebacks. Under ``torchrun`` the workers stop when the launcher dies.
+
+    Shutdown, in this order, whichever way the run ends:
+
+    1. :meth:`Trainer.fit` closes the progress bar and the TensorBoard writer (threads joined);
+    2. the run-folder lock is released (rank 0 has written its last file);
+    3. when every rank ends here together (finished, stopped by a signal, or an error they
+       agreed on), a barrier: no rank closes its connections while a peer still uses them, and
+       rank 0's ``error:`` line is out before torchrun sees another rank's status;
+    4. the process group is destroyed;
+    5. a process of a multi-process job leaves at once (:func:`_leave`); a single process returns.
+
+    An error that was not agreed on skips the barrier (a peer may be gone) and is re-raised after
+    step 4, with its traceback. The parent watch runs to the very end on purpose: it is what ends
+    a worker whose launcher died while it waits in step 3.
     """
     env = init_distributed()
     if env.world > 1:
         watch_parent(what=f"rank {env.rank}")
     lock = RunLock(opts.save_dir)
+    status, together = 1, False
     try:
-        return _setup(opts, env, lock).fit()
+        status, together = _setup(opts, env, lock).fit(), True
     except REPORTED as exc:
         if opts.debug:
             raise
         if env.main:
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        if getattr(exc, "agreed", False):
-            dist.barrier()  # the other ranks leave after rank 0 has printed (torchrun stops the rest)
-        return 1
+        together = getattr(exc, "agreed", False)
     except Exception:
         stop_if_orphaned()  # a peer left because the launcher died: report that, not the collective
         raise
     finally:
         lock.release()
         if dist.is_initialized():
+            if together:
+                dist.barrier()
             dist.destroy_process_group()
+    if env.world > 1:
+        _leave(status)
+    return status
+
+
+def _leave(status: int) -> NoReturn:
+    """End a process of a multi-process job with ``status`` without interpreter finalization.
+
+    DistributedDataParallel keeps the process group -- and gloo's C++ worker threads -- alive
+    past ``destroy_process_group`` (torch 2.14). A worker thread still releasing the last
+    collective's tensor needs the GIL for it; during finalization that request ends the thread
+    inside a C++ destructor, which is ``std::terminate``: "terminate called without an active
+    exception", SIGABRT, and torchrun exits 1 after a complete run (issue 19). Everything of the
+    run is written and closed by now (shutdown order in :func:`train`), so nothing is lost.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
