@@ -246,9 +246,11 @@ class Trainer:
                 find_unused_parameters=True, forward_sync_buffers=False)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        start, tic = self.step, time.perf_counter()
         try:
             if self.env.main:
                 OmegaConf.save(self.cfg, self.run_dir / "config.yaml")
+                print(self._start_line(), flush=True)
             with tqdm(total=self.iterations, initial=self.step, desc="distill", unit="it",
                       disable=not self.env.main, dynamic_ncols=True) as bar:  # closed before any error line
                 stopped = self._train(bar)
@@ -256,7 +258,23 @@ class Trainer:
             self.logger.close()
         if stopped and self.env.main:
             print(f"stopped by signal at step {self.step}; continue with --resume")
+        elif self.env.main:
+            print(self._end_line(self.step - start, time.perf_counter() - tic), flush=True)
         return 0
+
+    def _start_line(self) -> str:
+        """What this run does: folder, processes, batch, steps (and where it resumes)."""
+        plan = self.plan
+        where = f"from step {self.step} to {self.iterations}" if self.step else f"{self.iterations} steps"
+        return (f"training {where} in {self.run_dir}: {self.env.world} process(es) on {self.env.device.type}, "
+                f"batch {plan.global_batch} ({plan.per_rank} per process), {len(self.train_set)} training images")
+
+    def _end_line(self, steps: int, seconds: float) -> str:
+        """What the run left: its last checkpoint, the best one by validation PSNR, the time."""
+        line = f"done: {steps} step(s) in {seconds:.1f} s; last checkpoint {state.checkpoint_dir(self.run_dir, self.step)}"
+        if self.best_psnr > float("-inf"):
+            line += f"; best by validation PSNR ({self.best_psnr:.2f} dB): {self.run_dir / 'checkpoints' / 'best_psnr'}"
+        return line
 
     def _train(self, bar: tqdm) -> bool:
         """The steps up to ``iterations``; True when a signal stopped them (after a save)."""

@@ -60,6 +60,11 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(root):
     assert two.returncode == 0, two.stderr[-3000:]
     one = distill(root, cfg, root / "one")
     assert one.returncode == 0, one.stderr[-3000:]
+    batch = OmegaConf.load(cfg).train.batch[0]
+    assert two.stdout.splitlines()[0] == (f"training 2 steps in {root / 'two'}: 2 process(es) on cpu, batch {batch} "
+                                          f"({batch // 2} per process), 8 training images")
+    assert two.stdout.splitlines()[-1].startswith("done: 2 step(s) in ")
+    assert two.stdout.splitlines()[-1].endswith(f"last checkpoint {root / 'two/checkpoints/step_0000002'}")
     checksums = torch.load(root / "two/checkpoints/step_0000002/trainer.pth", weights_only=True)["replica_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     a, b = weights(root / "two", 2), weights(root / "one", 2)
@@ -90,6 +95,9 @@ def test_resume_continues_bit_identically(root, straight):
     opt_b = torch.load(root / "split/checkpoints/step_0000004/trainer.pth", weights_only=True)
     assert torch.equal(opt_a["pools"][0]["lq"], opt_b["pools"][0]["lq"])
     assert (root / "straight/checkpoints/best_psnr/ema.pth").exists()
+    end = straight.stdout.splitlines()[-1]
+    assert "; best by validation PSNR (" in end and end.endswith(f" dB): {root / 'straight/checkpoints/best_psnr'}")
+    assert second.stdout.splitlines()[0].startswith(f"training from step 2 to 4 in {root / 'split'}: 1 process(es)")
     rows = (root / "split/train_log.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["step", "1", "2", "3", "4"]
 
