@@ -301,3 +301,19 @@ def test_every_missing_file_of_a_run_in_one_error(tmp_path, monkeypatch, smoke_c
     assert lines[1].startswith(f"  denoiser checkpoint (--ckpt) -> {tmp_path / 'w/BiMaCoSR.pth'}: BiMaCoSR")
     assert lines[2].startswith(f"  autoencoder (autoencoder.ckpt_path) -> {tmp_path / 'w/autoencoder_vq_f4.pth'}")
     assert lines[3:] == ["fetch them with:  python scripts/download_weights.py BiMaCoSR.pth autoencoder_vq_f4.pth --dest w"]
+
+
+def test_script_list_verifies_and_an_unwritable_dest_is_one_line(tmp_path):
+    dest = tmp_path / "w"
+    dest.mkdir()
+    (dest / "autoencoder_vq_f4.pth").write_bytes(checkpoint_bytes("autoencoder"))
+    (dest / "SinSR_v1.pth").write_bytes(checkpoint_bytes("fp_unet"))
+    assert run_script("autoencoder_vq_f4.pth", "--dest", dest, cwd=tmp_path).returncode == 0  # recorded
+    (dest / "autoencoder_vq_f4.pth").write_bytes(checkpoint_bytes("autoencoder")[:100])  # truncated later
+    listing = {line.split()[0]: line for line in run_script("--list", "--dest", dest, cwd=tmp_path).stdout.splitlines()}
+    assert "DIFFERS from the lock file" in listing["autoencoder_vq_f4.pth"]
+    assert " unverified " in listing["SinSR_v1.pth"] and " missing " in listing["BiMaCoSR.pth"]
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    result = run_script("SinSR_v1.pth", "--dest", blocked / "sub", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
