@@ -36,8 +36,8 @@ def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> list[str]:
 
 def native_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX). Emulated bf16 is not
-    used: on an AVX2-only CPU it measured about 8x slower than fp32 for the autoencoder (docs/speed.md
-    §2)."""
+    used: on CPUs without it, bf16 convolutions are emulated and several times slower than fp32
+    (``scripts/benchmark.py --variants sinsr sinsr_bf16`` shows the ratio on any machine)."""
     flags = cpu_flags(cpuinfo)
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
