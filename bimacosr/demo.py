@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from PIL import Image, UnidentifiedImageError
 
 from bimacosr import build
 from bimacosr.config import REPO_ROOT
@@ -29,10 +30,26 @@ from bimacosr.imageio import ImageReadError, find_images, read_image, to_uint8, 
 from bimacosr.pipeline import BLENDS, SRPipeline
 from bimacosr.visualize import compare_panel
 
-__all__ = ["UI_PRECISIONS", "Result", "Upscaler", "build_ui"]
+__all__ = ["UI_PRECISIONS", "Result", "Upscaler", "build_ui", "check_upload"]
 
 UI_PRECISIONS = ("auto", "fp32", "bf16")
 KEEP_OUTPUTS = 16  # SR files of the latest requests kept for download
+
+
+def check_upload(path: str | os.PathLike, max_side: int) -> tuple[int, int]:
+    """(width, height) of the image file at ``path`` from its header (nothing decoded); raises
+    ``gr.Error`` with one line for a user when it is not an image or a side exceeds ``max_side``."""
+    name = Path(path).name
+    try:
+        with Image.open(path) as probe:  # reads the header only
+            width, height = probe.size
+    except Image.DecompressionBombError:
+        raise gr.Error(f"too large: {name} has over {2 * Image.MAX_IMAGE_PIXELS} pixels (Pillow's limit); "
+                       f"this demo takes at most {max_side} pixels a side (--max_side {max_side})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        reason = "not a format Pillow reads" if isinstance(e, UnidentifiedImageError) else str(e) or type(e).__name__
+        raise gr.Error(f"not an image: {name} ({reason}): upload a PNG, JPEG, WebP, BMP or TIFF file") from None
+    return width, height
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +102,11 @@ class Upscaler:
         """Super-resolve the image file at ``path``; raises ``gr.Error`` with a message for a user."""
         if blend not in BLENDS or precision not in UI_PRECISIONS:
             raise gr.Error(f"blend must be one of {BLENDS}, precision one of {UI_PRECISIONS}")
+        check_upload(path, self.max_side)
         try:
             image = read_image(path)
         except ImageReadError as e:
-            raise gr.Error(str(e)) from None
+            raise gr.Error(f"cannot read image {Path(path).name}: {e.reason}") from None
         h, w = image.rgb.shape[-2:]
         if max(h, w) > self.max_side:
             raise gr.Error(f"the image is {w}x{h}; this demo takes at most {self.max_side} pixels a side: "
@@ -127,10 +145,10 @@ def build_ui(upscaler: Upscaler, note: str = "", title: str = "BiMaCoSR x4 super
     before/after slider, the comparison panel, the SR PNG and a status line on the right; ``note``
     is shown under the title. The button's API name is ``/upscale`` (inputs in that order; outputs
     slider, panel, file, status)."""
-    def run(path: str | None, tile: float, seed: float, blend: str, precision: str):
-        if path is None:
+    def run(upload: dict | None, tile: float, seed: float, blend: str, precision: str):
+        if upload is None:  # gr.Image's payload as sent (preprocessing off, below): the file is unread
             raise gr.Error("upload an image first")
-        r = upscaler(path, int(tile), int(seed), blend, precision)
+        r = upscaler(upload["path"], int(tile), int(seed), blend, precision)
         return (r.before, r.sr), r.panel, str(r.file), r.status
 
     examples = find_images(REPO_ROOT / "examples") if (REPO_ROOT / "examples").is_dir() else []
@@ -140,9 +158,8 @@ def build_ui(upscaler: Upscaler, note: str = "", title: str = "BiMaCoSR x4 super
                     f"Weights: `{upscaler.name}` on `{upscaler.device}`." + (f"\n\n**{note}**" if note else ""))
         with gr.Row():
             with gr.Column(scale=1):
-                # image_mode None: the uploaded file as it is (16-bit, grey, alpha: read_image handles them)
-                image = gr.Image(type="filepath", image_mode=None, label="low-resolution input",
-                                 sources=["upload", "clipboard"])
+                # the uploaded file as it is (16-bit, grey, alpha: read_image handles them)
+                image = gr.Image(type="filepath", label="low-resolution input", sources=["upload", "clipboard"])
                 tile = gr.Slider(64, 512, value=256, step=32, label="tile size (LR pixels)",
                                  info="larger images are cut into tiles of this size")
                 seed = gr.Number(value=12345, precision=0, label="seed")
@@ -159,5 +176,8 @@ def build_ui(upscaler: Upscaler, note: str = "", title: str = "BiMaCoSR x4 super
                     panel = gr.Image(label="comparison", format="png", type="numpy")
                 file = gr.File(label="SR image (PNG)")
                 status = gr.Textbox(label="run", interactive=False)
-        button.click(run, [image, tile, seed, blend, precision], [slider, panel, file, status], api_name="upscale")
+        # preprocess off: gr.Image opens the upload with Pillow first, so a file that is not an image, or
+        # one over Pillow's pixel limit, ended in Gradio's generic error before check_upload could name it
+        button.click(run, [image, tile, seed, blend, precision], [slider, panel, file, status], api_name="upscale",
+                     preprocess=False)
     return page

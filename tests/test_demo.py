@@ -3,11 +3,13 @@ over HTTP with gradio_client."""
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 
 import numpy as np
 import pytest
@@ -17,6 +19,14 @@ from bimacosr.smoke import downscale, photo
 from tests.conftest import REPO
 
 START_TIMEOUT_S = 300  # gradio import + tiny smoke weights written and loaded, on a busy 2-core machine
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width`` x ``height`` (RGB, 8 bits) and whose pixel data is empty."""
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def free_port() -> int:
@@ -63,6 +73,7 @@ def demo_url(tmp_path):
 @pytest.mark.slow
 def test_demo_over_http(demo_url, tmp_path):
     from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
 
     lr = downscale(photo("coffee"), 10)  # 60 x 40: one small tile
     Image.fromarray(lr).save(tmp_path / "coffee.png")
@@ -76,6 +87,11 @@ def test_demo_over_http(demo_url, tmp_path):
     assert np.asarray(Image.open(before)).shape[:2] == (160, 240)
     assert Image.open(panel).width > 3 * 240
     assert status.startswith("60x40 -> 240x160 in ") and "(fp32)" in status and "seed 7" in status
+    (tmp_path / "notes.py").write_text("print('hi')")
+    (tmp_path / "huge.png").write_bytes(png_claiming(60000, 60000))
+    for name, message in (("notes.py", "not an image: notes.py"), ("huge.png", "too large: huge.png has over")):
+        with pytest.raises(AppError, match=message):  # was Gradio's "The upstream Gradio app has raised an exception"
+            client.predict(handle_file(str(tmp_path / name)), 64, 7, "gaussian", "fp32", api_name="/upscale")
 
 
 @pytest.mark.slow
@@ -101,9 +117,31 @@ def test_upscaler_matches_the_pipeline_and_explains_bad_inputs(tmp_path):
     assert name == "bf16" and bf16.autocast == torch.bfloat16 and bf16.denoiser is upscaler.pipeline("fp32")[0].denoiser
     Image.fromarray(downscale(photo("astronaut"), 4)).save(tmp_path / "big.png")  # 128 x 128
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    for path, message in (("big.png", "at most 64 pixels a side: restart app.py with --max_side 128"), ("bad.png", "cannot read image")):
+    for path, message in (("big.png", "at most 64 pixels a side: restart app.py with --max_side 128"),
+                          ("bad.png", "not an image: bad.png")):
         with pytest.raises(gr.Error, match=message):
             upscaler(tmp_path / path)
+
+
+def test_bad_uploads_are_one_line_naming_the_file(tmp_path):
+    """Not an image, empty, a script, a header over Pillow's pixel limit: the demo's own message,
+    never Gradio's generic error (gr.Image opened the upload with Pillow before the event ran)."""
+    import gradio as gr
+
+    from bimacosr.demo import check_upload
+
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "app.py").write_text("print('hi')")
+    (tmp_path / "huge.png").write_bytes(png_claiming(60000, 60000))
+    for name, message in (("notes.txt", r"not an image: notes.txt \(not a format Pillow reads\): upload a PNG"),
+                          ("empty.png", "not an image: empty.png"), ("app.py", "not an image: app.py"),
+                          ("huge.png", (r"too large: huge.png has over \d+ pixels \(Pillow's limit\); "
+                                        r"this demo takes at most 1024 pixels a side \(--max_side 1024\)"))):
+        with pytest.raises(gr.Error, match=message):
+            check_upload(tmp_path / name, 1024)
+    Image.new("RGB", (300, 1100)).save(tmp_path / "tall.png")
+    assert check_upload(tmp_path / "tall.png", 1100) == (300, 1100)
 
 
 def test_busy_port_is_one_error_line(tmp_path):
