@@ -49,6 +49,9 @@ def check_upload(path: str | os.PathLike, max_side: int) -> tuple[int, int]:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         reason = "not a format Pillow reads" if isinstance(e, UnidentifiedImageError) else str(e) or type(e).__name__
         raise gr.Error(f"not an image: {name} ({reason}): upload a PNG, JPEG, WebP, BMP or TIFF file") from None
+    if max(width, height) > max_side:  # before decoding: an 8000x8000 PNG is 0.8 GB of float32 pixels
+        raise gr.Error(f"too large: {name} is {width}x{height}; this demo takes at most {max_side} pixels a side: "
+                       f"restart app.py with --max_side {max(width, height)} (inference_quant.py has no limit)")
     return width, height
 
 
@@ -99,7 +102,8 @@ class Upscaler:
 
     def __call__(self, path: str | os.PathLike, tile: int = 256, seed: int = 12345,
                  blend: str = "average", precision: str = "auto") -> Result:
-        """Super-resolve the image file at ``path``; raises ``gr.Error`` with a message for a user."""
+        """Super-resolve the image file at ``path``; raises ``gr.Error`` with a message for a user. The
+        file is decoded only once :func:`check_upload` has read its size from the header."""
         if blend not in BLENDS or precision not in UI_PRECISIONS:
             raise gr.Error(f"blend must be one of {BLENDS}, precision one of {UI_PRECISIONS}")
         check_upload(path, self.max_side)
@@ -108,9 +112,6 @@ class Upscaler:
         except ImageReadError as e:
             raise gr.Error(f"cannot read image {Path(path).name}: {e.reason}") from None
         h, w = image.rgb.shape[-2:]
-        if max(h, w) > self.max_side:
-            raise gr.Error(f"the image is {w}x{h}; this demo takes at most {self.max_side} pixels a side: "
-                           f"restart app.py with --max_side {max(h, w)} (inference_quant.py has no limit)")
         pipe, prec = self.pipeline(precision)
         start = time.perf_counter()
         generator = torch.Generator(pipe.device).manual_seed(int(seed))

@@ -95,7 +95,7 @@ def test_demo_over_http(demo_url, tmp_path):
 
 
 @pytest.mark.slow
-def test_upscaler_matches_the_pipeline_and_explains_bad_inputs(tmp_path):
+def test_upscaler_matches_the_pipeline_and_explains_bad_inputs(tmp_path, monkeypatch):
     import gradio as gr
     import torch
 
@@ -121,6 +121,15 @@ def test_upscaler_matches_the_pipeline_and_explains_bad_inputs(tmp_path):
                           ("bad.png", "not an image: bad.png")):
         with pytest.raises(gr.Error, match=message):
             upscaler(tmp_path / path)
+    Image.new("RGB", (8000, 8000)).save(tmp_path / "black.png")  # 8 KB file, 0.8 GB once decoded to float32
+
+    def no_decoding(path):
+        raise AssertionError(f"{path} decoded before its size was checked")
+
+    monkeypatch.setattr("bimacosr.demo.read_image", no_decoding)
+    with pytest.raises(gr.Error, match="too large: black.png is 8000x8000; this demo takes at most 64 pixels a side: "
+                                       "restart app.py with --max_side 8000"):
+        upscaler(tmp_path / "black.png")
 
 
 def test_bad_uploads_are_one_line_naming_the_file(tmp_path):
@@ -142,6 +151,9 @@ def test_bad_uploads_are_one_line_naming_the_file(tmp_path):
             check_upload(tmp_path / name, 1024)
     Image.new("RGB", (300, 1100)).save(tmp_path / "tall.png")
     assert check_upload(tmp_path / "tall.png", 1100) == (300, 1100)
+    with pytest.raises(gr.Error, match=r"too large: tall.png is 300x1100; this demo takes at most 1024 pixels a side: "
+                                       r"restart app.py with --max_side 1100 \(inference_quant.py has no limit\)"):
+        check_upload(tmp_path / "tall.png", 1024)
 
 
 def test_busy_port_is_one_error_line(tmp_path):
