@@ -5,9 +5,12 @@ slider, a comparison panel and the SR image as a PNG download.
     python app.py --smoke                                              # tiny random weights: starts anywhere
     python app.py --deploy weights/BiMaCoSR_deploy.safetensors         # the packed 1-bit file
 
-The page is served on 127.0.0.1 only unless --host says otherwise. The logic is in bimacosr/demo.py.
+The page is served on 127.0.0.1 only unless --host says otherwise. Uploads and results live in one
+temporary folder, bimacosr-demo-*, holding the latest --keep requests' files; it is removed when the
+demo stops (Ctrl-C or SIGTERM). The logic is in bimacosr/demo.py.
 """
 import argparse
+import signal
 import socket
 import sys
 import time
@@ -34,6 +37,8 @@ def parse_args() -> argparse.Namespace:
                         "--config/--ckpt/--deploy unused): checks the demo runs, the pictures are noise")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA if present)")
     p.add_argument("--max_side", type=int, default=1024, help="largest LR side accepted (default: %(default)s)")
+    p.add_argument("--keep", type=int, default=16,
+                   help="requests whose upload and results stay on disk for download (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     return p.parse_args()
@@ -52,6 +57,10 @@ def port_in_use(host: str, port: int) -> bool:
 
 def main() -> int:
     args = parse_args()
+    if args.keep < 1:
+        print(f"error: --keep {args.keep}: pass --keep 1 or more (the latest result is downloaded from disk)",
+              file=sys.stderr)
+        return 2
     if port_in_use(args.host, args.port):
         print(f"error: port {args.port} is in use: pass --port N (a free port)", file=sys.stderr)
         return 2
@@ -66,14 +75,15 @@ def main() -> int:
         device = build.pick_device(args.device)
         start = time.perf_counter()
         print(f"loading {files.deploy or files.ckpt} and {files.autoencoder} on {device} ...", flush=True)
-        upscaler = Upscaler(cfg, files, device, max_side=args.max_side)
+        # SIGTERM as Ctrl-C: the server closes and the temporary folder is removed at exit
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        upscaler = Upscaler(cfg, files, device, max_side=args.max_side, keep=args.keep)
         print(f"loaded in {time.perf_counter() - start:.1f} s", flush=True)
     except (ConfigError, CheckpointError, DeployFileError, MissingWeightsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     note = "smoke mode: tiny random weights, the output is noise" if args.smoke else ""
-    build_ui(upscaler, note).launch(server_name=args.host, server_port=args.port, share=False,
-                              allowed_paths=[str(upscaler.outdir)])
+    build_ui(upscaler, note).launch(server_name=args.host, server_port=args.port, share=False)
     return 0
 
 

@@ -8,8 +8,10 @@ weights of :func:`bimacosr.smoke.smoke_inference`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import math
 import os
 import shutil
 import tempfile
@@ -33,7 +35,7 @@ from bimacosr.visualize import compare_panel
 __all__ = ["UI_PRECISIONS", "Result", "Upscaler", "build_ui", "check_upload"]
 
 UI_PRECISIONS = ("auto", "fp32", "bf16")
-KEEP_OUTPUTS = 16  # SR files of the latest requests kept for download
+KEEP_OUTPUTS = 16  # results and uploads of the latest requests kept (the download button needs them)
 
 
 def check_upload(path: str | os.PathLike, max_side: int) -> tuple[int, int]:
@@ -43,6 +45,9 @@ def check_upload(path: str | os.PathLike, max_side: int) -> tuple[int, int]:
     try:
         with Image.open(path) as probe:  # reads the header only
             width, height = probe.size
+    except FileNotFoundError:
+        raise gr.Error(f"{name} is no longer on the server (the uploads of the latest requests are kept): "
+                       f"upload it again") from None
     except Image.DecompressionBombError:
         raise gr.Error(f"too large: {name} has over {2 * Image.MAX_IMAGE_PIXELS} pixels (Pillow's limit); "
                        f"this demo takes at most {max_side} pixels a side (--max_side {max_side})") from None
@@ -53,6 +58,26 @@ def check_upload(path: str | os.PathLike, max_side: int) -> tuple[int, int]:
         raise gr.Error(f"too large: {name} is {width}x{height}; this demo takes at most {max_side} pixels a side: "
                        f"restart app.py with --max_side {max(width, height)} (inference_quant.py has no limit)")
     return width, height
+
+
+def _keep_latest(uploads: set[str], keep: int, current: str) -> None:
+    """Delete the files of ``uploads`` (Gradio's record of the uploads, pruned in place) but the
+    latest ``keep``, counting ``current`` (the request's own) as the latest; a file's folder goes
+    with it once empty."""
+    def uploaded(file: str) -> float:
+        """When ``file`` was uploaded: ``current`` now, a file already gone never."""
+        if file == current:
+            return math.inf
+        try:
+            return os.stat(file).st_ctime
+        except FileNotFoundError:
+            return -math.inf
+
+    for file in sorted(uploads, key=uploaded)[:-keep]:  # copied first, as the server adds to it
+        uploads.discard(file)
+        Path(file).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: the same bytes uploaded under another name
+            Path(file).parent.rmdir()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,22 +96,30 @@ class Result:
 class Upscaler:
     """The SR pipeline built once (fp32 modules), run per request with a precision of
     :data:`UI_PRECISIONS` (resolved by ``build.resolve_precision``: an fp16 autoencoder copy is made
-    the first time CUDA's ``auto`` asks for it). ``max_side`` bounds the LR input (pixels)."""
+    the first time CUDA's ``auto`` asks for it). ``max_side`` bounds the LR input (pixels); the files
+    of the latest ``keep`` (at least 1) requests are kept in :attr:`outdir`."""
 
     def __init__(self, cfg: DictConfig, files: build.InferenceFiles, device: torch.device,
-                 max_side: int = 1024) -> None:
-        self.cfg, self.device, self.max_side = cfg, device, max_side
+                 max_side: int = 1024, keep: int = KEEP_OUTPUTS) -> None:
+        self.cfg, self.device, self.max_side, self.keep = cfg, device, max_side, keep
         base = build.build_pipeline(cfg, files, device, precision="fp32")
         self._pipes: dict[str, SRPipeline] = {"fp32": base}
         self._lock = threading.Lock()
-        self._outdir = tempfile.TemporaryDirectory(prefix="bimacosr-demo-")
+        self._workdir = tempfile.TemporaryDirectory(prefix="bimacosr-demo-")  # removed at exit
+        self.outdir.mkdir()
         self._count = 0
         self.name = files.deploy.name if files.deploy is not None else files.ckpt.name
 
     @property
+    def workdir(self) -> Path:
+        """This process's folder, removed at exit: :attr:`outdir` and, under :func:`build_ui`, Gradio's
+        cache (the uploads)."""
+        return Path(self._workdir.name)
+
+    @property
     def outdir(self) -> Path:
-        """Where the SR files of the latest requests are written."""
-        return Path(self._outdir.name)
+        """Where the files of the latest requests are written, one folder per request."""
+        return self.workdir / "results"
 
     def pipeline(self, precision: str) -> tuple[SRPipeline, str]:
         """The pipeline for a UI precision and the precision's resolved name."""
@@ -131,11 +164,12 @@ class Upscaler:
         return Result(to_uint8(bicubic), to_uint8(sr), to_uint8(compare_panel(image.rgb, sr)), file, status)
 
     def _next_dir(self) -> Path:
-        """A fresh folder for one request's file; only the latest KEEP_OUTPUTS are kept."""
+        """A fresh folder for one request's files; with it, only the latest ``keep`` are kept."""
         with self._lock:
             self._count += 1
             folder = self.outdir / f"{self._count:06d}"
-            for old in sorted(self.outdir.iterdir())[:-KEEP_OUTPUTS + 1]:
+            older = sorted(self.outdir.iterdir())
+            for old in older[:len(older) - (self.keep - 1)]:
                 shutil.rmtree(old, ignore_errors=True)
         folder.mkdir()
         return folder
@@ -145,16 +179,29 @@ def build_ui(upscaler: Upscaler, note: str = "", title: str = "BiMaCoSR x4 super
     """The page: input image, tile size, seed, blending, precision and a button on the left; the
     before/after slider, the comparison panel, the SR PNG and a status line on the right; ``note``
     is shown under the title. The button's API name is ``/upscale`` (inputs in that order; outputs
-    slider, panel, file, status)."""
+    slider, panel, file, status).
+
+    Gradio's cache is set to ``upscaler.workdir`` (``GRADIO_TEMP_DIR`` of this process, read by the
+    components and the server as they are made): the result files are served from where they are
+    written, never copied, and the uploads of the latest ``upscaler.keep`` requests are kept, so the
+    files on disk stay bounded and all go with the folder at exit."""
+    os.environ["GRADIO_TEMP_DIR"] = str(upscaler.workdir)
+
     def run(upload: dict | None, tile: float, seed: float, blend: str, precision: str):
         if upload is None:  # gr.Image's payload as sent (preprocessing off, below): the file is unread
             raise gr.Error("upload an image first")
-        r = upscaler(upload["path"], int(tile), int(seed), blend, precision)
-        return (r.before, r.sr), r.panel, str(r.file), r.status
+        try:
+            r = upscaler(upload["path"], int(tile), int(seed), blend, precision)
+        finally:
+            _keep_latest(page.upload_file_set, upscaler.keep, upload["path"])
+        views = [r.file.parent / f"{view}.png" for view in ("before", "after", "panel")]
+        for pixels, view in zip((r.before, r.sr, r.panel), views):
+            Image.fromarray(pixels).save(view, compress_level=1)  # read once by the browser: fast rather than small
+        return (str(views[0]), str(views[1])), str(views[2]), str(r.file), r.status
 
     examples = find_images(REPO_ROOT / "examples") if (REPO_ROOT / "examples").is_dir() else []
     # analytics off: no telemetry or version-check requests leave the machine
-    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as page:
+    with gr.Blocks(title=title, analytics_enabled=False) as page:
         gr.Markdown(f"## {title}\nUpload a low-resolution photo; the model returns it 4x larger. "
                     f"Weights: `{upscaler.name}` on `{upscaler.device}`." + (f"\n\n**{note}**" if note else ""))
         with gr.Row():

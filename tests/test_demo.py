@@ -1,5 +1,6 @@
 """The Gradio demo for real: ``app.py --smoke`` in a subprocess on a free 127.0.0.1 port, called
 over HTTP with gradio_client."""
+import contextlib
 import os
 import signal
 import socket
@@ -10,6 +11,8 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,24 +53,34 @@ def wait_until_up(proc: subprocess.Popen, url: str, log) -> None:
     pytest.fail(f"app.py did not answer on {url} within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture
-def demo_url(tmp_path):
-    port, log = free_port(), tmp_path / "app.log"
+@contextlib.contextmanager
+def running_demo(tmp_path: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``app.py --smoke ARGS`` serving on a free port, with ``tmp_path/tmp`` as its temporary folder:
+    yields (URL, process); SIGINT at the end unless the process has already ended."""
+    port, log, tmp = free_port(), tmp_path / "app.log", tmp_path / "tmp"
+    tmp.mkdir()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--smoke", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--smoke", "--port", str(port), *args],
                                 cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(tmp)})
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_until_up(proc, url, log)
-        yield url
+        yield url, proc
     finally:
-        proc.send_signal(signal.SIGINT)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=20)
+
+
+@pytest.fixture
+def demo_url(tmp_path):
+    with running_demo(tmp_path) as (url, _):
+        yield url
 
 
 @pytest.mark.slow
@@ -92,6 +105,32 @@ def test_demo_over_http(demo_url, tmp_path):
     for name, message in (("notes.py", "not an image: notes.py"), ("huge.png", "too large: huge.png has over")):
         with pytest.raises(AppError, match=message):  # was Gradio's "The upstream Gradio app has raised an exception"
             client.predict(handle_file(str(tmp_path / name)), 64, 7, "gaussian", "fp32", api_name="/upscale")
+
+
+@pytest.mark.slow
+@pytest.mark.slow
+def test_files_on_disk_stay_bounded_and_sigterm_removes_them(tmp_path):
+    """Each request's upload and results are kept for the latest --keep requests only (they stayed an
+    hour: 5 files a request); SIGTERM removes the demo's folder, uploads included, as Ctrl-C does."""
+    from gradio_client import Client, handle_file
+
+    with running_demo(tmp_path, "--keep", "2") as (url, proc):
+        client = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "got"))
+        (workdir,) = (tmp_path / "tmp").glob("bimacosr-demo-*")
+        counts = []
+        for i in range(5):
+            Image.fromarray(downscale(photo("coffee"), 10) // (i + 1)).save(tmp_path / f"in{i}.png")
+            client.predict(handle_file(str(tmp_path / f"in{i}.png")), 64, 7, "average", "fp32", api_name="/upscale")
+            files = [f.relative_to(workdir) for f in workdir.rglob("*") if f.is_file()]
+            counts.append(len(files))
+        results = {f.parts[1] for f in files if f.parts[0] == "results"}
+        uploads = [f.name for f in files if f.parts[0] != "results" and f.name.startswith("in")]
+        assert counts[1:] == [counts[1]] * 4, counts  # constant once --keep requests are held
+        assert results == {"000004", "000005"} and sorted(uploads) == ["in3.png", "in4.png"], files
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert not list((tmp_path / "tmp").glob("bimacosr-demo-*"))
+    assert not [f for f in (tmp_path / "tmp").rglob("gradio/**/*") if f.is_file()]  # gradio/: its empty folders
 
 
 @pytest.mark.slow
