@@ -9,12 +9,13 @@ used for its temp file (safetensors creates 0600).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text", "temp_path"]
+__all__ = ["atomic_write", "atomic_write_text", "file_digest", "temp_path"]
 
 
 def temp_path(path: Path, suffix: str = ".tmp") -> Path:
@@ -68,3 +69,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
     return atomic_write(path, write)
+
+
+def file_digest(path: str | os.PathLike) -> tuple[int, str]:
+    """``(size in bytes, sha256 hex)`` of a file, read in 1 MiB chunks: what lock files and build
+    records keep of a file written whole."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return Path(path).stat().st_size, digest.hexdigest()

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from bimacosr.weights import (LOCK_NAME, DownloadError, WeightFile, WeightsError, _digest, fetch,
-                              fetch_command, read_lock)
+from bimacosr.atomic import file_digest
+from bimacosr.weights import LOCK_NAME, DownloadError, WeightFile, WeightsError, fetch, fetch_command, read_lock
 
 __all__ = ["URL_BASE_ENV", "MetricFile", "Prepared", "cache_dirs", "metric_files", "metric_hub", "prepare",
            "safety_problem", "status", "url_of"]
@@ -104,7 +104,7 @@ def safety_problem(path: Path, sha256: str | None = None, name: str | None = Non
         except Exception as err:  # noqa: BLE001 -- any failure: not a MATLAB file
             return f"not a MATLAB .mat file ({type(err).__name__})"
         return None
-    if sha256 is not None and _digest(path)[1] == sha256.lower():
+    if sha256 is not None and file_digest(path)[1] == sha256.lower():
         return None
     try:
         with warnings.catch_warnings():
@@ -138,7 +138,7 @@ def _check_given(path: Path, sha256: str | None) -> str | None:
         locked = read_lock(path.parent).get(path.name)
     except WeightsError as err:
         return str(err)
-    if locked is not None and _digest(path) != (locked["size"], locked["sha256"]):
+    if locked is not None and file_digest(path) != (locked["size"], locked["sha256"]):
         return (f"{path} differs from what {path.parent / LOCK_NAME} records for it (sha256 "
                 f"{str(locked['sha256'])[:12]}...): it changed after it was recorded")
     problem = safety_problem(path, sha256)
@@ -260,4 +260,4 @@ def status(entry: WeightFile, path: Path) -> str:
         return f"unverified ({LOCK_NAME} unreadable)"
     if locked is None:
         return "unverified"
-    return "verified" if _digest(path) == (locked["size"], locked["sha256"]) else "DIFFERS from the lock file"
+    return "verified" if file_digest(path) == (locked["size"], locked["sha256"]) else "DIFFERS from the lock file"

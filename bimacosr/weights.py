@@ -12,7 +12,6 @@ so the lock records what this machine first downloaded.
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bimacosr.atomic import atomic_write_text, temp_path
+from bimacosr.atomic import atomic_write_text, file_digest, temp_path
 from bimacosr.config import REPO_ROOT, resolve_config_path
 
 __all__ = ["WeightFile", "RELEASED", "TARGETS", "WEIGHTS_DIR", "LOCK_NAME", "WeightsError",
@@ -282,15 +281,6 @@ def _drive(entry: WeightFile, tmp: Path, progress: bool, by_hand: str) -> None:
                 bar.close()
 
 
-def _digest(path: Path) -> tuple[int, str]:
-    """(size in bytes, sha256 hex) of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return path.stat().st_size, digest.hexdigest()
-
-
 def _reason(e: Exception) -> str:
     """A one-line cause of a network error."""
     if isinstance(e, urllib.error.HTTPError):
@@ -367,7 +357,7 @@ def _verify_present(entry: WeightFile, dest: Path) -> Fetched:
     """Check a present file against its lock entry, or (none yet) for its kind and record it."""
     refetch = f"fetch it again with: {fetch_command(entry, dest.parent)} --force"
     locked = read_lock(dest.parent).get(entry.name)
-    size, sha256 = _digest(dest)
+    size, sha256 = file_digest(dest)
     if locked is not None:
         if (size, sha256) != (locked["size"], locked["sha256"]):
             raise VerifyError(f"{dest} differs from what {dest.parent / LOCK_NAME} records "
@@ -419,7 +409,7 @@ def fetch(entry: WeightFile, dest_dir: str | os.PathLike | None = None, force: b
                                     f"no network? {by_hand}")
         else:
             _drive(entry, tmp, progress, by_hand)
-        size, sha256 = _digest(tmp)
+        size, sha256 = file_digest(tmp)
         _check_published(entry, size, sha256)
         problem = kind_problem(entry, tmp)
         if problem is not None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bimacosr.atomic import atomic_write_text
+from bimacosr.atomic import atomic_write_text, file_digest
 from bimacosr.cpu import cpu_flags
 
 __all__ = ["ENV", "LANES", "available", "binary_conv", "build_dir", "pack_lowrank", "pack_sparse",
@@ -61,7 +61,7 @@ def _record(library: Path) -> Path:
 
 def _fingerprint(library: Path) -> dict[str, object]:
     """What a build records of its library: size in bytes and sha256."""
-    return {"size": library.stat().st_size, "sha256": hashlib.sha256(library.read_bytes()).hexdigest()}
+    return dict(zip(("size", "sha256"), file_digest(library)))
 
 
 def _damage(folder: Path) -> str | None:
