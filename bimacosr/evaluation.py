@@ -326,6 +326,7 @@ def _score_folder(sr_dir: Path, gt_dir: Path | None, pairing: Pairing,
     instead, printed and kept in the row), their means over the images that have one, and FID for
     one SR folder."""
     rows = []
+    per_image = {name: metric for name, metric in metrics.items() if METRICS[name].kind != "folder"}
     for sr_path, gt_path in tqdm(pairing.pairs, desc=str(sr_dir), unit="img", file=sys.stderr,
                                  disable=None):
         sr_image = read_image(sr_path)
@@ -342,7 +343,6 @@ def _score_folder(sr_dir: Path, gt_dir: Path | None, pairing: Pairing,
         if note:
             print(f"warning: {sr_path} and {gt_path} differ in channels: {note}", file=sys.stderr)
             row["channel_mismatch"] = note
-        per_image = {name: metric for name, metric in metrics.items() if METRICS[name].kind != "folder"}
         outside = {name: SIZE_LIMITS[name].note(METRICS[name].label, sr.shape[3], sr.shape[2])
                    for name in per_image}
         if any(outside.values()):
