@@ -13,6 +13,12 @@ the same rounds.
     python scripts/benchmark_unet.py                          # 64² latent, 2 threads, 5 rounds
     python scripts/benchmark_unet.py --rounds 9 --json unet.json
     python scripts/benchmark_unet.py --profile deploy_fused    # where that variant's time goes
+    python scripts/benchmark_unet.py --kernel-rates --json rates.json  # each kernel call vs the bound probe
+
+``--kernel-rates`` records every fused-kernel call of one step of ``deploy_bf16`` (``deploy_fused``
+where bf16 is not native: the project's defaults) and replays each beside the bound probe, the
+plain XOR-popcount GEMM at the layer's K (bimacosr/deploy/kernels/rates.py): per layer the
+kernel's and the bound's G binary MAC/s, and over the step the summed kernel / bound time.
 """
 import contextlib
 import copy
@@ -113,6 +119,38 @@ def profile(name: str, size: int, batch: int, top: int) -> str:
     return p.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 
+def rates(size: int, batch: int, reps: int) -> dict:
+    """Per-layer kernel and bound-probe rates over one step of the default deploy variant."""
+    from bimacosr.build import native_bf16
+    from bimacosr.deploy.kernels.rates import kernel_rates, record_calls
+
+    name = "deploy_bf16" if native_bf16() else "deploy_fused"
+    variants = build_variants([name])
+    if name not in variants:
+        raise SystemExit(f"--kernel-rates needs the fused kernel: {name} could not be built")
+    model, autocast = variants[name]
+    gen = torch.Generator().manual_seed(1)
+    x, lq = torch.randn(batch, 3, size, size, generator=gen), torch.rand(batch, 3, size, size, generator=gen) * 2 - 1
+    t = torch.zeros(batch, dtype=torch.long)
+    calls = record_calls(model, lambda: step(model, autocast, x, t, lq))
+    layers = kernel_rates(calls, reps)
+    kernel_s, bound_s = sum(r["kernel_s"] for r in layers), sum(r["bound_s"] for r in layers)
+    return {"variant": name, "size": size, "batch": batch, "reps": reps, "threads": torch.get_num_threads(),
+            "path": torch.ops.bimacosr.path(), "layers": layers, "kernel_s": kernel_s, "bound_s": bound_s,
+            "ratio": kernel_s / bound_s, "macs": sum(r["macs"] for r in layers)}
+
+
+def print_rates(result: dict) -> None:
+    print(f"binary_conv vs the bound probe, one {result['variant']} step, {result['size']}x{result['size']} latent, "
+          f"{result['threads']} threads, {result['path']}; medians of {result['reps']} interleaved calls")
+    print(f"{'layer':44s} {'pix':>5s} {'cin':>5s} {'cout':>5s} {'taps':>4s} {'kernel G/s':>10s} {'bound G/s':>9s} {'ratio':>6s}")
+    for r in result["layers"]:
+        print(f"{r['layer'][-44:]:44s} {r['pixels']:5d} {r['cin']:5d} {r['cout']:5d} {r['taps']:4d} "
+              f"{r['kernel_gmacs']:10.0f} {r['bound_gmacs']:9.0f} {r['ratio']:6.2f}")
+    print(f"step: {result['macs'] / 1e9:.1f} G binary MACs, kernel {result['kernel_s'] * 1e3:.1f} ms, "
+          f"bound {result['bound_s'] * 1e3:.1f} ms, kernel / bound = {result['ratio']:.2f}")
+
+
 def main() -> None:
     from bimacosr.build import native_bf16
 
@@ -128,10 +166,18 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the result here")
     ap.add_argument("--profile", choices=VARIANTS, help="print a profile of this variant instead")
     ap.add_argument("--top", type=int, default=25, help="rows of the profile table")
+    ap.add_argument("--kernel-rates", action="store_true",
+                    help="per layer, the fused kernel's rate beside the bound probe's (--rounds calls each)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.profile:
         print(profile(args.profile, args.size, args.batch, args.top))
+        return
+    if args.kernel_rates:
+        result = rates(args.size, args.batch, args.rounds)
+        print_rates(result)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
         return
     result = run(args.variants, args.size, args.rounds, args.batch)
     print(f"UNet step, {args.size}x{args.size} latent, batch {args.batch}, {result['threads']} threads, "

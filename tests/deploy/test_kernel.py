@@ -18,20 +18,10 @@ from bimacosr.deploy import (
     to_deploy,
 )
 from bimacosr.quant import BiMaCoConv2d, BiMaCoLinear
+from tests.deploy.conftest import FLAGS_ENV
 
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[2]
-
-
-FLAGS_ENV = "BIMACOSR_TEST_KERNEL_FLAGS"  # extra compiler flags of a test build (the other-path test)
-
-
-@pytest.fixture(scope="session")
-def fused() -> None:
-    """The compiled kernel (built once per session, cached on disk); skips where it cannot build."""
-    kernels.FLAGS.extend(os.environ.get(FLAGS_ENV, "").split())
-    if not kernels.available():
-        pytest.skip(kernels.status())
 
 
 def _randomize(layer: nn.Module, seed: int, weight_zeros: bool = False) -> nn.Module:
@@ -298,7 +288,9 @@ def test_every_other_popcount_path_on_a_test_build(fused):
             continue
         env = {**os.environ, FLAGS_ENV: flags}
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__,
-                                 "-k", "equals_the_simulated or zero_weights or all_zero or every_bit", "-m", "not slow"],
+                                 str(Path(__file__).with_name("test_bound.py")),
+                                 "-k", "equals_the_simulated or zero_weights or all_zero or every_bit or probe or mixed",
+                                 "-m", "not slow"],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         output = result.stdout + result.stderr
         assert result.returncode == 0, f"{flags}: " + result.stdout[-3000:] + result.stderr[-3000:]

@@ -1,6 +1,8 @@
 """The fused 1-bit CPU kernel of the deploy layers (``binary.cpp``, docs/kernel.md) and its loader.
 
-The C++ source is compiled on first use with ``torch.utils.cpp_extension.load`` (``-O3
+One extension: the layer op (``binary.cpp``) and the bound probe (``bound.cpp``, the plain
+XOR-popcount GEMM that ``rates.py`` times beside it) share the popcount micro-kernel
+(``popcount.h``) and vector helpers (``vec.h``). The C++ sources are compiled on first use with ``torch.utils.cpp_extension.load`` (``-O3
 -march=native``; g++ and ninja needed) into ``$BIMACOSR_KERNEL_DIR`` or
 ``~/.cache/bimacosr/kernels/<tag>``, where the tag hashes the source, the torch version and this
 CPU's flags, so a build is reused by later processes and never run on a CPU it was not built for.
@@ -35,7 +37,8 @@ __all__ = ["ENV", "LANES", "available", "binary_conv", "build_dir", "pack_lowran
 
 ENV = "BIMACOSR_KERNEL"
 """``off``: never build or use the fused kernel; ``auto`` (default): build it on first use."""
-SOURCE = Path(__file__).with_name("binary.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("binary.cpp", "bound.cpp")]
+HEADERS = [Path(__file__).with_name(name) for name in ("popcount.h", "vec.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]  # -fopenmp: at::parallel_for is OpenMP in the headers
 
 _state: dict[str, object] = {}  # "ok": bool, "reason": str (why not), "folder", "passed_over", "line": the notice
@@ -43,7 +46,7 @@ _state: dict[str, object] = {}  # "ok": bool, "reason": str (why not), "folder",
 
 def build_dir() -> Path:
     """Where the extension is (or will be) built; one folder per source/torch/CPU combination."""
-    text = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(cpu_flags()).encode() + " ".join(FLAGS).encode()
+    text = b"".join(f.read_bytes() for f in SOURCES + HEADERS) + torch.__version__.encode() + " ".join(cpu_flags()).encode() + " ".join(FLAGS).encode()
     tag = hashlib.sha256(text).hexdigest()[:12]
     root = os.environ.get("BIMACOSR_KERNEL_DIR") or Path.home() / ".cache" / "bimacosr" / "kernels"
     return Path(root) / tag
@@ -92,7 +95,7 @@ def _compile(folder: Path) -> None:
     finally:
         quiet.setLevel(level)
     folder.mkdir(parents=True, exist_ok=True)
-    load(name=f"bimacosr_binary_{folder.name}", sources=[str(SOURCE)], extra_cflags=FLAGS,
+    load(name=f"bimacosr_binary_{folder.name}", sources=[str(f) for f in SOURCES], extra_cflags=FLAGS,
          extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False,
          verbose=False)
     library = _library(folder)

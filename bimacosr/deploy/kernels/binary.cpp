@@ -20,12 +20,14 @@
 //
 // bimacosr::path() -> the popcount this build uses (AVX-512 VPOPCNTDQ, AVX2 table, portable).
 //
+// The popcount paths and the micro-kernel are in popcount.h, shared with the bound probe
+// (bound.cpp); vector types and bf16 loads/stores in vec.h.
+//
 // Weights come in blocks of 16 output channels, the 16 words of one block and input word
 // adjacent (wbits[t, ob, i, lane]), lanes in the order kLaneOrder so that the AVX2 path's
 // 64-bit popcount lanes interleave into 32-bit lanes in natural output order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -35,70 +37,13 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
+#include "popcount.h"
 
+namespace bimacosr {
 namespace {
 
-constexpr int64_t kLanes = 16;   // output channels per weight block
-constexpr int kLaneOrder[kLanes] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
 constexpr int64_t kPixels = 32;  // output pixels per task
 constexpr int64_t kGroup = 4;    // weight blocks per task
-
-// 8 float / int32 lanes (GCC/Clang vector extensions: AVX2 registers where the CPU has them).
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-
-inline f32x8 load8(const float* p) {
-  f32x8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
-
-// bf16 input and output (the layer under bf16 autocast): read exactly, written rounded to nearest
-// even as torch's `.to(torch.bfloat16)` does (NaN: 0x7FC0).
-using bf16 = c10::BFloat16;
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-
-inline f32x8 load8(const bf16* p) {
-  u16x8 h;
-  std::memcpy(&h, p, sizeof h);
-  const u32x8 w = __builtin_convertvector(h, u32x8) << 16;
-  f32x8 v;
-  std::memcpy(&v, &w, sizeof v);
-  return v;
-}
-
-inline void store8(bf16* p, f32x8 v) {
-  u32x8 u;
-  std::memcpy(&u, &v, sizeof u);
-  const u32x8 nan = (u32x8)(v != v);
-  const u32x8 r = (((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) & ~nan) | (0x7FC0u & nan);
-  const u16x8 h = __builtin_convertvector(r, u16x8);
-  std::memcpy(p, &h, sizeof h);
-}
-
-// Transpose of 8 rows of 8 floats in registers (unpack, 2x2 blocks, 128-bit halves).
-inline void transpose8(f32x8 r[8]) {
-  f32x8 t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
-  }
-  for (int i = 0; i < 8; i += 4)
-    for (int j = 0; j < 2; ++j) {
-      u[i + 2 * j] = __builtin_shufflevector(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-      u[i + 2 * j + 1] = __builtin_shufflevector(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-    }
-  for (int j = 0; j < 4; ++j) {
-    r[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-    r[j + 4] = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-  }
-}
 
 // One tile of rows transposed: xt[c][q] = x[q, c] for the n <= kPixels rows at x, zeros past n.
 template <class T>
@@ -162,101 +107,21 @@ void pack_rows(const T* x, int64_t rows, int64_t c, int64_t words, uint64_t* bit
   });
 }
 
-// dots[o] (o = 0..15, natural order) of one (input pixel, tap, weight block) with masks: the
-// activation's nonzero mask xm always, the weight's wm when kWeightZeros (otherwise its nonzero
-// count is the pixel's, `nonzero`).
-template <bool kWeightZeros>
+// dots[o] (o = 0..15, natural order) of one (input pixel, tap, weight block) whose weights have
+// zeros: with the activation's nonzero mask xm and the weight's wm (the rare case: a latent weight
+// exactly 0), dot = popcount(N) - 2 * popcount((P_x ^ P_w) & N), N = xm & wm.
 __attribute__((noinline))  // out of line: the hot loop keeps its registers
 void tap_masked(const uint64_t* xb, const uint64_t* xm, const uint64_t* wb, const uint64_t* wm,
-                int64_t words, int32_t nonzero, int32_t* dots) {
-  int32_t valid[kLanes], differ[kLanes];
-  for (int64_t j = 0; j < kLanes; ++j) valid[j] = kWeightZeros ? 0 : nonzero, differ[j] = 0;
-  for (int64_t i = 0; i < words; ++i) {
+                int64_t words, int32_t* dots) {
+  int32_t valid[kLanes] = {}, differ[kLanes] = {};
+  for (int64_t i = 0; i < words; ++i)
     for (int64_t j = 0; j < kLanes; ++j) {
-      const uint64_t both = kWeightZeros ? xm[i] & wm[i * kLanes + j] : xm[i];
-      if (kWeightZeros) valid[j] += __builtin_popcountll(both);
+      const uint64_t both = xm[i] & wm[i * kLanes + j];
+      valid[j] += __builtin_popcountll(both);
       differ[j] += __builtin_popcountll((xb[i] ^ wb[i * kLanes + j]) & both);
     }
-  }
   for (int64_t j = 0; j < kLanes; ++j) dots[kLaneOrder[j]] = valid[j] - 2 * differ[j];
 }
-
-// A popcount per 64-bit lane of 8 lanes: AVX-512 VPOPCNTDQ, or emulated in a test build (to run
-// this path's logic on CPUs without the instruction).
-typedef uint64_t u64x8 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef float f32x16 __attribute__((vector_size(64)));
-#if defined(__AVX512VPOPCNTDQ__) && defined(__AVX512F__)
-#define BIMACOSR_LANE_POPCOUNT
-constexpr const char* kPath = "AVX-512 VPOPCNTDQ popcount";
-inline u64x8 popcount_lanes(u64x8 v) { return (u64x8)_mm512_popcnt_epi64((__m512i)v); }
-#elif defined(__AVX2__) && defined(BIMACOSR_EMULATE_LANE_POPCOUNT)
-#define BIMACOSR_LANE_POPCOUNT
-constexpr const char* kPath = "lane popcount, emulated (test build)";
-inline u64x8 popcount_lanes(u64x8 v) {
-  for (int i = 0; i < 8; ++i) v[i] = uint64_t(__builtin_popcountll(v[i]));
-  return v;
-}
-#elif defined(__AVX2__)
-constexpr const char* kPath = "AVX2 nibble-table popcount";
-#else
-constexpr const char* kPath = "portable popcount";
-#endif
-
-#ifdef __AVX2__
-// Byte-wise popcount of v (4-bit table lookups).
-inline __m256i popcount_bytes(__m256i v) {
-  const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-  const __m256i low4 = _mm256_set1_epi8(0x0f);
-  const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-  return _mm256_add_epi8(_mm256_shuffle_epi8(table, lo), _mm256_shuffle_epi8(table, hi));
-}
-
-// acc += s * dots of a pixel without zeros and weights without zeros, dots = C - 2 *
-// popcount(P_x ^ P_w), for outputs 0..7 (acc[0]) and 8..15 (acc[1]) of the block.
-#ifdef BIMACOSR_LANE_POPCOUNT
-inline void tap_clean(const uint64_t* xb, const uint64_t* wb, int64_t words, int32_t channels,
-                      f32x8 s, f32x8* acc) {
-  u64x8 sum[2] = {};  // 64-bit lane counts, lanes in kLaneOrder
-  for (int64_t i = 0; i < words; ++i)
-    for (int v = 0; v < 2; ++v) {
-      u64x8 w;
-      std::memcpy(&w, wb + i * kLanes + 8 * v, sizeof w);
-      sum[v] += popcount_lanes(w ^ xb[i]);
-    }
-  // the low 32 bits of the counts in natural output order: lanes 0, 4, 1, 5, 2, 6, 3, 7 (+ 8)
-  const i32x16 differ = __builtin_shufflevector((i32x16)sum[0], (i32x16)sum[1], 0, 8, 2, 10, 4, 12, 6, 14,
-                                                16, 24, 18, 26, 20, 28, 22, 30);
-  const f32x16 dots = __builtin_convertvector(channels - 2 * differ, f32x16);
-  acc[0] += s * __builtin_shufflevector(dots, dots, 0, 1, 2, 3, 4, 5, 6, 7);
-  acc[1] += s * __builtin_shufflevector(dots, dots, 8, 9, 10, 11, 12, 13, 14, 15);
-}
-#elif defined(__AVX2__)
-inline void tap_clean(const uint64_t* xb, const uint64_t* wb, int64_t words, int32_t channels,
-                      f32x8 s, f32x8* acc) {
-  const __m256i zero = _mm256_setzero_si256();
-  __m256i sum[4] = {zero, zero, zero, zero};  // 64-bit lane counts, lanes in kLaneOrder
-  constexpr int64_t kFlush = 31;  // byte counters hold 8 * 31 < 256
-  for (int64_t i0 = 0; i0 < words; i0 += kFlush) {
-    __m256i bytes[4] = {zero, zero, zero, zero};
-    for (int64_t i = i0, i1 = std::min(words, i0 + kFlush); i < i1; ++i) {
-      const __m256i xv = _mm256_set1_epi64x(int64_t(xb[i]));
-      const __m256i* w = reinterpret_cast<const __m256i*>(wb + i * kLanes);
-      for (int v = 0; v < 4; ++v)
-        bytes[v] = _mm256_add_epi8(bytes[v], popcount_bytes(_mm256_xor_si256(_mm256_loadu_si256(w + v), xv)));
-    }
-    for (int v = 0; v < 4; ++v) sum[v] = _mm256_add_epi64(sum[v], _mm256_sad_epu8(bytes[v], zero));
-  }
-  const __m256i c = _mm256_set1_epi32(channels);
-  for (int half = 0; half < 2; ++half) {  // lanes (0,2,4,6) | (1,3,5,7) << 32 -> outputs 0..7
-    const __m256i differ = _mm256_or_si256(sum[2 * half], _mm256_slli_epi64(sum[2 * half + 1], 32));
-    const __m256i dots = _mm256_sub_epi32(c, _mm256_slli_epi32(differ, 1));
-    acc[half] += s * __builtin_convertvector((i32x8)dots, f32x8);
-  }
-}
-#endif
-#endif
 
 template <class T>
 struct Side {  // the side branches, on the output pixel's own input (rank 0 / no SMB: none)
@@ -271,28 +136,28 @@ struct Side {  // the side branches, on the output pixel's own input (rank 0 / n
   bool any() const { return rank > 0 || rowptr != nullptr; }
 };
 
-#ifdef __AVX512F__
-constexpr int64_t kLowPixels = 16;  // pixels per pass of lowrank_tile: 16 accumulators in 32 registers
-#else
-constexpr int64_t kLowPixels = 8;   // 8 accumulators in 16 registers
-#endif
+// pixels per pass of lowrank_tile: 8 x 2 accumulators in 32 AVX-512 registers, 8 x 1 in 16 AVX2 ones
+constexpr int64_t kLowPixels = kWidth == 16 ? 2 * kWidth : kWidth;
 
 // The LRMB's first factor on one tile: lowt [rank8, kPixels] = (x @ first_t)^T from xt [Cin, kPixels].
 void lowrank_tile(const float* xt, int64_t cin, const float* first, int64_t rank8, float* lowt) {
   for (int64_t g = 0; g < rank8; g += 8)
     for (int64_t h = 0; h < kPixels; h += kLowPixels) {
-      f32x8 acc[8][kLowPixels / 8] = {};
+      fvec acc[8][kLowPixels / kWidth] = {};
       for (int64_t c = 0; c < cin; ++c) {
         const float* f = first + c * rank8 + g;
-        for (int64_t i = 0; i < kLowPixels / 8; ++i) {
-          const f32x8 v = load8(xt + c * kPixels + h + 8 * i);
+        for (int64_t i = 0; i < kLowPixels / kWidth; ++i) {
+          const fvec v = loadv(xt + c * kPixels + h + kWidth * i);
           for (int r = 0; r < 8; ++r) acc[r][i] += f[r] * v;
         }
       }
       for (int r = 0; r < 8; ++r)
-        for (int64_t i = 0; i < kLowPixels / 8; ++i) store8(lowt + (g + r) * kPixels + h + 8 * i, acc[r][i]);
+        for (int64_t i = 0; i < kLowPixels / kWidth; ++i) storev(lowt + (g + r) * kPixels + h + kWidth * i, acc[r][i]);
     }
 }
+
+// Output lanes per pass of side_block: 4 x 2 accumulators of 16 with AVX-512, 2 x 4 of 8 otherwise.
+constexpr int64_t kSideLanes = kWidth == 16 ? 4 : 2;
 
 // Both side branches of one weight block on one tile, computed per output lane over the tile's
 // pixels (one FMA per LRMB rank / SMB nonzero for 8 pixels) from xt [Cin, kPixels] and lowt
@@ -300,18 +165,22 @@ void lowrank_tile(const float* xt, int64_t cin, const float* first, int64_t rank
 template <class T>
 void side_block(const Side<T>& sd, const float* xt, const float* lowt, int64_t width, int64_t o0,
                 float* lanes, float* out) {
-  for (int64_t j = 0; j < kLanes; ++j) {
-    f32x8 a[kPixels / 8] = {};
-    for (int64_t r = 0; r < sd.rank; ++r) {
-      const float coef = sd.second[r * width + o0 + j];
-      for (int64_t i = 0; i < kPixels / 8; ++i) a[i] += coef * load8(lowt + r * kPixels + 8 * i);
-    }
-    if (sd.rowptr != nullptr)
-      for (int64_t u = sd.rowptr[o0 + j]; u < sd.rowptr[o0 + j + 1]; ++u) {
-        const float* col = xt + sd.cols[u] * kPixels;
-        for (int64_t i = 0; i < kPixels / 8; ++i) a[i] += sd.vals[u] * load8(col + 8 * i);
+  constexpr int64_t kVecs = kPixels / kWidth;
+  for (int64_t j0 = 0; j0 < kLanes; j0 += kSideLanes) {
+    fvec a[kSideLanes][kVecs] = {};  // independent FMA chains: the rank loop is not latency bound
+    for (int64_t r = 0; r < sd.rank; ++r)
+      for (int64_t i = 0; i < kVecs; ++i) {
+        const fvec v = loadv(lowt + r * kPixels + kWidth * i);
+        for (int64_t jj = 0; jj < kSideLanes; ++jj) a[jj][i] += sd.second[r * width + o0 + j0 + jj] * v;
       }
-    for (int64_t i = 0; i < kPixels / 8; ++i) store8(lanes + j * kPixels + 8 * i, a[i]);
+    if (sd.rowptr != nullptr)
+      for (int64_t jj = 0; jj < kSideLanes; ++jj)
+        for (int64_t u = sd.rowptr[o0 + j0 + jj]; u < sd.rowptr[o0 + j0 + jj + 1]; ++u) {
+          const float* col = xt + sd.cols[u] * kPixels;
+          for (int64_t i = 0; i < kVecs; ++i) a[jj][i] += sd.vals[u] * loadv(col + kWidth * i);
+        }
+    for (int64_t jj = 0; jj < kSideLanes; ++jj)
+      for (int64_t i = 0; i < kVecs; ++i) storev(lanes + (j0 + jj) * kPixels + kWidth * i, a[jj][i]);
   }
   for (int64_t j0 = 0; j0 < kLanes; j0 += 8)
     for (int64_t q0 = 0; q0 < kPixels; q0 += 8) {
@@ -336,7 +205,9 @@ struct Problem {  // one call: the packed input, the weights and the output geom
 };
 
 // The output rows [B*Ho*Wo, Cout]: in tasks of kPixels output pixels x kGroup weight blocks; per
-// pixel and block, 16 accumulators over the taps, then the epilogue and side branches.
+// kRows pixels and block, 16 accumulators each over the taps (the pixels' rows through the
+// micro-kernel together, masked where one has zeros; weights with zeros through tap_masked), then the
+// epilogue and side branches.
 template <bool kWeightZeros, class T>
 void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
   const int64_t taps = pr.k * pr.k, pixels = pr.batch * pr.ho * pr.wo;
@@ -348,81 +219,88 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
   const int64_t group = side.any() && chunks >= 4 * at::get_num_threads() ? blocks : kGroup;
   const int64_t groups = (blocks + group - 1) / group;
   const int64_t tap_stride = blocks * words * kLanes;
+  // The input row of each (output pixel, tap), -1 where it adds 0 (padding, or s = 0); pixels
+  // past the last padded to a whole task.
+  std::vector<int32_t> sources(chunks * kPixels * taps, -1);
+  at::parallel_for(0, pixels, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t b = m / (pr.ho * pr.wo), oy = (m / pr.wo) % pr.ho, ox = m % pr.wo;
+      for (int64_t t = 0; t < taps; ++t) {
+        const int64_t iy = oy * pr.stride - pr.pad + t / pr.k, ix = ox * pr.stride - pr.pad + t % pr.k;
+        if (iy < 0 || iy >= pr.h || ix < 0 || ix >= pr.w) continue;
+        const int64_t row = (b * pr.h + iy) * pr.w + ix;
+        if (pr.scale[row] != 0.f) sources[m * taps + t] = int32_t(row);
+      }
+    }
+  });
   at::parallel_for(0, chunks * groups, 1, [&](int64_t begin, int64_t end) {
     const Problem p = pr;  // locals: no reloads through the captured reference
     const Side<T> sd = side;
-    const float *alpha = ep.alpha.data(), *shift = ep.shift.data(), *slope = ep.slope.data(),
-                *beta1 = ep.beta1.data();
-    std::vector<int64_t> src(kPixels * taps);  // input row of (pixel, tap), -1 where it adds 0
     std::vector<float> tile(sd.any() ? sd.cin * kPixels : 0), lowt(sd.rank * kPixels);  // x^T, low^T
-    alignas(32) int32_t dots[kLanes];
-    alignas(32) float tail[kLanes];
-    alignas(32) float lanes[kLanes * kPixels];  // side_block's scratch
-    alignas(32) float side_out[kPixels * kLanes];  // the side branches of one block [pixel, lane]
-    const f32x8 zero = {};
+    const std::vector<uint64_t> zero_row(words, 0), ones_row(words, ~uint64_t(0));  // a row adding 0; no mask
+    alignas(64) int32_t dots[kLanes];
+    alignas(64) float tail[kLanes];
+    alignas(64) float lanes[kLanes * kPixels];  // side_block's scratch
+    alignas(64) float side_out[kPixels * kLanes];  // the side branches of one block [pixel, lane]
+    const f32x16 zero = {};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = (task / groups) * kPixels, n = std::min(kPixels, pixels - m0);
       const int64_t b0 = (task % groups) * group, b1 = std::min(blocks, b0 + group);
       if (sd.any()) transpose_tile(sd.x + m0 * sd.cin, n, sd.cin, tile.data());
       if (sd.rank) lowrank_tile(tile.data(), sd.cin, sd.first, sd.rank, lowt.data());
-      for (int64_t q = 0; q < n; ++q) {
-        const int64_t m = m0 + q, b = m / (p.ho * p.wo), oy = (m / p.wo) % p.ho, ox = m % p.wo;
-        for (int64_t t = 0; t < taps; ++t) {
-          const int64_t iy = oy * p.stride - p.pad + t / p.k, ix = ox * p.stride - p.pad + t % p.k;
-          int64_t row = -1;
-          if (iy >= 0 && iy < p.h && ix >= 0 && ix < p.w) {
-            row = (b * p.h + iy) * p.w + ix;
-            if (p.scale[row] == 0.f) row = -1;
-          }
-          src[q * taps + t] = row;
-        }
-      }
+      const int32_t* src = sources.data() + m0 * taps;
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t o0 = blk * kLanes;
         if (sd.any())
           side_block(sd, tile.data(), lowt.data(), blocks * kLanes, o0, lanes, side_out);
-        for (int64_t q = 0; q < n; ++q) {
-          f32x8 acc[2] = {zero, zero};
+        for (int64_t q0 = 0; q0 < n; q0 += kRows) {
+          f32x16 acc[kRows];
+          for (int r = 0; r < kRows; ++r) acc[r] = zero;
           for (int64_t t = 0; t < taps; ++t) {
-            const int64_t row = src[q * taps + t];
-            if (row < 0) continue;
             const uint64_t* wb = p.wbits + t * tap_stride + blk * words * kLanes;
-            const f32x8 s = zero + p.scale[row];
-#ifdef __AVX2__
-            if (!kWeightZeros && p.nonzero[row] == p.channels) {
-              tap_clean(p.xbits + row * words, wb, words, p.channels, s, acc);
-              continue;
+            const uint64_t *x[kRows], *xm[kRows];
+            float s[kRows];
+            int32_t valid[kRows];  // the pixel's nonzero count: dot = valid - 2 * differ
+            bool any = false, masked = false;
+            for (int r = 0; r < kRows; ++r) {
+              const int64_t row = src[(q0 + r) * taps + t];
+              x[r] = zero_row.data(), xm[r] = ones_row.data(), s[r] = 0.f, valid[r] = p.channels;
+              if (row < 0) continue;
+              if (kWeightZeros) {
+                const uint64_t* wm = p.wmask + t * tap_stride + blk * words * kLanes;
+                tap_masked(p.xbits + row * words, p.xmask + row * words, wb, wm, words, dots);
+                i32x16 d;
+                std::memcpy(&d, dots, sizeof d);
+                acc[r] += p.scale[row] * __builtin_convertvector(d, f32x16);
+                continue;
+              }
+              x[r] = p.xbits + row * words, s[r] = p.scale[row], valid[r] = p.nonzero[row];
+              if (valid[r] != p.channels) xm[r] = p.xmask + row * words, masked = true;
+              any = true;
             }
-#endif
-            const uint64_t* wm = kWeightZeros ? p.wmask + t * tap_stride + blk * words * kLanes : nullptr;
-            tap_masked<kWeightZeros>(p.xbits + row * words, p.xmask + row * words, wb, wm, words,
-                                     p.nonzero[row], dots);
-            for (int half = 0; half < 2; ++half) {
-              i32x8 d;
-              std::memcpy(&d, dots + 8 * half, sizeof d);
-              acc[half] += s * __builtin_convertvector(d, f32x8);
-            }
+            if (!any) continue;
+            i32x16 differ[kRows];
+            if (masked)
+              xor_popcount<kRows, true>(x, xm, wb, words, differ);
+            else
+              xor_popcount<kRows>(x, xm, wb, words, differ);
+            for (int r = 0; r < kRows; ++r)
+              acc[r] += s[r] * __builtin_convertvector(valid[r] - 2 * differ[r], f32x16);
           }
-          const int64_t m = m0 + q;
-          for (int half = 0; half < 2; ++half) {
-            const int64_t o = o0 + 8 * half;
-            f32x8 v = acc[half] * load8(alpha + o) + load8(shift + o);
+          const f32x16 alpha = load16(ep.alpha.data() + o0), shift = load16(ep.shift.data() + o0);
+          for (int64_t r = 0; r < kRows && q0 + r < n; ++r) {
+            f32x16 v = acc[r] * alpha + shift;
             if (ep.rprelu)  // PReLU then beta1, branch-free: max(v, 0) + slope * min(v, 0)
-              v = (v > zero ? v : zero) + load8(slope + o) * (v < zero ? v : zero) + load8(beta1 + o);
-            acc[half] = v;
-          }
-          if (sd.any()) {
-            acc[0] += load8(side_out + q * kLanes);
-            acc[1] += load8(side_out + q * kLanes + 8);
-          }
-          T* y = out + m * p.cout + o0;
-          if (p.cout - o0 >= kLanes) {
-            store8(y, acc[0]);
-            store8(y + 8, acc[1]);
-          } else {
-            store8(tail, acc[0]);
-            store8(tail + 8, acc[1]);
-            for (int64_t j = 0; j < p.cout - o0; ++j) y[j] = T(tail[j]);
+              v = (v > zero ? v : zero) + load16(ep.slope.data() + o0) * (v < zero ? v : zero) +
+                  load16(ep.beta1.data() + o0);
+            if (sd.any()) v += load16(side_out + (q0 + r) * kLanes);
+            T* y = out + (m0 + q0 + r) * p.cout + o0;
+            if (p.cout - o0 >= kLanes) {
+              split8(y, v);
+            } else {
+              std::memcpy(tail, &v, sizeof v);
+              for (int64_t j = 0; j < p.cout - o0; ++j) y[j] = T(tail[j]);
+            }
           }
         }
       }
@@ -465,6 +343,7 @@ at::Tensor binary_conv(const at::Tensor& x, const at::Tensor& wbits, const at::T
   TORCH_CHECK(ho > 0 && wo > 0, "binary_conv: empty output for input ", h, "x", w);
 
   const int64_t rows = batch * h * w, rank = first_t.numel() ? first_t.size(1) : 0;
+  TORCH_CHECK(rows < (int64_t(1) << 31), "binary_conv: more than 2^31 input pixels");
   const int64_t nnz = smb_cols.numel();
   const bool has_smb = smb_rowptr.numel() > 0;
   TORCH_CHECK(!(rank || has_smb) || (ho == h && wo == w),
@@ -530,14 +409,15 @@ at::Tensor binary_conv(const at::Tensor& x, const at::Tensor& wbits, const at::T
 std::string path() { return kPath; }
 
 }  // namespace
+}  // namespace bimacosr
 
 TORCH_LIBRARY(bimacosr, m) {
-  m.def("path() -> str", &path);  // which popcount this build uses
+  m.def("path() -> str", &bimacosr::path);  // which popcount this build uses
   m.def("binary_conv(Tensor x, Tensor wbits, Tensor wmask, int cout, Tensor alpha, Tensor shift, "
         "Tensor slope, Tensor beta1, Tensor first_t, Tensor second_t, Tensor smb_rowptr, "
         "Tensor smb_cols, Tensor smb_vals, int k, int stride, int padding) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bimacosr, CPU, m) {
-  m.impl("binary_conv", &binary_conv);
+  m.impl("binary_conv", &bimacosr::binary_conv);
 }

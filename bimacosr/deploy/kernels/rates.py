@@ -1,0 +1,98 @@
+"""The fused kernel's rate beside the bound probe's, per layer of one model call (docs/kernel.md §5).
+
+:func:`record_calls` runs a model once and keeps every ``binary_conv`` call (layer name, inputs);
+:func:`kernel_rates` replays each call and times it interleaved with the bound probe
+(``torch.ops.bimacosr.xor_popcount``, the plain XOR-popcount GEMM on the same micro-kernel) on
+random words of the same shape: rows = output pixels, the layer's K = taps x Cin bits (padded to
+whole words as the kernel pads them), columns = output channels in blocks of 16. Both are credited
+with the layer's binary MACs, ``pixels x Cout x Cin x taps``, so their rates compare directly.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from bimacosr.deploy import kernels
+
+
+@dataclass
+class Call:
+    """One ``binary_conv`` call: the layer's name and the arguments it was given."""
+
+    name: str
+    args: tuple
+    kwargs: dict
+
+    @property
+    def shape(self) -> dict[str, int]:
+        """``pixels`` (output), ``cin``, ``cout``, ``taps``, ``words`` per tap, ``macs`` (binary)."""
+        x, cout, k, stride, pad = self.args[0], self.args[3], self.args[8], self.args[9], self.args[10]
+        b, h, w, cin = x.shape
+        ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+        pixels, taps = b * ho * wo, k * k
+        return {"pixels": pixels, "cin": cin, "cout": cout, "taps": taps, "words": (cin + 63) // 64,
+                "macs": pixels * cout * cin * taps}
+
+
+def record_calls(model: nn.Module, run: Callable[[], object]) -> list[Call]:
+    """Every fused-kernel call ``run()`` makes through ``model``'s deploy layers, in call order."""
+    from bimacosr.deploy.layers import _DeployBinary
+
+    calls: list[Call] = []
+    current = [""]
+    hooks = [m.register_forward_pre_hook(lambda mod, a, name=name: current.__setitem__(0, name))
+             for name, m in model.named_modules() if isinstance(m, _DeployBinary)]
+    original = kernels.binary_conv
+
+    def recording(*args, **kwargs):
+        calls.append(Call(current[0], tuple(a.clone() if isinstance(a, Tensor) else a for a in args), kwargs))
+        return original(*args, **kwargs)
+
+    kernels.binary_conv = recording
+    try:
+        run()
+    finally:
+        kernels.binary_conv = original
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _probe_inputs(shape: dict[str, int], gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Random words for the bound probe at a call's shape: ``a [pixels, taps*words]``, ``b
+    [ceil(Cout/16), taps*words, 16]``."""
+    k_words, blocks = shape["taps"] * shape["words"], -(-shape["cout"] // kernels.LANES)
+    a = torch.randint(-2**63, 2**63 - 1, (shape["pixels"], k_words), generator=gen, dtype=torch.int64)
+    b = torch.randint(-2**63, 2**63 - 1, (blocks, k_words, kernels.LANES), generator=gen, dtype=torch.int64)
+    return a, b
+
+
+def kernel_rates(calls: list[Call], reps: int = 5) -> list[dict]:
+    """Per call: median wall seconds of the kernel and of the bound probe (interleaved, the order
+    alternating), both rates in G binary MAC/s, and ``ratio`` = kernel / bound time."""
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    with torch.inference_mode():
+        for call in calls:
+            shape = call.shape
+            a, b = _probe_inputs(shape, gen)
+            jobs = {"kernel": lambda c=call: kernels.binary_conv(*c.args, **c.kwargs),
+                    "bound": lambda: torch.ops.bimacosr.xor_popcount(a, b)}
+            times: dict[str, list[float]] = {k: [] for k in jobs}
+            for job in jobs.values():  # warm-up
+                job()
+            for r in range(reps):
+                for name in (("kernel", "bound") if r % 2 == 0 else ("bound", "kernel")):
+                    start = time.perf_counter()
+                    jobs[name]()
+                    times[name].append(time.perf_counter() - start)
+            kernel_s, bound_s = statistics.median(times["kernel"]), statistics.median(times["bound"])
+            rows.append({"layer": call.name, **shape, "kernel_s": kernel_s, "bound_s": bound_s,
+                         "kernel_gmacs": shape["macs"] / kernel_s / 1e9, "bound_gmacs": shape["macs"] / bound_s / 1e9,
+                         "ratio": kernel_s / bound_s})
+    return rows

@@ -1,0 +1,106 @@
+// Vector types and loads/stores shared by the kernel's sources (docs/kernel.md).
+//
+// GCC/Clang vector extensions: 8-lane float/int32 vectors are AVX2 registers, 16-lane and 8 x
+// 64-bit ones AVX-512 registers where the CPU has them (pairs of AVX2 registers otherwise).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace bimacosr {
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint64_t u64x8 __attribute__((vector_size(64)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+inline f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+
+// bf16 input and output (the layer under bf16 autocast): read exactly, written rounded to nearest
+// even as torch's `.to(torch.bfloat16)` does (NaN: 0x7FC0).
+using bf16 = c10::BFloat16;
+
+inline f32x8 load8(const bf16* p) {
+  u16x8 h;
+  std::memcpy(&h, p, sizeof h);
+  const u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+  f32x8 v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+
+inline void store8(bf16* p, f32x8 v) {
+  u32x8 u;
+  std::memcpy(&u, &v, sizeof u);
+  const u32x8 nan = (u32x8)(v != v);
+  const u32x8 r = (((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) & ~nan) | (0x7FC0u & nan);
+  const u16x8 h = __builtin_convertvector(r, u16x8);
+  std::memcpy(p, &h, sizeof h);
+}
+
+// The widest float vector of this build: 16 lanes with AVX-512, 8 otherwise.
+#ifdef __AVX512F__
+constexpr int64_t kWidth = 16;
+typedef f32x16 fvec;
+#else
+constexpr int64_t kWidth = 8;
+typedef f32x8 fvec;
+#endif
+
+inline fvec loadv(const float* p) {
+  fvec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void storev(float* p, fvec v) { std::memcpy(p, &v, sizeof v); }
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Two halves of 8 (float or bf16 memory) as one 16-lane vector, and back.
+template <class T>
+inline f32x16 join8(const T* p) {
+  const f32x8 lo = load8(p), hi = load8(p + 8);
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+template <class T>
+inline void split8(T* p, f32x16 v) {
+  store8(p, __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
+  store8(p + 8, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+
+// Transpose of 8 rows of 8 floats in registers (unpack, 2x2 blocks, 128-bit halves).
+inline void transpose8(f32x8 r[8]) {
+  f32x8 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int j = 0; j < 2; ++j) {
+      u[i + 2 * j] = __builtin_shufflevector(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * j + 1] = __builtin_shufflevector(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[j + 4] = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+}  // namespace bimacosr
