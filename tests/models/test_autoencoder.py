@@ -114,6 +114,63 @@ def test_attention_blocks_match_unblocked() -> None:
     torch.testing.assert_close(full, ref, rtol=0, atol=1e-5)
 
 
+def _sdpa_reference(attn: AttnBlock, x: torch.Tensor) -> torch.Tensor:
+    """The attention block in float64 through scaled_dot_product_attention (tokens (B, 1, HW, C))."""
+    a = AttnBlock(x.shape[1]).double().eval()
+    a.load_state_dict(attn.state_dict())
+    xd = x.double()
+    q, k, v = (m(a.norm(xd)).flatten(2).transpose(1, 2).unsqueeze(1) for m in (a.q, a.k, a.v))
+    out = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(x.shape)
+    return xd + a.proj_out(out)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_attention_below_float32_matches_sdpa_within_bf16_rounding(layout, monkeypatch) -> None:
+    """bf16 (autocast): query blocks of token-major GEMMs equal SDPA to bf16 rounding, with any
+    block size, at most the error of the original's operations under autocast; float32 never
+    takes that path (the original's operations, bit for bit)."""
+    torch.manual_seed(9)
+    attn = AttnBlock(64).eval().requires_grad_(False).to(memory_format=layout)
+    with torch.no_grad():
+        for m in (attn.q, attn.k):
+            m.weight.mul_(4.0)  # peaked weights: logits of a few units, as in the released model
+    x = torch.randn(2, 64, 7, 9).contiguous(memory_format=layout)
+    ref = _sdpa_reference(attn, x)
+    outs = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for max_weights in (63 * 5, 63 * 16, 1 << 22):  # 5 and 16 queries per block, one block
+            attn.max_weights_reduced = max_weights
+            outs.append(attn(x))
+        with monkeypatch.context() as m:
+            m.setattr(autoencoder, "reduced_precision", lambda t: False)
+            stock = attn(x)  # the original's operations under autocast
+    err_stock = (stock.double() - ref).abs()
+    for out in outs:
+        assert out.shape == x.shape  # float32: the residual sum with the float32 input
+        err = (out.double() - ref).abs()
+        assert err.max() <= 1.5 * err_stock.max() and err.square().mean() <= 1.2 * err_stock.square().mean()
+    torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=0.02)
+    monkeypatch.setattr(autoencoder, "_attend_tokens", lambda *a: pytest.fail("float32 took the bf16 path"))
+    with torch.no_grad():
+        f32 = attn(x)
+    torch.testing.assert_close(f32.double(), ref, rtol=0, atol=1e-5)
+
+
+def test_attention_tokens_are_sdpa() -> None:
+    """_attend_tokens in float32 (the path forced) equals SDPA to float rounding; in bf16 the
+    logits are scaled before their one rounding and the weights rounded once."""
+    torch.manual_seed(10)
+    q, k, v = (torch.randn(2, 23, 32) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(autoencoder._attend_tokens(q, k, v, 4), ref, rtol=0, atol=1e-5)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    ref_b = F.scaled_dot_product_attention(qb.double(), kb.double(), vb.double())
+    for block in (1, 7, 23):
+        out = autoencoder._attend_tokens(qb, kb, vb, block)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), ref_b, rtol=0, atol=0.02)
+
+
 def _original_upsample(up: Upsample, x: torch.Tensor) -> torch.Tensor:
     return up.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest"))
 
