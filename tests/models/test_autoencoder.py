@@ -177,8 +177,9 @@ def _original_upsample(up: Upsample, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_upsample_phase_convolution_is_the_same_maths(layout, monkeypatch) -> None:
-    """The four 2x2 phase convolutions equal nearest-x2 + 3x3 conv: in float32 (path forced) to
-    float rounding, odd sizes, batch 2, either layout; the output keeps the input's layout."""
+    """The stride-2 transposed convolution of summed taps equals nearest-x2 + 3x3 conv: in float32
+    (path forced) to float rounding, odd sizes, batch 2, either layout; the output keeps the
+    input's layout."""
     torch.manual_seed(3)
     up = Upsample(32).eval().requires_grad_(False)
     x = torch.randn(2, 32, 7, 10).contiguous(memory_format=layout)
@@ -229,9 +230,9 @@ def test_upsample_phase_kernels_follow_weight_changes() -> None:
     x16 = x.to(torch.bfloat16)
     with torch.no_grad():
         first = up(x16)
-        kept = up._eval_cache["phase_weight_torch.bfloat16"][1]
+        kept = up._eval_cache["kernel_torch.bfloat16"][1]
         assert torch.equal(up(x16), first)
-        assert up._eval_cache["phase_weight_torch.bfloat16"][1] is kept  # built once, reused
+        assert up._eval_cache["kernel_torch.bfloat16"][1] is kept  # built once, reused
         up.conv.weight.mul_(-1.0)
         up.conv.bias.mul_(-1.0)
         torch.testing.assert_close(up(x16), -first, rtol=0, atol=0)  # in-place change seen
