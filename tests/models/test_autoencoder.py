@@ -296,3 +296,43 @@ def test_residual_in_place_is_the_plain_sum() -> None:
     plain = block.nin_shortcut(xg) + block.conv2(norm_swish(block.norm2, block.conv1(norm_swish(block.norm1, xg))))
     plain.square().sum().backward()
     assert torch.equal(xg.grad, grad)  # the in-place sum keeps the gradient exact
+
+
+def test_bf16_autoencoder_matches_float32_within_bf16_rounding(monkeypatch) -> None:
+    """A tiny random autoencoder (mid attention, two Upsamples): under bf16 autocast with
+    channels-last weights the fast forms run and land as close to float32 as the original's
+    operations under autocast; float32 takes none of them."""
+    torch.manual_seed(11)
+    vq = VQAutoencoder(**SMALL).eval().requires_grad_(False)
+    x = torch.rand(1, 3, 64, 48) * 2 - 1
+    calls = {"attend": 0, "transposed": 0}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(autoencoder, "_attend_tokens", spy("attend", autoencoder._attend_tokens))
+    monkeypatch.setattr(autoencoder.F, "conv_transpose2d", spy("transposed", F.conv_transpose2d))
+    with torch.no_grad():
+        ref_h = vq.encode(x)
+        ref_y = vq.decode(ref_h, force_not_quantize=True)
+        assert calls == {"attend": 0, "transposed": 0}  # float32: the original's operations
+        vq.to(memory_format=torch.channels_last)
+        outs = {}
+        for name in ("fast", "stock"):
+            with monkeypatch.context() as m:
+                if name == "stock":
+                    m.setattr(autoencoder, "reduced_precision", lambda t: False)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    outs[name] = (vq.encode(x), vq.decode(ref_h, force_not_quantize=True))
+            if name == "fast":
+                assert calls == {"attend": 2, "transposed": 2}
+
+    def rel_rms(a, b):
+        return ((a.float() - b).square().mean().sqrt() / b.square().mean().sqrt()).item()
+
+    for (fast, stock, ref) in zip(outs["fast"], outs["stock"], (ref_h, ref_y)):
+        assert fast.dtype == torch.bfloat16 and fast.shape == ref.shape
+        assert rel_rms(fast, ref) <= 1.2 * rel_rms(stock, ref) and rel_rms(fast, ref) < 0.05
