@@ -83,15 +83,19 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all H·W positions, scale 1/sqrt(C), residual.
+    """Single-head self-attention over all H·W positions, scale 1/sqrt(C), residual:
+    (B, C, H, W) -> (B, C, H, W).
 
     On CUDA: ``scaled_dot_product_attention`` (fused, never materialises the (HW)² weights; the
-    original uses the equivalent xformers kernel there). Elsewhere: the original's exact operation
-    order (qᵀk bmm, then ·C^-½, softmax, bmm with v), split into query blocks of at most
-    ``max_weights`` weight entries, which reproduces the reference CPU outputs bit for bit.
+    original uses the equivalent xformers kernel there). Elsewhere in float32: the original's
+    exact operation order (qᵀk bmm, then ·C^-½, softmax, bmm with v), split into query blocks of at
+    most ``max_weights`` weight entries, which reproduces the reference CPU outputs bit for bit.
+    Below float32 (:func:`reduced_precision`): :func:`_attend_tokens` on token-major views of q, k
+    and v, in query blocks of at most ``max_weights_reduced`` weight entries (a cache-sized block).
     """
 
-    max_weights = 1 << 24  # per query block: 64 MiB of float32 weights
+    max_weights = 1 << 24  # per query block in float32: 64 MiB of weights
+    max_weights_reduced = 1 << 22  # per query block below float32: 8 MiB of bf16 weights
 
     def __init__(self, channels: int):
         super().__init__()
@@ -104,6 +108,11 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         hn = self.norm(x)
+        if reduced_precision(x) and not x.is_cuda:
+            # (B, C, H, W) -> (B, HW, C) tokens: views (no copy) of channels-last maps
+            q, k, v = (m(hn).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))
+            out = _attend_tokens(q, k, v, max(1, self.max_weights_reduced // (h * w)))
+            return residual(x, self.proj_out(out.transpose(1, 2).unflatten(2, (h, w))))
         q, k, v = (m(hn).reshape(b, c, h * w) for m in (self.q, self.k, self.v))
         if x.is_cuda:
             # (B, C, HW) -> (B, 1, HW, C): one head, HW tokens
@@ -122,6 +131,23 @@ def _attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.bmm(v, weights.transpose(1, 2))
 
 
+def _attend_tokens(q: Tensor, k: Tensor, v: Tensor, block: int) -> Tensor:
+    """softmax(q·kᵀ/√C)·v for q (B, n, C), k/v (B, N, C) tokens of one dtype -> (B, n, C), in
+    blocks of ``block`` queries, with autocast off (it would turn the softmax to float32 and back).
+    Per block: the scaled logits (B, block, N) from one GEMM (float32 accumulation, ·C^-½ applied
+    before the one rounding to the tokens' dtype), softmax (accumulated in float32, rounded once),
+    then the GEMM with v. The original's maths; only the rounding points differ (the original's
+    operations under autocast round the logits both before and after scaling). PyTorch's fused CPU
+    attention (``scaled_dot_product_attention``) was 1.9x slower than this at C = 512, one head."""
+    scale = int(q.shape[2]) ** (-0.5)
+    kt = k.transpose(1, 2).contiguous()  # (B, C, N) row-major, once: a transposed operand is re-packed per block
+    zero = q.new_zeros(())
+    with torch.autocast(q.device.type, enabled=False):
+        blocks = [torch.bmm(torch.softmax(torch.baddbmm(zero, qb, kt, beta=0, alpha=scale), dim=2), v)
+                  for qb in q.split(block, dim=1)]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+
 class Downsample(nn.Module):
     """Zero-pad right/bottom by 1, 3x3 conv stride 2 without padding (H -> floor(H/2))."""
 
@@ -137,13 +163,14 @@ def _memory_format(t: Tensor) -> torch.memory_format:
     return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
-def _fold_taps(w: Tensor, dim: int, parity: int) -> Tensor:
-    """The 3 taps of ``w`` along ``dim`` -> the 2 taps that output parity ``parity`` of a 3x3 conv
-    over a nearest-x2 map applies to the original rows (columns): parity 0 reads rows
-    (i-1, i, i), so taps (0 | 1+2) on rows (i-1, i); parity 1 reads (i, i, i+1), so (0+1 | 2) on
-    (i, i+1). Plain additions, in ``w``'s dtype (autocast leaves them alone)."""
+def _fold_taps(w: Tensor, dim: int) -> Tensor:
+    """The 3 taps (t0, t1, t2) of a 3x3 kernel along ``dim`` -> the 4 taps (t2, t1+t2, t0+t1, t0)
+    of a stride-2 transposed convolution (padding 1) equal, along that axis, to nearest x2 then the
+    3x3 conv (pad 1): output row 2i reads input rows (i-1, i) with (t0 | t1+t2), transposed taps 3
+    and 1; row 2i+1 reads (i, i+1) with (t0+t1 | t2), taps 2 and 0. Plain additions, in ``w``'s
+    dtype (autocast leaves them alone)."""
     t0, t1, t2 = w.unbind(dim)
-    return torch.stack((t0, t1 + t2) if parity == 0 else (t0 + t1, t2), dim)
+    return torch.stack((t2, t1 + t2, t0 + t1, t0), dim)
 
 
 class Upsample(nn.Module):
@@ -151,10 +178,10 @@ class Upsample(nn.Module):
 
     Below float32 (:func:`reduced_precision`) the same maths in 2.25x fewer multiply-adds and
     without the upsampled copy: output pixel (2i+a, 2j+b) of the conv reads only a 2x2 patch of
-    the input, whose weights are the 3x3 taps summed per :func:`_fold_taps`. One 2x2 conv (pad 1)
-    with the four phase kernels stacked as 4·C outputs gives (B, 4C, h+1, w+1); phase (a, b) is
-    the crop [a:a+h, b:b+w] of its block; the output keeps the input's memory format. The phase
-    kernels are summed in float32. float32 runs the original's two operations.
+    the input, whose weights are the 3x3 taps summed per phase (a, b). That is one stride-2
+    transposed convolution (padding 1) with the (C, C, 4, 4) kernel of :func:`_fold_taps` along
+    both axes, which writes the four interleaved phases itself; the kernel is summed in float32.
+    float32 runs the original's two operations.
     """
 
     def __init__(self, channels: int):
@@ -164,28 +191,20 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not reduced_precision(x):
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        n, c, h, w = x.shape
-        weight, bias = self._phase_kernels(x)
-        y = F.conv2d(x, weight, bias, padding=1)
-        out = torch.empty((n, c, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=_memory_format(x))
-        for p, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-            out[:, :, a::2, b::2] = y[:, p * c:(p + 1) * c, a:a + h, b:b + w]
-        return out
+        weight, bias = self._kernel(x)
+        return F.conv_transpose2d(x, weight, bias, stride=2, padding=1)
 
-    def _phase_kernels(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(4·C, C, 2, 2) kernels ordered (a, b, out channel) and (4·C,) bias, in the dtype the conv
-        computes in (the autocast dtype under autocast); kept in inference while the weights are
-        unchanged (:func:`~bimacosr.quant.common.eval_cached`)."""
+    def _kernel(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The (C_in, C_out, 4, 4) transposed-conv kernel, in the conv weight's memory format, and
+        the (C,) bias, in the dtype the conv computes in (the autocast dtype under autocast); kept
+        in inference while the weights are unchanged (:func:`~bimacosr.quant.common.eval_cached`)."""
         dtype = autocast_dtype(x.device.type) or x.dtype
-        sources = (self.conv.weight, self.conv.bias)
-        weight = eval_cached(self, f"phase_weight_{dtype}", sources, lambda: self._phase_weight(dtype))
-        bias = eval_cached(self, f"phase_bias_{dtype}", sources, lambda: self.conv.bias.to(dtype).repeat(4))
-        return weight, bias
-
-    def _phase_weight(self, dtype: torch.dtype) -> Tensor:
         wt = self.conv.weight
-        weight = torch.cat([_fold_taps(_fold_taps(wt.float(), 2, a), 3, b) for a in (0, 1) for b in (0, 1)])
-        return weight.to(dtype, memory_format=_memory_format(wt))
+        sources = (wt, self.conv.bias)
+        weight = eval_cached(self, f"kernel_{dtype}", sources, lambda: _fold_taps(_fold_taps(
+            wt.float(), 2), 3).transpose(0, 1).to(dtype, memory_format=_memory_format(wt)))
+        bias = eval_cached(self, f"bias_{dtype}", sources, lambda: self.conv.bias.to(dtype))
+        return weight, bias
 
 
 def _level(blocks: list[nn.Module], attns: list[nn.Module]) -> nn.Module:

@@ -114,14 +114,72 @@ def test_attention_blocks_match_unblocked() -> None:
     torch.testing.assert_close(full, ref, rtol=0, atol=1e-5)
 
 
+def _sdpa_reference(attn: AttnBlock, x: torch.Tensor) -> torch.Tensor:
+    """The attention block in float64 through scaled_dot_product_attention (tokens (B, 1, HW, C))."""
+    a = AttnBlock(x.shape[1]).double().eval()
+    a.load_state_dict(attn.state_dict())
+    xd = x.double()
+    q, k, v = (m(a.norm(xd)).flatten(2).transpose(1, 2).unsqueeze(1) for m in (a.q, a.k, a.v))
+    out = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(x.shape)
+    return xd + a.proj_out(out)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_attention_below_float32_matches_sdpa_within_bf16_rounding(layout, monkeypatch) -> None:
+    """bf16 (autocast): query blocks of token-major GEMMs equal SDPA to bf16 rounding, with any
+    block size, at most the error of the original's operations under autocast; float32 never
+    takes that path (the original's operations, bit for bit)."""
+    torch.manual_seed(9)
+    attn = AttnBlock(64).eval().requires_grad_(False).to(memory_format=layout)
+    with torch.no_grad():
+        for m in (attn.q, attn.k):
+            m.weight.mul_(4.0)  # peaked weights: logits of a few units, as in the released model
+    x = torch.randn(2, 64, 7, 9).contiguous(memory_format=layout)
+    ref = _sdpa_reference(attn, x)
+    outs = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for max_weights in (63 * 5, 63 * 16, 1 << 22):  # 5 and 16 queries per block, one block
+            attn.max_weights_reduced = max_weights
+            outs.append(attn(x))
+        with monkeypatch.context() as m:
+            m.setattr(autoencoder, "reduced_precision", lambda t: False)
+            stock = attn(x)  # the original's operations under autocast
+    err_stock = (stock.double() - ref).abs()
+    for out in outs:
+        assert out.shape == x.shape  # float32: the residual sum with the float32 input
+        err = (out.double() - ref).abs()
+        assert err.max() <= 1.5 * err_stock.max() and err.square().mean() <= 1.2 * err_stock.square().mean()
+    torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=0.02)
+    monkeypatch.setattr(autoencoder, "_attend_tokens", lambda *a: pytest.fail("float32 took the bf16 path"))
+    with torch.no_grad():
+        f32 = attn(x)
+    torch.testing.assert_close(f32.double(), ref, rtol=0, atol=1e-5)
+
+
+def test_attention_tokens_are_sdpa() -> None:
+    """_attend_tokens in float32 (the path forced) equals SDPA to float rounding; in bf16 the
+    logits are scaled before their one rounding and the weights rounded once."""
+    torch.manual_seed(10)
+    q, k, v = (torch.randn(2, 23, 32) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(autoencoder._attend_tokens(q, k, v, 4), ref, rtol=0, atol=1e-5)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    ref_b = F.scaled_dot_product_attention(qb.double(), kb.double(), vb.double())
+    for block in (1, 7, 23):
+        out = autoencoder._attend_tokens(qb, kb, vb, block)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), ref_b, rtol=0, atol=0.02)
+
+
 def _original_upsample(up: Upsample, x: torch.Tensor) -> torch.Tensor:
     return up.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest"))
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_upsample_phase_convolution_is_the_same_maths(layout, monkeypatch) -> None:
-    """The four 2x2 phase convolutions equal nearest-x2 + 3x3 conv: in float32 (path forced) to
-    float rounding, odd sizes, batch 2, either layout; the output keeps the input's layout."""
+    """The stride-2 transposed convolution of summed taps equals nearest-x2 + 3x3 conv: in float32
+    (path forced) to float rounding, odd sizes, batch 2, either layout; the output keeps the
+    input's layout."""
     torch.manual_seed(3)
     up = Upsample(32).eval().requires_grad_(False)
     x = torch.randn(2, 32, 7, 10).contiguous(memory_format=layout)
@@ -172,9 +230,9 @@ def test_upsample_phase_kernels_follow_weight_changes() -> None:
     x16 = x.to(torch.bfloat16)
     with torch.no_grad():
         first = up(x16)
-        kept = up._eval_cache["phase_weight_torch.bfloat16"][1]
+        kept = up._eval_cache["kernel_torch.bfloat16"][1]
         assert torch.equal(up(x16), first)
-        assert up._eval_cache["phase_weight_torch.bfloat16"][1] is kept  # built once, reused
+        assert up._eval_cache["kernel_torch.bfloat16"][1] is kept  # built once, reused
         up.conv.weight.mul_(-1.0)
         up.conv.bias.mul_(-1.0)
         torch.testing.assert_close(up(x16), -first, rtol=0, atol=0)  # in-place change seen
@@ -238,3 +296,43 @@ def test_residual_in_place_is_the_plain_sum() -> None:
     plain = block.nin_shortcut(xg) + block.conv2(norm_swish(block.norm2, block.conv1(norm_swish(block.norm1, xg))))
     plain.square().sum().backward()
     assert torch.equal(xg.grad, grad)  # the in-place sum keeps the gradient exact
+
+
+def test_bf16_autoencoder_matches_float32_within_bf16_rounding(monkeypatch) -> None:
+    """A tiny random autoencoder (mid attention, two Upsamples): under bf16 autocast with
+    channels-last weights the fast forms run and land as close to float32 as the original's
+    operations under autocast; float32 takes none of them."""
+    torch.manual_seed(11)
+    vq = VQAutoencoder(**SMALL).eval().requires_grad_(False)
+    x = torch.rand(1, 3, 64, 48) * 2 - 1
+    calls = {"attend": 0, "transposed": 0}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(autoencoder, "_attend_tokens", spy("attend", autoencoder._attend_tokens))
+    monkeypatch.setattr(autoencoder.F, "conv_transpose2d", spy("transposed", F.conv_transpose2d))
+    with torch.no_grad():
+        ref_h = vq.encode(x)
+        ref_y = vq.decode(ref_h, force_not_quantize=True)
+        assert calls == {"attend": 0, "transposed": 0}  # float32: the original's operations
+        vq.to(memory_format=torch.channels_last)
+        outs = {}
+        for name in ("fast", "stock"):
+            with monkeypatch.context() as m:
+                if name == "stock":
+                    m.setattr(autoencoder, "reduced_precision", lambda t: False)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    outs[name] = (vq.encode(x), vq.decode(ref_h, force_not_quantize=True))
+            if name == "fast":
+                assert calls == {"attend": 2, "transposed": 2}
+
+    def rel_rms(a, b):
+        return ((a.float() - b).square().mean().sqrt() / b.square().mean().sqrt()).item()
+
+    for (fast, stock, ref) in zip(outs["fast"], outs["stock"], (ref_h, ref_y)):
+        assert fast.dtype == torch.bfloat16 and fast.shape == ref.shape
+        assert rel_rms(fast, ref) <= 1.2 * rel_rms(stock, ref) and rel_rms(fast, ref) < 0.05
