@@ -9,9 +9,11 @@ compatibility but never read.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bimacosr.models.layers import GroupNorm32
+from bimacosr.models.layers import GroupNorm32, reduced_precision
+from bimacosr.quant.common import eval_cached
 
 
 def shift_window_mask(height: int, width: int, window: int, shift: int,
@@ -58,6 +60,9 @@ class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows with a learned relative-position bias.
 
     Input ``[B', N, E]`` (N = ws*ws tokens), optional mask ``[nW, N, N]`` with ``B' = B*nW``.
+    Below float32 (:func:`~bimacosr.models.layers.reduced_precision`) one fused
+    ``scaled_dot_product_attention`` with bias and mask summed into one float32 term: the same
+    maths, logits and softmax in float32 (docs/speed.md §3); float32 runs the original's operations.
     """
 
     def __init__(self, dim: int, window: int, num_heads: int):
@@ -70,19 +75,43 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
+    def position_bias(self) -> Tensor:
+        """The relative-position bias ``[heads, N, N]`` read from the table."""
+        n = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1)
+
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         bw, n, c = x.shape
         qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        if reduced_precision(qkv):
+            return self.proj(self._fused(qkv, mask))
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
         attn = q @ k.transpose(-2, -1)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        attn = attn + bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        attn = attn + self.position_bias().unsqueeze(0)
         if mask is not None:
             nw = mask.shape[0]
             attn = attn.view(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None].to(attn.dtype)
             attn = attn.view(bw, self.num_heads, n, n)
         attn = attn.softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(bw, n, c))
+
+    def _fused(self, qkv: Tensor, mask: Tensor | None) -> Tensor:
+        """``softmax(q k^T * scale + bias + mask) v`` of ``qkv [3, B', heads, N, d]`` as
+        ``[B', N, E]``. The added term is at least float32 on CPU (q, k, v stay in their dtype;
+        autocast is off so that it is not rounded), in q's dtype elsewhere."""
+        q, k, v = qkv.unbind(0)
+        bw, heads, n, d = q.shape
+        dtype = torch.promote_types(q.dtype, torch.float32) if q.device.type == "cpu" else q.dtype
+        term = eval_cached(self, f"position_bias_{dtype}", (self.relative_position_bias_table,),
+                           lambda: self.position_bias().to(dtype).unsqueeze(0))
+        if mask is not None:  # per window, repeated over the batch
+            term = term + mask[:, None].to(dtype)
+            if bw != mask.shape[0]:
+                term = term.repeat(bw // mask.shape[0], 1, 1, 1)
+        with torch.autocast(q.device.type, enabled=False):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=term, scale=self.scale)
+        return out.transpose(1, 2).reshape(bw, n, heads * d)
 
 
 class ConvMlp(nn.Module):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from bimacosr.models.layers import GroupNorm32
+from bimacosr.models.swin import WindowAttention, shift_window_mask
 from bimacosr.models.unet import ResBlock, UNetModelSwin
 
 TINY = dict(image_size=16, in_channels=6, model_channels=32, out_channels=3, cond_lq=True,
@@ -20,6 +21,19 @@ def randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     return module.eval()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_fused_window_attention_is_the_originals_maths(batch, shifted):
+    attn = randomized(WindowAttention(32, 8, 2)).double()
+    mask = shift_window_mask(16, 16, 8, 4).double() if shifted else None
+    x = torch.randn(batch * 4, 64, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = attn(x, mask)  # float64 is not below float32: the original's operations
+        qkv = attn.qkv(x).reshape(batch * 4, 64, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        got = attn.proj(attn._fused(qkv, mask))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_group_norm_on_bf16_is_one_rounding_of_the_float32_route():
