@@ -28,9 +28,10 @@ def reduced_precision(x: Tensor) -> bool:
 
 
 def residual(x: Tensor, h: Tensor) -> Tensor:
-    """``x + h``, written into the fresh branch output ``h`` when the sum has ``h``'s dtype and shape
-    (bit for bit the same: float addition commutes exactly); saves a full-size allocation."""
-    if h.dtype == torch.promote_types(h.dtype, x.dtype) and h.shape == x.shape:
+    """``x + h``, written into the fresh branch output ``h`` when the sum has ``h``'s dtype, shape
+    and memory layout (bit for bit the same: float addition commutes exactly; the layout decides
+    how later GroupNorms sum in float32); saves a full-size allocation."""
+    if h.dtype == torch.promote_types(h.dtype, x.dtype) and h.shape == x.shape and h.stride() == x.stride():
         return h.add_(x)
     return x + h
 

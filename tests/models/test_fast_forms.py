@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bimacosr.models.layers import GroupNorm32
-from bimacosr.models.swin import WindowAttention, shift_window_mask
+from bimacosr.models.layers import GroupNorm32, residual
+from bimacosr.models.swin import (ConvMlp, SwinTransformerBlock, WindowAttention, pixels, shift_window_mask,
+                                  window_merge, window_order, window_partition)
 from bimacosr.models.unet import ResBlock, UNetModelSwin
 
 TINY = dict(image_size=16, in_channels=6, model_channels=32, out_channels=3, cond_lq=True,
@@ -45,6 +46,16 @@ def test_group_norm_on_bf16_is_one_rounding_of_the_float32_route():
     torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-6)  # within one bf16 rounding
 
 
+def test_residual_keeps_the_layout_of_the_original_sum():
+    x = torch.randn(1, 32, 4, 4)
+    h = torch.randn(1, 32, 4, 4).to(memory_format=torch.channels_last)
+    kept = h.clone()
+    out = residual(x, h)  # x + h is laid out as x: a new tensor, h untouched
+    assert torch.equal(out, x + kept) and out.is_contiguous() and torch.equal(h, kept)
+    same = residual(x.to(memory_format=torch.channels_last), h)
+    assert same.data_ptr() == h.data_ptr() and torch.equal(same, x + kept)
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_resblock_in_place_forms_are_the_plain_operations(grad):
     block = randomized(ResBlock(32, 128, 64, 0.0, use_scale_shift_norm=True))
@@ -78,3 +89,38 @@ def test_unet_below_float32_runs_channels_last_and_returns_contiguous():
     assert not seen[0].is_contiguous(memory_format=torch.channels_last)  # float32: as the original
     assert seen[1].is_contiguous(memory_format=torch.channels_last) and got.is_contiguous()
     assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
+@pytest.mark.parametrize("h,w,ws,s", [(16, 16, 8, 4), (16, 24, 8, 4), (8, 8, 8, 0), (16, 8, 8, 0)])
+def test_window_order_is_roll_and_partition_as_one_gather(h, w, ws, s):
+    x = torch.randn(2, 5, h, w).to(memory_format=torch.channels_last)
+    order = window_order(h, w, ws, s)
+    want = window_partition(torch.roll(x, shifts=(-s, -s), dims=(2, 3)), ws)
+    assert torch.equal(pixels(x).index_select(1, order).view(-1, ws * ws, 5), want)
+    assert pixels(x).data_ptr() == x.data_ptr()  # a view of a channels-last tensor
+    back = want.view(2, h * w, 5).index_select(1, torch.argsort(order))
+    merged = torch.roll(window_merge(want, ws, h, w), shifts=(s, s), dims=(2, 3))
+    assert torch.equal(back, pixels(merged))
+
+
+@pytest.mark.parametrize("shift,h,w", [(4, 16, 16), (4, 16, 24), (0, 8, 16), (0, 8, 8)])  # 8x8: no gather
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_gathered_attention_is_the_original_sequence_bit_for_bit(shift, h, w, layout):
+    block = randomized(SwinTransformerBlock(32, 16, 2, 8, shift, 2.0)).bfloat16()
+    x = torch.randn(2, 32, h, w, dtype=torch.bfloat16).to(memory_format=layout)
+    with torch.no_grad():
+        got = block._attend_gathered(x)
+        u = torch.roll(block.norm1(x), shifts=(-shift, -shift), dims=(2, 3))
+        tokens = window_partition(u, 8).contiguous()  # (a strided view when one window covers the image)
+        a = block.attn(tokens, block.runtime_mask(h, w, x.device))
+        want = x + torch.roll(window_merge(a, 8, h, w), shifts=(shift, shift), dims=(2, 3))
+    assert torch.equal(got, want)
+    if layout == torch.channels_last:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_mlp_gelu_in_place_is_the_plain_gelu():
+    mlp = randomized(ConvMlp(16, 32))
+    x = torch.randn(1, 16, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(mlp(x), mlp.fc2(F.gelu(mlp.fc1(x))))
