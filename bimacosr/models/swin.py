@@ -154,8 +154,9 @@ class SwinTransformerBlock(nn.Module):
 
     At construction, ``resolution <= window`` shrinks the window to ``resolution`` and disables
     the shift (docs/denoiser.md §2.4). Masks and token orders for each runtime size are computed
-    once and cached. Below float32 each roll + partition (and merge + roll back) is one gather
-    of pixels; float32 runs the original's operations. Residual sums go into the fresh branch output.
+    once and cached. On a channels-last map (the deploy UNet's, and every one below float32) each
+    roll + partition (and merge + roll back) is one gather of pixel rows; otherwise the original's
+    operations run. Residual sums go into the fresh branch output (docs/speed.md §3).
     """
 
     def __init__(self, dim: int, resolution: int, num_heads: int, window: int, shift: int,
@@ -197,8 +198,8 @@ class SwinTransformerBlock(nn.Module):
         if h % self.window or w % self.window:
             raise ValueError(f"Swin block needs H and W divisible by its window {self.window}, got "
                              f"{h}x{w}; pad the input (the pipeline pads LR images to multiples of 64)")
-        if reduced_precision(x):
-            x = self._attend_gathered(x)
+        if reduced_precision(x) or x.is_contiguous(memory_format=torch.channels_last):
+            x = self._attend_gathered(x)  # bit for bit the branch below on a channels-last x
         else:
             u = self.norm1(x)
             if self.shift:
@@ -212,7 +213,9 @@ class SwinTransformerBlock(nn.Module):
 
     def _attend_gathered(self, x: Tensor) -> Tensor:
         """``x + roll(merge(attn(partition(roll(norm1(x))))))`` with each roll and partition one
-        gather of pixels (:func:`window_order`), channels-last in and out (docs/speed.md §3)."""
+        gather of pixels (:func:`window_order`), channels-last out. For a channels-last ``x`` the
+        attention gets the same contiguous tokens and the sum the same layout as in the original's
+        operations, so float32 results are unchanged (docs/speed.md §3)."""
         b, c, h, w = x.shape
         n = self.window * self.window
         orders = self.token_orders(h, w, x.device)

@@ -124,3 +124,19 @@ def test_mlp_gelu_in_place_is_the_plain_gelu():
     x = torch.randn(1, 16, 4, 4)
     with torch.no_grad():
         assert torch.equal(mlp(x), mlp.fc2(F.gelu(mlp.fc1(x))))
+
+
+@pytest.mark.parametrize("shift,h,w", [(4, 16, 16), (4, 16, 24), (0, 8, 16), (0, 8, 8)])
+def test_float32_channels_last_block_is_the_originals_operations_bit_for_bit(shift, h, w):
+    block = randomized(SwinTransformerBlock(32, 16, 2, 8, shift, 2.0))
+    x = torch.randn(2, 32, h, w).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = block(x)
+        u = block.norm1(x)
+        if shift:
+            u = torch.roll(u, shifts=(-shift, -shift), dims=(2, 3))
+        a = block.attn(window_partition(u, 8), block.runtime_mask(h, w, x.device))
+        a = torch.roll(window_merge(a, 8, h, w), shifts=(shift, shift), dims=(2, 3))
+        want = x + a
+        want = want + block.mlp(block.norm2(want))
+    assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last)
