@@ -55,6 +55,23 @@ class GroupNorm32(nn.GroupNorm):
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x.float()).type(x.dtype)
 
+    def modulated(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        """``self(x) * (1 + scale) + shift`` (the ResBlocks' FiLM; ``scale``, ``shift`` ``[B, C, 1, 1]``).
+
+        One bf16 image on CPU: one GroupNorm whose affine is the product of both (``weight * (1 +
+        scale)``, ``bias * (1 + scale) + shift``, in float32), rounded once; the two elementwise
+        passes go (docs/speed.md §3). Otherwise the original's operations, in place on the fresh
+        normalised tensor unless it records a gradient (the same roundings).
+        """
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[0] == 1:
+            gain = 1 + scale.float().view(-1)
+            bias = torch.addcmul(shift.float().view(-1), self.bias, gain)
+            return F.group_norm(x, self.num_groups, self.weight * gain, bias, self.eps)
+        h = self(x)
+        if h.requires_grad:
+            return h * (1 + scale) + shift
+        return h.mul_(1 + scale).add_(shift)
+
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding ``[B] -> [B, dim]``, cos half first (``f_j = exp(-ln(P) j / half)``).

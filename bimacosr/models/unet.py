@@ -39,19 +39,11 @@ class ResBlock(nn.Module):
         e = self.emb_layers(emb).type(h.dtype)[..., None, None]
         norm = self.out_layers[0]
         if self.use_scale_shift_norm:
-            h = film(norm(h), *e.chunk(2, dim=1))
+            h = norm.modulated(h, *e.chunk(2, dim=1))
         else:
             h = norm(h + e)
         h = self.out_layers[3](self.out_layers[2](silu_fresh(h)))
         return residual(self.skip_connection(x), h)
-
-
-def film(h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``h * (1 + scale) + shift`` of the fresh normalised ``h``, in place unless it records a
-    gradient (the same roundings, two allocations less)."""
-    if h.requires_grad:
-        return h * (1 + scale) + shift
-    return h.mul_(1 + scale).add_(shift)
 
 
 class Downsample(nn.Module):

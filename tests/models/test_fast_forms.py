@@ -46,6 +46,23 @@ def test_group_norm_on_bf16_is_one_rounding_of_the_float32_route():
     torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-6)  # within one bf16 rounding
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_modulated_group_norm(batch, dtype):
+    norm = randomized(GroupNorm32(32, 64))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(batch, 64, 8, 8, generator=gen).to(dtype, memory_format=torch.channels_last)
+    scale, shift = (torch.randn(batch, 64, 1, 1, generator=gen).to(dtype) for _ in range(2))
+    got = norm.modulated(x, scale, shift)
+    if batch == 2 or dtype == torch.float32:  # the original's operations, in place
+        assert torch.equal(got, norm(x) * (1 + scale) + shift)
+    else:  # one GroupNorm with the modulation in its affine: one bf16 rounding of the exact value
+        want = F.group_norm(x.double(), 32, norm.weight.double(), norm.bias.double(), norm.eps)
+        want = want * (1 + scale.double()) + shift.double()
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want, rtol=2 ** -8, atol=1e-5)
+
+
 def test_residual_keeps_the_layout_of_the_original_sum():
     x = torch.randn(1, 32, 4, 4)
     h = torch.randn(1, 32, 4, 4).to(memory_format=torch.channels_last)
