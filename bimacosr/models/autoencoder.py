@@ -15,31 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bimacosr.models.layers import autocast_dtype, reduced_precision, residual
 from bimacosr.quant.common import eval_cached
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups, eps 1e-6, affine (``channels`` must be a multiple of 32)."""
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
-
-
-def reduced_precision(x: Tensor) -> bool:
-    """True when the layers fed by ``x`` compute below float32: ``x`` is float16/bfloat16, or
-    autocast is on for its device with such a dtype. Only then do the autoencoder's faster forms of
-    the same maths run (docs/deviations.md D16); float32 keeps the original's operations, which the
-    fixtures match bit for bit."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return True
-    device = x.device.type
-    return autocast_dtype(device) not in (None, torch.float32)
-
-
-def autocast_dtype(device: str) -> torch.dtype | None:
-    """The autocast dtype active for ``device`` ("cpu", "cuda", ...), None when autocast is off there
-    or the device has none (e.g. "meta")."""
-    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
-        return None
-    return torch.get_autocast_dtype(device)
 
 
 def norm_swish(norm: nn.GroupNorm, x: Tensor) -> Tensor:
@@ -50,14 +32,6 @@ def norm_swish(norm: nn.GroupNorm, x: Tensor) -> Tensor:
     if reduced_precision(h):
         return F.silu(h, inplace=not h.requires_grad)
     return h * torch.sigmoid(h)
-
-
-def residual(x: Tensor, h: Tensor) -> Tensor:
-    """``x + h``, written into the fresh branch output ``h`` when the sum has ``h``'s dtype and shape
-    (bit for bit the same: float addition commutes exactly); saves a full-size allocation."""
-    if h.dtype == torch.promote_types(h.dtype, x.dtype) and h.shape == x.shape:
-        return h.add_(x)
-    return x + h
 
 
 class ResnetBlock(nn.Module):

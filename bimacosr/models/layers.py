@@ -1,17 +1,76 @@
-"""Small building blocks shared by the UNet and the Swin layer."""
+"""Small building blocks shared by the UNet, the Swin layer and the autoencoder, and the
+precision test that chooses between the original's operations and their faster forms."""
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def autocast_dtype(device: str) -> torch.dtype | None:
+    """The autocast dtype active for ``device`` ("cpu", "cuda", ...), None when autocast is off there
+    or the device has none (e.g. "meta")."""
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def reduced_precision(x: Tensor) -> bool:
+    """True when the layers fed by ``x`` compute below float32: ``x`` is float16/bfloat16, or
+    autocast is on for its device with such a dtype. Only then do the faster forms of the same
+    maths run (docs/deviations.md D16); float32 keeps the original's operations, which the
+    fixtures match bit for bit."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return True
+    return autocast_dtype(x.device.type) not in (None, torch.float32)
+
+
+def residual(x: Tensor, h: Tensor) -> Tensor:
+    """``x + h``, written into the fresh branch output ``h`` when the sum has ``h``'s dtype, shape
+    and memory layout (bit for bit the same: float addition commutes exactly; the layout decides
+    how later GroupNorms sum in float32); saves a full-size allocation."""
+    if h.dtype == torch.promote_types(h.dtype, x.dtype) and h.shape == x.shape and h.stride() == x.stride():
+        return h.add_(x)
+    return x + h
+
+
+def silu_fresh(h: Tensor) -> Tensor:
+    """``silu(h)`` of a fresh tensor nothing else reads, in place unless it records a gradient
+    (bit for bit the out-of-place result, one allocation less)."""
+    return F.silu(h, inplace=not h.requires_grad)
+
+
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back to the input dtype."""
+    """GroupNorm computed in float32 and cast back to the input dtype.
+
+    A bfloat16 input on CPU goes to the kernel as is: it normalises in float32 and rounds once
+    to bfloat16, without the two conversion passes (the same maths; the statistics may be summed
+    in another order, so a value can differ by one bfloat16 rounding; docs/speed.md §3).
+    """
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x.float()).type(x.dtype)
+
+    def modulated(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        """``self(x) * (1 + scale) + shift`` (the ResBlocks' FiLM; ``scale``, ``shift`` ``[B, C, 1, 1]``).
+
+        One bf16 image on CPU: one GroupNorm whose affine is the product of both (``weight * (1 +
+        scale)``, ``bias * (1 + scale) + shift``, in float32), rounded once; the two elementwise
+        passes go (docs/speed.md §3). Otherwise the original's operations, in place on the fresh
+        normalised tensor unless it records a gradient (the same roundings).
+        """
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[0] == 1:
+            gain = 1 + scale.float().view(-1)
+            bias = torch.addcmul(shift.float().view(-1), self.bias, gain)
+            return F.group_norm(x, self.num_groups, self.weight * gain, bias, self.eps)
+        h = self(x)
+        if h.requires_grad:
+            return h * (1 + scale) + shift
+        return h.mul_(1 + scale).add_(shift)
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

@@ -8,10 +8,14 @@ compatibility but never read.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bimacosr.models.layers import GroupNorm32
+from bimacosr.models.layers import GroupNorm32, reduced_precision, residual
+from bimacosr.quant.common import eval_cached
 
 
 def shift_window_mask(height: int, width: int, window: int, shift: int,
@@ -54,10 +58,29 @@ def window_merge(windows: Tensor, window: int, height: int, width: int) -> Tenso
     return x.permute(0, 5, 1, 3, 2, 4).reshape(-1, c, height, width)
 
 
+def window_order(height: int, width: int, window: int, shift: int,
+                 device: torch.device | str | None = None) -> Tensor:
+    """``[H*W]`` int64: the row-major image pixel of each token of
+    ``window_partition(roll(image, (-shift, -shift)), window)`` (windows row-major, tokens
+    row-major), i.e. that roll and partition as one gather of pixels."""
+    rows = (torch.arange(height, device=device).view(-1, 1, window, 1) + shift) % height
+    cols = (torch.arange(width, device=device).view(1, -1, 1, window) + shift) % width
+    return (rows * width + cols).reshape(-1)
+
+
+def pixels(x: Tensor) -> Tensor:
+    """``[B, C, H, W] -> [B, H*W, C]``: a view of a channels-last tensor (a copy otherwise)."""
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows with a learned relative-position bias.
 
     Input ``[B', N, E]`` (N = ws*ws tokens), optional mask ``[nW, N, N]`` with ``B' = B*nW``.
+    Below float32 (:func:`~bimacosr.models.layers.reduced_precision`) one fused
+    ``scaled_dot_product_attention`` with bias and mask summed into one float32 term: the same
+    maths, logits and softmax in float32 (docs/speed.md §3); float32 runs the original's operations.
     """
 
     def __init__(self, dim: int, window: int, num_heads: int):
@@ -70,19 +93,44 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
+    def position_bias(self) -> Tensor:
+        """The relative-position bias ``[heads, N, N]`` read from the table."""
+        n = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1)
+
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         bw, n, c = x.shape
         qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        if reduced_precision(qkv):
+            return self.proj(self._fused(qkv, mask))
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
         attn = q @ k.transpose(-2, -1)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        attn = attn + bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        attn = attn + self.position_bias().unsqueeze(0)
         if mask is not None:
             nw = mask.shape[0]
             attn = attn.view(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None].to(attn.dtype)
             attn = attn.view(bw, self.num_heads, n, n)
         attn = attn.softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(bw, n, c))
+
+    def _fused(self, qkv: Tensor, mask: Tensor | None) -> Tensor:
+        """``softmax(q k^T * scale + bias + mask) v`` of ``qkv [3, B', heads, N, d]`` as
+        ``[B', N, E]``. The added term is at least float32 on CPU (q, k, v stay in their dtype;
+        autocast is off so that it is not rounded), in q's dtype elsewhere."""
+        q, k, v = qkv.unbind(0)
+        bw, heads, n, d = q.shape
+        dtype = torch.promote_types(q.dtype, torch.float32) if q.device.type == "cpu" else q.dtype
+        term = eval_cached(self, f"position_bias_{dtype}", (self.relative_position_bias_table,),
+                           lambda: self.position_bias().to(dtype).unsqueeze(0).contiguous())
+        if mask is not None:  # per window, repeated over the batch; contiguous, as the kernel reads it
+            nw = mask.shape[0]
+            term = torch.add(term, mask[:, None].to(dtype), out=term.new_empty(nw, heads, n, n))
+            if bw != nw:
+                term = term.repeat(bw // nw, 1, 1, 1)
+        with torch.autocast(q.device.type, enabled=False):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=term, scale=self.scale)
+        return out.transpose(1, 2).reshape(bw, n, heads * d)
 
 
 class ConvMlp(nn.Module):
@@ -95,14 +143,20 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        if h.requires_grad:
+            return self.fc2(self.act(h))
+        return self.fc2(torch.ops.aten.gelu_(h))  # in place on the fresh fc1 output: bit for bit
 
 
 class SwinTransformerBlock(nn.Module):
     """``x + roll(attn(roll(norm1(x))))``, then ``x + mlp(norm2(x))`` on ``[B, E, H, W]``.
 
     At construction, ``resolution <= window`` shrinks the window to ``resolution`` and disables
-    the shift (docs/denoiser.md §2.4). Masks for each runtime size are computed once and cached.
+    the shift (docs/denoiser.md §2.4). Masks and token orders for each runtime size are computed
+    once and cached. On a channels-last map (the deploy UNet's, and every one below float32) each
+    roll + partition (and merge + roll back) is one gather of pixel rows; otherwise the original's
+    operations run. Residual sums go into the fresh branch output (docs/speed.md §3).
     """
 
     def __init__(self, dim: int, resolution: int, num_heads: int, window: int, shift: int,
@@ -117,31 +171,62 @@ class SwinTransformerBlock(nn.Module):
         self.attn = WindowAttention(dim, window, num_heads)
         self.norm2 = GroupNorm32(32, dim)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio))
-        self._masks: dict[tuple, Tensor] = {}
+        self._runtime: dict[tuple, Any] = {}  # masks and token orders per runtime size
 
     def runtime_mask(self, height: int, width: int, device: torch.device) -> Tensor | None:
         """The mask for a runtime size (``None`` when unshifted: the original's is all zeros)."""
         if self.shift == 0:
             return None
         key = (height, width, device)
-        if key not in self._masks:
-            self._masks[key] = shift_window_mask(height, width, self.window, self.shift, device)
-        return self._masks[key]
+        if key not in self._runtime:
+            self._runtime[key] = shift_window_mask(height, width, self.window, self.shift, device)
+        return self._runtime[key]
+
+    def token_orders(self, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        """``(order, inverse)`` of :func:`window_order` for a runtime size (cached); ``None`` when
+        the partition is the identity (one unshifted window covers the image)."""
+        if self.shift == 0 and height == width == self.window:
+            return None
+        key = ("order", height, width, device)
+        if key not in self._runtime:
+            order = window_order(height, width, self.window, self.shift, device)
+            self._runtime[key] = (order, torch.argsort(order))
+        return self._runtime[key]
 
     def forward(self, x: Tensor) -> Tensor:
         _, _, h, w = x.shape
         if h % self.window or w % self.window:
             raise ValueError(f"Swin block needs H and W divisible by its window {self.window}, got "
                              f"{h}x{w}; pad the input (the pipeline pads LR images to multiples of 64)")
-        u = self.norm1(x)
-        if self.shift:
-            u = torch.roll(u, shifts=(-self.shift, -self.shift), dims=(2, 3))
-        a = self.attn(window_partition(u, self.window), self.runtime_mask(h, w, x.device))
-        a = window_merge(a, self.window, h, w)
-        if self.shift:
-            a = torch.roll(a, shifts=(self.shift, self.shift), dims=(2, 3))
-        x = x + a
-        return x + self.mlp(self.norm2(x))
+        if reduced_precision(x) or x.is_contiguous(memory_format=torch.channels_last):
+            x = self._attend_gathered(x)  # bit for bit the branch below on a channels-last x
+        else:
+            u = self.norm1(x)
+            if self.shift:
+                u = torch.roll(u, shifts=(-self.shift, -self.shift), dims=(2, 3))
+            a = self.attn(window_partition(u, self.window), self.runtime_mask(h, w, x.device))
+            a = window_merge(a, self.window, h, w)
+            if self.shift:
+                a = torch.roll(a, shifts=(self.shift, self.shift), dims=(2, 3))
+            x = residual(x, a)
+        return residual(x, self.mlp(self.norm2(x)))
+
+    def _attend_gathered(self, x: Tensor) -> Tensor:
+        """``x + roll(merge(attn(partition(roll(norm1(x))))))`` with each roll and partition one
+        gather of pixels (:func:`window_order`), channels-last out. For a channels-last ``x`` the
+        attention gets the same contiguous tokens and the sum the same layout as in the original's
+        operations, so float32 results are unchanged (docs/speed.md §3)."""
+        b, c, h, w = x.shape
+        n = self.window * self.window
+        orders = self.token_orders(h, w, x.device)
+        tokens = pixels(self.norm1(x))
+        if orders is not None:
+            tokens = tokens.index_select(1, orders[0])
+        tokens = tokens.reshape(-1, n, c).contiguous()  # a no-op for a channels-last x
+        a = self.attn(tokens, self.runtime_mask(h, w, x.device)).view(b, h * w, c)
+        if orders is not None:
+            a = a.index_select(1, orders[1])
+        return residual(pixels(x), a).view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class PatchProjection(nn.Module):

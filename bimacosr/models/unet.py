@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bimacosr.models.layers import GroupNorm32, timestep_embedding
+from bimacosr.models.layers import GroupNorm32, reduced_precision, residual, silu_fresh, timestep_embedding
 from bimacosr.models.swin import BasicLayer
 
 
@@ -35,15 +35,15 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.in_layers(x)
+        h = self.in_layers[2](silu_fresh(self.in_layers[0](x)))
         e = self.emb_layers(emb).type(h.dtype)[..., None, None]
+        norm = self.out_layers[0]
         if self.use_scale_shift_norm:
-            norm, rest = self.out_layers[0], self.out_layers[1:]
-            scale, shift = e.chunk(2, dim=1)
-            h = rest(norm(h) * (1 + scale) + shift)
+            h = norm.modulated(h, *e.chunk(2, dim=1))
         else:
-            h = self.out_layers(h + e)
-        return self.skip_connection(x) + h
+            h = norm(h + e)
+        h = self.out_layers[3](self.out_layers[2](silu_fresh(h)))
+        return residual(self.skip_connection(x), h)
 
 
 class Downsample(nn.Module):
@@ -160,6 +160,9 @@ class UNetModelSwin(nn.Module):
             if lq.shape[2:] != x.shape[2:]:  # docs/quirks.md Q6: only the height decides
                 lq = F.pixel_unshuffle(lq, 2) if lq.shape[2] > x.shape[2] else F.interpolate(lq, scale_factor=4, mode="nearest")
             h = torch.cat([x, lq], dim=1)
+        to_channels_last = reduced_precision(h) and not h.is_contiguous(memory_format=torch.channels_last)
+        if to_channels_last:  # channels-last activations throughout, below float32 (docs/speed.md §3)
+            h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb)
@@ -167,4 +170,5 @@ class UNetModelSwin(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h)
+        out = self.out[2](silu_fresh(self.out[0](h)))
+        return out.contiguous() if to_channels_last else out

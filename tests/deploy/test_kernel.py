@@ -214,10 +214,11 @@ def test_sparse_branch_as_rows_of_outputs():
 
 def test_deploy_model_under_bf16_autocast(tiny_bimaco_denoiser):
     """A whole deploy model runs under bf16 autocast; each deploy layer computes in fp32 inside
-    (its output equals the one without autocast on the same input) and returns the input dtype."""
+    (its output equals the one without autocast on the same input) and returns the input dtype.
+    Copies are kept: the model adds residuals in place into layer outputs."""
     deployed = to_deploy(copy.deepcopy(tiny_bimaco_denoiser))
     seen: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-    hooks = [m.register_forward_hook(lambda m, args, out: seen.append((m, args[0], out)))
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.append((m, args[0].clone(), out.clone())))
              for m in deployed.modules() if isinstance(m, (DeployBinaryConv2d, DeployBinaryLinear))]
     gen = torch.Generator().manual_seed(0)
     x, lq = torch.randn(2, 3, 64, 64, generator=gen), torch.rand(2, 3, 64, 64, generator=gen)

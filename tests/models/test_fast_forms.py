@@ -1,0 +1,159 @@
+"""The UNet's forms below float32 (docs/speed.md §3): each is the original's maths, float32 keeps
+the original's operations, and the in-place forms are bit for bit the out-of-place ones."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bimacosr.models.layers import GroupNorm32, residual
+from bimacosr.models.swin import (ConvMlp, SwinTransformerBlock, WindowAttention, pixels, shift_window_mask,
+                                  window_merge, window_order, window_partition)
+from bimacosr.models.unet import ResBlock, UNetModelSwin
+
+TINY = dict(image_size=16, in_channels=6, model_channels=32, out_channels=3, cond_lq=True,
+            attention_resolutions=[16], dropout=0, channel_mult=[1, 1], num_res_blocks=[1, 1],
+            num_head_channels=16, use_scale_shift_norm=True, swin_depth=2, swin_embed_dim=32,
+            window_size=8, mlp_ratio=2)
+
+
+def randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter random (the zero-initialised output convs and bias tables included)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return module.eval()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_fused_window_attention_is_the_originals_maths(batch, shifted):
+    attn = randomized(WindowAttention(32, 8, 2)).double()
+    mask = shift_window_mask(16, 16, 8, 4).double() if shifted else None
+    x = torch.randn(batch * 4, 64, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = attn(x, mask)  # float64 is not below float32: the original's operations
+        qkv = attn.qkv(x).reshape(batch * 4, 64, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        got = attn.proj(attn._fused(qkv, mask))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_group_norm_on_bf16_is_one_rounding_of_the_float32_route():
+    norm = randomized(GroupNorm32(32, 64))
+    x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last).bfloat16()
+    got = norm(x)
+    want = F.group_norm(x.float(), 32, norm.weight, norm.bias, norm.eps)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-6)  # within one bf16 rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_modulated_group_norm(batch, dtype):
+    norm = randomized(GroupNorm32(32, 64))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(batch, 64, 8, 8, generator=gen).to(dtype, memory_format=torch.channels_last)
+    scale, shift = (torch.randn(batch, 64, 1, 1, generator=gen).to(dtype) for _ in range(2))
+    got = norm.modulated(x, scale, shift)
+    if batch == 2 or dtype == torch.float32:  # the original's operations, in place
+        assert torch.equal(got, norm(x) * (1 + scale) + shift)
+    else:  # one GroupNorm with the modulation in its affine: one bf16 rounding of the exact value
+        want = F.group_norm(x.double(), 32, norm.weight.double(), norm.bias.double(), norm.eps)
+        want = want * (1 + scale.double()) + shift.double()
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want, rtol=2 ** -8, atol=1e-5)
+
+
+def test_residual_keeps_the_layout_of_the_original_sum():
+    x = torch.randn(1, 32, 4, 4)
+    h = torch.randn(1, 32, 4, 4).to(memory_format=torch.channels_last)
+    kept = h.clone()
+    out = residual(x, h)  # x + h is laid out as x: a new tensor, h untouched
+    assert torch.equal(out, x + kept) and out.is_contiguous() and torch.equal(h, kept)
+    same = residual(x.to(memory_format=torch.channels_last), h)
+    assert same.data_ptr() == h.data_ptr() and torch.equal(same, x + kept)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_resblock_in_place_forms_are_the_plain_operations(grad):
+    block = randomized(ResBlock(32, 128, 64, 0.0, use_scale_shift_norm=True))
+    x = torch.randn(2, 32, 8, 8, requires_grad=grad)
+    emb = torch.randn(2, 128)
+    with torch.set_grad_enabled(grad):
+        got = block(x, emb)
+        h = block.in_layers(x)
+        scale, shift = block.emb_layers(emb)[..., None, None].chunk(2, dim=1)
+        norm, rest = block.out_layers[0], block.out_layers[1:]
+        want = block.skip_connection(x) + rest(norm(h) * (1 + scale) + shift)
+    assert torch.equal(got, want)
+    if grad:
+        (g_got,) = torch.autograd.grad(got.square().sum(), x)
+        (g_want,) = torch.autograd.grad(want.square().sum(), x)
+        assert torch.equal(g_got, g_want)
+
+
+def test_unet_below_float32_runs_channels_last_and_returns_contiguous():
+    model = randomized(UNetModelSwin(**TINY))
+    gen = torch.Generator().manual_seed(2)
+    x, lq = torch.randn(1, 3, 16, 16, generator=gen), torch.randn(1, 3, 16, 16, generator=gen)
+    t = torch.zeros(1, dtype=torch.long)
+    seen = []
+    hook = model.input_blocks[1][0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        want = model(x, t, lq=lq)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(x, t, lq=lq)
+    hook.remove()
+    assert not seen[0].is_contiguous(memory_format=torch.channels_last)  # float32: as the original
+    assert seen[1].is_contiguous(memory_format=torch.channels_last) and got.is_contiguous()
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
+@pytest.mark.parametrize("h,w,ws,s", [(16, 16, 8, 4), (16, 24, 8, 4), (8, 8, 8, 0), (16, 8, 8, 0)])
+def test_window_order_is_roll_and_partition_as_one_gather(h, w, ws, s):
+    x = torch.randn(2, 5, h, w).to(memory_format=torch.channels_last)
+    order = window_order(h, w, ws, s)
+    want = window_partition(torch.roll(x, shifts=(-s, -s), dims=(2, 3)), ws)
+    assert torch.equal(pixels(x).index_select(1, order).view(-1, ws * ws, 5), want)
+    assert pixels(x).data_ptr() == x.data_ptr()  # a view of a channels-last tensor
+    back = want.view(2, h * w, 5).index_select(1, torch.argsort(order))
+    merged = torch.roll(window_merge(want, ws, h, w), shifts=(s, s), dims=(2, 3))
+    assert torch.equal(back, pixels(merged))
+
+
+@pytest.mark.parametrize("shift,h,w", [(4, 16, 16), (4, 16, 24), (0, 8, 16), (0, 8, 8)])  # 8x8: no gather
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_gathered_attention_is_the_original_sequence_bit_for_bit(shift, h, w, layout):
+    block = randomized(SwinTransformerBlock(32, 16, 2, 8, shift, 2.0)).bfloat16()
+    x = torch.randn(2, 32, h, w, dtype=torch.bfloat16).to(memory_format=layout)
+    with torch.no_grad():
+        got = block._attend_gathered(x)
+        u = torch.roll(block.norm1(x), shifts=(-shift, -shift), dims=(2, 3))
+        tokens = window_partition(u, 8).contiguous()  # (a strided view when one window covers the image)
+        a = block.attn(tokens, block.runtime_mask(h, w, x.device))
+        want = x + torch.roll(window_merge(a, 8, h, w), shifts=(shift, shift), dims=(2, 3))
+    assert torch.equal(got, want)
+    if layout == torch.channels_last:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_mlp_gelu_in_place_is_the_plain_gelu():
+    mlp = randomized(ConvMlp(16, 32))
+    x = torch.randn(1, 16, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(mlp(x), mlp.fc2(F.gelu(mlp.fc1(x))))
+
+
+@pytest.mark.parametrize("shift,h,w", [(4, 16, 16), (4, 16, 24), (0, 8, 16), (0, 8, 8)])
+def test_float32_channels_last_block_is_the_originals_operations_bit_for_bit(shift, h, w):
+    block = randomized(SwinTransformerBlock(32, 16, 2, 8, shift, 2.0))
+    x = torch.randn(2, 32, h, w).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = block(x)
+        u = block.norm1(x)
+        if shift:
+            u = torch.roll(u, shifts=(-shift, -shift), dims=(2, 3))
+        a = block.attn(window_partition(u, 8), block.runtime_mask(h, w, x.device))
+        a = torch.roll(window_merge(a, 8, h, w), shifts=(shift, shift), dims=(2, 3))
+        want = x + a
+        want = want + block.mlp(block.norm2(want))
+    assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last)
