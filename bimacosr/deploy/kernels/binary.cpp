@@ -242,7 +242,7 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
     alignas(64) float tail[kLanes];
     alignas(64) float lanes[kLanes * kPixels];  // side_block's scratch
     alignas(64) float side_out[kPixels * kLanes];  // the side branches of one block [pixel, lane]
-    const f32x16 zero = {};
+    const f32x8 zero = {};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = (task / groups) * kPixels, n = std::min(kPixels, pixels - m0);
       const int64_t b0 = (task % groups) * group, b1 = std::min(blocks, b0 + group);
@@ -254,8 +254,8 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
         if (sd.any())
           side_block(sd, tile.data(), lowt.data(), blocks * kLanes, o0, lanes, side_out);
         for (int64_t q0 = 0; q0 < n; q0 += kRows) {
-          f32x16 acc[kRows];
-          for (int r = 0; r < kRows; ++r) acc[r] = zero;
+          f32x8 acc[kRows][2];  // outputs 0..7 and 8..15 of each pixel
+          for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = zero;
           for (int64_t t = 0; t < taps; ++t) {
             const uint64_t* wb = p.wbits + t * tap_stride + blk * words * kLanes;
             const uint64_t *x[kRows], *xm[kRows];
@@ -269,9 +269,9 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
               if (kWeightZeros) {
                 const uint64_t* wm = p.wmask + t * tap_stride + blk * words * kLanes;
                 tap_masked(p.xbits + row * words, p.xmask + row * words, wb, wm, words, dots);
-                i32x16 d;
-                std::memcpy(&d, dots, sizeof d);
-                acc[r] += p.scale[row] * __builtin_convertvector(d, f32x16);
+                i32x8 d[2];
+                std::memcpy(d, dots, sizeof d);
+                for (int h = 0; h < 2; ++h) acc[r][h] += p.scale[row] * __builtin_convertvector(d[h], f32x8);
                 continue;
               }
               x[r] = p.xbits + row * words, s[r] = p.scale[row], valid[r] = p.nonzero[row];
@@ -279,26 +279,31 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
               any = true;
             }
             if (!any) continue;
-            i32x16 differ[kRows];
+            i32x8 differ[kRows][2];
             if (masked)
               xor_popcount<kRows, true>(x, xm, wb, words, differ);
             else
               xor_popcount<kRows>(x, xm, wb, words, differ);
             for (int r = 0; r < kRows; ++r)
-              acc[r] += s[r] * __builtin_convertvector(valid[r] - 2 * differ[r], f32x16);
+              for (int h = 0; h < 2; ++h)
+                acc[r][h] += s[r] * __builtin_convertvector(valid[r] - 2 * differ[r][h], f32x8);
           }
-          const f32x16 alpha = load16(ep.alpha.data() + o0), shift = load16(ep.shift.data() + o0);
           for (int64_t r = 0; r < kRows && q0 + r < n; ++r) {
-            f32x16 v = acc[r] * alpha + shift;
-            if (ep.rprelu)  // PReLU then beta1, branch-free: max(v, 0) + slope * min(v, 0)
-              v = (v > zero ? v : zero) + load16(ep.slope.data() + o0) * (v < zero ? v : zero) +
-                  load16(ep.beta1.data() + o0);
-            if (sd.any()) v += load16(side_out + (q0 + r) * kLanes);
+            f32x8 v[2];
+            for (int h = 0; h < 2; ++h) {
+              const int64_t o = o0 + 8 * h;
+              v[h] = acc[r][h] * load8(ep.alpha.data() + o) + load8(ep.shift.data() + o);
+              if (ep.rprelu)  // PReLU then beta1, branch-free: max(v, 0) + slope * min(v, 0)
+                v[h] = (v[h] > zero ? v[h] : zero) + load8(ep.slope.data() + o) * (v[h] < zero ? v[h] : zero) +
+                       load8(ep.beta1.data() + o);
+              if (sd.any()) v[h] += load8(side_out + (q0 + r) * kLanes + 8 * h);
+            }
             T* y = out + (m0 + q0 + r) * p.cout + o0;
             if (p.cout - o0 >= kLanes) {
-              split8(y, v);
+              store8(y, v[0]);
+              store8(y + 8, v[1]);
             } else {
-              std::memcpy(tail, &v, sizeof v);
+              std::memcpy(tail, v, sizeof v);
               for (int64_t j = 0; j < p.cout - o0; ++j) y[j] = T(tail[j]);
             }
           }

@@ -4,8 +4,9 @@
 // xor_popcount<R, kMasked>(x, m, wb, words, differ): for R input rows x[r] (`words` 64-bit words
 // each) and one weight block wb [words, 16] (the 16 words of one input word adjacent, lanes in
 // kLaneOrder),
-//   differ[r][o] = sum_i popcount((x[r][i] ^ wb[i, lane of output o]) & m[r][i]),  o = 0..15 in
-// natural order, the mask m (rows like x) applied only when kMasked (one more bitwise op per
+//   differ[r][o / 8][o % 8] = sum_i popcount((x[r][i] ^ wb[i, lane of output o]) & m[r][i]),
+// o = 0..15 in natural order as two 8-lane halves (native on AVX2 and AVX-512 alike: 16-lane
+// vectors would be split element by element without AVX-512), the mask m (rows like x) applied only when kMasked (one more bitwise op per
 // vector; with AVX-512 the XOR and AND are one vpternlogq).
 // One of three paths, chosen by the compiler flags (-march=native): AVX-512 VPOPCNTDQ on 8-lane
 // vectors (or that path with the popcount emulated, a test build for CPUs without it), an AVX2
@@ -59,7 +60,7 @@ constexpr int kRows = BIMACOSR_ROWS;  // input rows per micro-kernel call
 #if defined(BIMACOSR_LANE_POPCOUNT)
 template <int R, bool kMasked = false>
 inline void xor_popcount(const uint64_t* const* x, const uint64_t* const* m, const uint64_t* wb, int64_t words,
-                         i32x16* differ) {
+                         i32x8 (*differ)[2]) {
   u64x8 sum[R][2] = {};  // 64-bit lane counts, lanes in kLaneOrder
   for (int64_t i = 0; i < words; ++i) {
     u64x8 w[2];
@@ -72,8 +73,8 @@ inline void xor_popcount(const uint64_t* const* x, const uint64_t* const* m, con
   }
   // the low 32 bits of the counts in natural output order: lanes 0, 4, 1, 5, 2, 6, 3, 7 (+ 8)
   for (int r = 0; r < R; ++r)
-    differ[r] = __builtin_shufflevector((i32x16)sum[r][0], (i32x16)sum[r][1], 0, 8, 2, 10, 4, 12, 6, 14,
-                                        16, 24, 18, 26, 20, 28, 22, 30);
+    for (int h = 0; h < 2; ++h)
+      differ[r][h] = __builtin_shufflevector((i32x16)sum[r][h], (i32x16)sum[r][h], 0, 8, 2, 10, 4, 12, 6, 14);
 }
 #elif defined(__AVX2__)
 // Byte-wise popcount of v (4-bit table lookups).
@@ -87,7 +88,7 @@ inline __m256i popcount_bytes(__m256i v) {
 
 template <int R, bool kMasked = false>
 inline void xor_popcount(const uint64_t* const* x, const uint64_t* const* m, const uint64_t* wb, int64_t words,
-                         i32x16* differ) {
+                         i32x8 (*differ)[2]) {
   const __m256i zero = _mm256_setzero_si256();
   __m256i sum[R][4];  // 64-bit lane counts, lanes in kLaneOrder
   for (int r = 0; r < R; ++r)
@@ -113,22 +114,20 @@ inline void xor_popcount(const uint64_t* const* x, const uint64_t* const* m, con
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < 4; ++v) sum[r][v] = _mm256_add_epi64(sum[r][v], _mm256_sad_epu8(bytes[r][v], zero));
   }
-  for (int r = 0; r < R; ++r) {  // lanes (0,2,4,6) | (1,3,5,7) << 32 -> outputs 0..7, then 8..15
-    const i32x8 lo = (i32x8)_mm256_or_si256(sum[r][0], _mm256_slli_epi64(sum[r][1], 32));
-    const i32x8 hi = (i32x8)_mm256_or_si256(sum[r][2], _mm256_slli_epi64(sum[r][3], 32));
-    differ[r] = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  }
+  for (int r = 0; r < R; ++r)  // lanes (0,2,4,6) | (1,3,5,7) << 32 -> outputs 0..7, then 8..15
+    for (int h = 0; h < 2; ++h)
+      differ[r][h] = (i32x8)_mm256_or_si256(sum[r][2 * h], _mm256_slli_epi64(sum[r][2 * h + 1], 32));
 }
 #else
 template <int R, bool kMasked = false>
 inline void xor_popcount(const uint64_t* const* x, const uint64_t* const* m, const uint64_t* wb, int64_t words,
-                         i32x16* differ) {
+                         i32x8 (*differ)[2]) {
   for (int r = 0; r < R; ++r) {
     int32_t counts[kLanes] = {};
     for (int64_t i = 0; i < words; ++i)
       for (int64_t j = 0; j < kLanes; ++j)
         counts[kLaneOrder[j]] += __builtin_popcountll((x[r][i] ^ wb[i * kLanes + j]) & (kMasked ? m[r][i] : ~uint64_t(0)));
-    std::memcpy(&differ[r], counts, sizeof counts);
+    std::memcpy(differ[r], counts, sizeof counts);
   }
 }
 #endif

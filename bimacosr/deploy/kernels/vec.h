@@ -13,7 +13,7 @@ namespace bimacosr {
 
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
-typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x16 __attribute__((vector_size(64)));  // native with AVX-512 only
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint64_t u64x8 __attribute__((vector_size(64)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
@@ -65,25 +65,6 @@ inline fvec loadv(const float* p) {
 }
 
 inline void storev(float* p, fvec v) { std::memcpy(p, &v, sizeof v); }
-
-inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-// Two halves of 8 (float or bf16 memory) as one 16-lane vector, and back.
-template <class T>
-inline f32x16 join8(const T* p) {
-  const f32x8 lo = load8(p), hi = load8(p + 8);
-  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-}
-
-template <class T>
-inline void split8(T* p, f32x16 v) {
-  store8(p, __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
-  store8(p + 8, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
-}
 
 // Transpose of 8 rows of 8 floats in registers (unpack, 2x2 blocks, 128-bit halves).
 inline void transpose8(f32x8 r[8]) {
