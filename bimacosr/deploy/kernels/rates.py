@@ -41,12 +41,12 @@ class Call:
 
 def record_calls(model: nn.Module, run: Callable[[], object]) -> list[Call]:
     """Every fused-kernel call ``run()`` makes through ``model``'s deploy layers, in call order."""
-    from bimacosr.deploy.layers import _DeployBinary
+    from bimacosr.deploy.layers import DeployBinaryConv2d, DeployBinaryLinear
 
     calls: list[Call] = []
     current = [""]
     hooks = [m.register_forward_pre_hook(lambda mod, a, name=name: current.__setitem__(0, name))
-             for name, m in model.named_modules() if isinstance(m, _DeployBinary)]
+             for name, m in model.named_modules() if isinstance(m, (DeployBinaryConv2d, DeployBinaryLinear))]
     original = kernels.binary_conv
 
     def recording(*args, **kwargs):
