@@ -30,7 +30,7 @@ from bimacosr.imageio import (GIF_EXTENSIONS, SAVE_EXTENSIONS, ImageReadError, L
                               read_image, write_image)
 from bimacosr.pairing import COMPARE_SUFFIX, suffix_part
 from bimacosr.pipeline import SRPipeline
-from bimacosr.smoke import smoke_inference
+from bimacosr.smoke import SMOKE_CONFIG, smoke_inference
 from bimacosr.visualize import save_compare
 
 TASKS = ("sinsr", "bimacosr", "realsr", "realsrx4")
@@ -212,7 +212,7 @@ class Plan:
 
 def plan(opts: InferenceOptions) -> Plan:
     """Config, flags and files: every problem knowable up front raises here, in milliseconds."""
-    ckpt = opts.ckpt
+    ckpt, config = opts.ckpt, SMOKE_CONFIG if opts.smoke else opts.config
     if opts.smoke:
         if opts.deploy is not None:
             raise ValueError("--smoke runs its own tiny random weights: leave --deploy out")
@@ -220,10 +220,10 @@ def plan(opts: InferenceOptions) -> Plan:
         print(f"smoke mode: tiny random weights ({ckpt.parent}), the outputs are noise", flush=True)
     else:
         cfg = load_config(opts.config)
-    require(cfg, *build.INFERENCE_KEYS, source=f"config {opts.config}")
+    require(cfg, *build.INFERENCE_KEYS, source=f"config {config}")
     sf = build.scale_factor(cfg)
     if opts.scale != sf:
-        raise ConfigError(f"--scale {opts.scale} but {opts.config} is a x{sf} model (diffusion.params.sf)")
+        raise ConfigError(f"--scale {opts.scale} but {config} is a x{sf} model (diffusion.params.sf)")
     sampler = apply_schedule_flags(cfg, opts)
     device = build.pick_device(opts.device)
     precision = "fp32" if opts.fp32 else opts.precision

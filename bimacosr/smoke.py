@@ -23,6 +23,7 @@ from bimacosr.quant import binarize
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "cat")
 STUDENT_NAME = "bimacosr.pth"
 SMOKE_CACHE = REPO_ROOT / "data" / "smoke" / "demo"
+SMOKE_CONFIG = REPO_ROOT / "configs" / "smoke.yaml"
 
 
 def photo(name: str) -> np.ndarray:
@@ -100,7 +101,7 @@ def smoke_inference(cache: str | Path = SMOKE_CACHE) -> tuple[DictConfig, Path]:
     reused) and the path of its tiny random BiMaCo student: (config, checkpoint) for
     ``build.inference_files``. Runs anywhere in seconds; the pictures it makes are noise."""
     cache = Path(cache)
-    cfg = load_config(REPO_ROOT / "configs" / "smoke.yaml")
+    cfg = load_config(SMOKE_CONFIG)
     student = cache / Path(cfg.model.teacher_ckpt_path).with_name(STUDENT_NAME)
     autoencoder = cache / cfg.autoencoder.ckpt_path
     if not (student.is_file() and autoencoder.is_file()):

@@ -265,6 +265,8 @@ def test_smoke_runs_without_the_released_weights(tmp_path, monkeypatch, capsys):
     assert "smoke mode: tiny random weights" in capsys.readouterr().out
     with pytest.raises(ValueError, match="leave --deploy out"):
         run(inference_quant.parse_args(args + ["--deploy", "x.safetensors"]))
+    with pytest.raises(ConfigError, match=r"--scale 2 but .*configs/smoke\.yaml is a x4 model"):
+        run(inference_quant.parse_args(args + ["--scale", "2"]))  # names the config smoke mode loaded
 
 
 def test_deploy_file_of_another_config_names_that_config(tmp_path, smoke_config, tiny_bimaco_denoiser):
