@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bimacosr.models.layers import autocast_dtype, reduced_precision, residual
+from bimacosr.models.layers import autocast_dtype, reduced_precision, residual, silu_fresh
 from bimacosr.quant.common import eval_cached
 
 
@@ -30,7 +30,7 @@ def norm_swish(norm: nn.GroupNorm, x: Tensor) -> Tensor:
     gradient (one rounding instead of two, one pass over memory instead of three)."""
     h = norm(x)
     if reduced_precision(h):
-        return F.silu(h, inplace=not h.requires_grad)
+        return silu_fresh(h)
     return h * torch.sigmoid(h)
 
 
