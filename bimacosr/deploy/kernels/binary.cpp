@@ -42,9 +42,6 @@
 namespace bimacosr {
 namespace {
 
-constexpr int64_t kPixels = 32;  // output pixels per task
-constexpr int64_t kGroup = 4;    // weight blocks per task
-
 // One tile of rows transposed: xt[c][q] = x[q, c] for the n <= kPixels rows at x, zeros past n.
 template <class T>
 void transpose_tile(const T* x, int64_t n, int64_t c, float* xt) {

@@ -16,9 +16,6 @@
 namespace bimacosr {
 namespace {
 
-constexpr int64_t kPixels = 32;  // rows per task, as in binary.cpp
-constexpr int64_t kGroup = 4;    // weight blocks per task
-
 at::Tensor xor_popcount_op(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kLong && a.is_contiguous() && a.is_cpu(),
               "xor_popcount: a must be a contiguous int64 CPU tensor [M, Wd]");

@@ -27,6 +27,8 @@
 namespace bimacosr {
 
 constexpr int64_t kLanes = 16;  // output channels per weight block
+constexpr int64_t kPixels = 32;  // output pixels (rows) per task of the op and of the bound probe
+constexpr int64_t kGroup = 4;    // weight blocks per task
 constexpr int kLaneOrder[kLanes] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
 
 #if defined(__AVX512VPOPCNTDQ__) && defined(__AVX512F__)
