@@ -76,11 +76,16 @@ def step(model: torch.nn.Module, autocast: torch.dtype | None, x: torch.Tensor, 
         return model(x, t, lq=lq).float()
 
 
-def run(names: list[str], size: int, rounds: int, batch: int) -> dict:
-    variants = build_variants(names)
+def inputs(size: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step's ``(x, t, lq)``: a noisy latent, timestep 0 and an LR image in [-1, 1], seeded."""
     gen = torch.Generator().manual_seed(1)
     x, lq = torch.randn(batch, 3, size, size, generator=gen), torch.rand(batch, 3, size, size, generator=gen) * 2 - 1
-    t = torch.zeros(batch, dtype=torch.long)
+    return x, torch.zeros(batch, dtype=torch.long), lq
+
+
+def run(names: list[str], size: int, rounds: int, batch: int) -> dict:
+    variants = build_variants(names)
+    x, t, lq = inputs(size, batch)
     for name, (model, autocast) in variants.items():  # warm-up: caches, kernel build, allocator
         step(model, autocast, x, t, lq)
     wall: dict[str, list[float]] = {n: [] for n in variants}
@@ -110,9 +115,7 @@ def profile(name: str, size: int, batch: int, top: int) -> str:
     from torch.profiler import profile as prof
 
     model, autocast = build_variants([name])[name]
-    gen = torch.Generator().manual_seed(1)
-    x, lq = torch.randn(batch, 3, size, size, generator=gen), torch.rand(batch, 3, size, size, generator=gen)
-    t = torch.zeros(batch, dtype=torch.long)
+    x, t, lq = inputs(size, batch)
     step(model, autocast, x, t, lq)
     with prof(activities=[ProfilerActivity.CPU]) as p:
         step(model, autocast, x, t, lq)
@@ -129,9 +132,7 @@ def rates(size: int, batch: int, reps: int) -> dict:
     if name not in variants:
         raise SystemExit(f"--kernel-rates needs the fused kernel: {name} could not be built")
     model, autocast = variants[name]
-    gen = torch.Generator().manual_seed(1)
-    x, lq = torch.randn(batch, 3, size, size, generator=gen), torch.rand(batch, 3, size, size, generator=gen) * 2 - 1
-    t = torch.zeros(batch, dtype=torch.long)
+    x, t, lq = inputs(size, batch)
     calls = record_calls(model, lambda: step(model, autocast, x, t, lq))
     layers = kernel_rates(calls, reps)
     kernel_s, bound_s = sum(r["kernel_s"] for r in layers), sum(r["bound_s"] for r in layers)
