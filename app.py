@@ -21,14 +21,15 @@ from bimacosr.checkpoint import CheckpointError
 from bimacosr.cli import argument_parser
 from bimacosr.config import DEFAULT_CONFIG, ConfigError, load_config
 from bimacosr.deploy import DeployFileError
+from bimacosr.inference import default
 from bimacosr.smoke import smoke_inference
-from bimacosr.weights import WEIGHTS_DIR, MissingWeightsError
+from bimacosr.weights import MissingWeightsError
 
 
 def parse_args() -> argparse.Namespace:
     p = argument_parser(__doc__)
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="original YAML config (default: %(default)s)")
-    p.add_argument("--ckpt", type=Path, default=WEIGHTS_DIR / "BiMaCoSR.pth",
+    p.add_argument("--ckpt", type=Path, default=default("ckpt"),
                    help="denoiser weights (default: %(default)s)")
     p.add_argument("--deploy", type=Path, default=None,
                    help="packed 1-bit file from scripts/export_deploy.py (--ckpt unused)")
@@ -38,7 +39,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA if present)")
     p.add_argument("--max_side", type=int, default=1024, help="largest LR side accepted (default: %(default)s)")
     p.add_argument("--keep", type=int, default=16,
-                   help="requests whose upload and results stay on disk for download (default: %(default)s)")
+                   help="requests whose upload and results stay on disk for download (default: %(default)s; the "
+                        "download button needs them)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     return p.parse_args()

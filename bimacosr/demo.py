@@ -29,13 +29,13 @@ from PIL import Image, UnidentifiedImageError
 from bimacosr import build
 from bimacosr.config import REPO_ROOT
 from bimacosr.imageio import ImageReadError, find_images, read_image, to_uint8, write_image
+from bimacosr.inference import default
 from bimacosr.pipeline import BLENDS, SRPipeline
 from bimacosr.visualize import compare_panel
 
 __all__ = ["UI_PRECISIONS", "Result", "Upscaler", "build_ui", "check_upload"]
 
 UI_PRECISIONS = ("auto", "fp32", "bf16")
-KEEP_OUTPUTS = 16  # results and uploads of the latest requests kept (the download button needs them)
 
 
 def check_upload(path: str | os.PathLike, max_side: int) -> tuple[int, int]:
@@ -100,7 +100,7 @@ class Upscaler:
     of the latest ``keep`` (at least 1) requests are kept in :attr:`outdir`."""
 
     def __init__(self, cfg: DictConfig, files: build.InferenceFiles, device: torch.device,
-                 max_side: int = 1024, keep: int = KEEP_OUTPUTS) -> None:
+                 max_side: int, keep: int) -> None:
         self.cfg, self.device, self.max_side, self.keep = cfg, device, max_side, keep
         base = build.build_pipeline(cfg, files, device, precision="fp32")
         self._pipes: dict[str, SRPipeline] = {"fp32": base}
@@ -133,7 +133,7 @@ class Upscaler:
                 self._pipes[prec.name] = dataclasses.replace(base, autoencoder=vq, autocast=prec.autocast)
             return self._pipes[prec.name], prec.name
 
-    def __call__(self, path: str | os.PathLike, tile: int = 256, seed: int = 12345,
+    def __call__(self, path: str | os.PathLike, tile: int = default("chop_size"), seed: int = default("seed"),
                  blend: str = "average", precision: str = "auto") -> Result:
         """Super-resolve the image file at ``path``; raises ``gr.Error`` with a message for a user. The
         file is decoded only once :func:`check_upload` has read its size from the header."""
@@ -208,9 +208,9 @@ def build_ui(upscaler: Upscaler, note: str = "", title: str = "BiMaCoSR x4 super
             with gr.Column(scale=1):
                 # the uploaded file as it is (16-bit, grey, alpha: read_image handles them)
                 image = gr.Image(type="filepath", label="low-resolution input", sources=["upload", "clipboard"])
-                tile = gr.Slider(64, 512, value=256, step=32, label="tile size (LR pixels)",
+                tile = gr.Slider(64, 512, value=default("chop_size"), step=32, label="tile size (LR pixels)",
                                  info="larger images are cut into tiles of this size")
-                seed = gr.Number(value=12345, precision=0, label="seed")
+                seed = gr.Number(value=default("seed"), precision=0, label="seed")
                 blend = gr.Radio(list(BLENDS), value="average", label="tile blending",
                                  info="average: the original's; gaussian: seam-free")
                 precision = gr.Radio(list(UI_PRECISIONS), value="auto", label="precision")

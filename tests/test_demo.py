@@ -145,7 +145,7 @@ def test_upscaler_matches_the_pipeline_and_explains_bad_inputs(tmp_path, monkeyp
 
     cfg, ckpt = smoke_inference()
     files = build.inference_files(cfg, ckpt)
-    upscaler = Upscaler(cfg, files, torch.device("cpu"), max_side=64)
+    upscaler = Upscaler(cfg, files, torch.device("cpu"), max_side=64, keep=16)
     Image.fromarray(downscale(photo("astronaut"), 16)).save(tmp_path / "a.png")  # 32 x 32
     got = upscaler(tmp_path / "a.png", tile=64, seed=3, blend="average", precision="fp32")
     pipe = build.build_pipeline(cfg, files, torch.device("cpu"), precision="fp32")
