@@ -82,7 +82,8 @@ def test_kernel_on_blocks_mixing_pixels_with_and_without_zeros(fused, make, shap
 
 def test_kernel_rates_record_every_call_and_replay_it(fused, tiny_bimaco_denoiser):
     """What ``benchmark_unet.py --kernel-rates`` measures: every fused call of one step, by layer
-    name, credited with its binary MACs; the kernel entry point is restored afterwards."""
+    name, with the layer's own shape; a replay gives the layer's output again; the kernel entry
+    point is restored afterwards."""
     import copy
 
     from bimacosr.deploy import to_deploy
@@ -90,14 +91,27 @@ def test_kernel_rates_record_every_call_and_replay_it(fused, tiny_bimaco_denoise
 
     deployed = set_mode(to_deploy(copy.deepcopy(tiny_bimaco_denoiser)), "fused")
     entry = kernels.binary_conv
+    outputs: dict[str, torch.Tensor] = {}
+    layers = {n: m for n, m in deployed.named_modules() if isinstance(m, (DeployBinaryConv2d, DeployBinaryLinear))}
+    for name, layer in layers.items():
+        layer.register_forward_hook(lambda m, a, out, name=name: outputs.setdefault(name, out.clone()))
     x, lq = torch.randn(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
     with torch.inference_mode():
         calls = record_calls(deployed, lambda: deployed(x, torch.tensor([2]), lq=lq))
     assert kernels.binary_conv is entry
-    names = {n for n, m in deployed.named_modules() if isinstance(m, (DeployBinaryConv2d, DeployBinaryLinear))}
-    assert calls and {c.name for c in calls} <= names
+    assert calls and {c.name for c in calls} == set(outputs)  # every layer, and only through the kernel
+    for call in calls:
+        layer, s = layers[call.name], call.shape
+        conv = isinstance(layer, DeployBinaryConv2d)
+        assert (s["cin"], s["cout"], s["taps"]) == ((layer.in_channels, layer.out_channels, layer.kernel_size ** 2)
+                                                    if conv else (layer.in_features, layer.out_features, 1))
+        assert s["macs"] == s["pixels"] * s["cout"] * s["cin"] * s["taps"] > 0
+    first = next(c for c in calls if c.args["lowrank"] is not None and c.name in outputs)
+    with torch.inference_mode():
+        replayed = first.run()
+    want = outputs[first.name]
+    want = want.permute(0, 2, 3, 1) if want.dim() == 4 else want.reshape(replayed.shape)
+    assert torch.equal(replayed.view(want.shape), want)  # the same call on this machine: bit for bit
     rows = kernel_rates(calls[:3], reps=1)
-    for call, row in zip(calls, rows):
-        s = call.shape
-        assert row["macs"] == s["pixels"] * s["cout"] * s["cin"] * s["taps"] > 0
-        assert row["kernel_s"] > 0 and row["bound_s"] > 0 and row["ratio"] == row["kernel_s"] / row["bound_s"]
+    assert [r["layer"] for r in rows] == [c.name for c in calls[:3]]
+    assert all(r["kernel_s"] > 0 and r["bound_s"] > 0 for r in rows)

@@ -9,6 +9,7 @@ with the layer's binary MACs, ``pixels x Cout x Cin x taps``, so their rates com
 """
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -22,21 +23,24 @@ from bimacosr.deploy import kernels
 
 @dataclass
 class Call:
-    """One ``binary_conv`` call: the layer's name and the arguments it was given."""
+    """One ``binary_conv`` call: the layer's name and its arguments by name (``x``, ``cout``, ...)."""
 
     name: str
-    args: tuple
-    kwargs: dict
+    args: dict
 
     @property
     def shape(self) -> dict[str, int]:
         """``pixels`` (output), ``cin``, ``cout``, ``taps``, ``words`` per tap, ``macs`` (binary)."""
-        x, cout, k, stride, pad = self.args[0], self.args[3], self.args[8], self.args[9], self.args[10]
-        b, h, w, cin = x.shape
+        a = self.args
+        b, h, w, cin = a["x"].shape
+        k, stride, pad = a["kernel"], a["stride"], a["padding"]
         ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
         pixels, taps = b * ho * wo, k * k
-        return {"pixels": pixels, "cin": cin, "cout": cout, "taps": taps, "words": (cin + 63) // 64,
-                "macs": pixels * cout * cin * taps}
+        return {"pixels": pixels, "cin": cin, "cout": a["cout"], "taps": taps, "words": (cin + 63) // 64,
+                "macs": pixels * a["cout"] * cin * taps}
+
+    def run(self) -> Tensor:
+        return kernels.binary_conv(**self.args)
 
 
 def record_calls(model: nn.Module, run: Callable[[], object]) -> list[Call]:
@@ -49,8 +53,14 @@ def record_calls(model: nn.Module, run: Callable[[], object]) -> list[Call]:
              for name, m in model.named_modules() if isinstance(m, (DeployBinaryConv2d, DeployBinaryLinear))]
     original = kernels.binary_conv
 
+    signature = inspect.signature(original)
+
     def recording(*args, **kwargs):
-        calls.append(Call(current[0], tuple(a.clone() if isinstance(a, Tensor) else a for a in args), kwargs))
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        named = dict(bound.arguments)
+        named["x"] = named["x"].clone()  # the model may later add a residual into it in place
+        calls.append(Call(current[0], named))
         return original(*args, **kwargs)
 
     kernels.binary_conv = recording
@@ -81,7 +91,7 @@ def kernel_rates(calls: list[Call], reps: int = 5) -> list[dict]:
         for call in calls:
             shape = call.shape
             a, b = _probe_inputs(shape, gen)
-            jobs = {"kernel": lambda c=call: kernels.binary_conv(*c.args, **c.kwargs),
+            jobs = {"kernel": call.run,
                     "bound": lambda: torch.ops.bimacosr.xor_popcount(a, b)}
             times: dict[str, list[float]] = {k: [] for k in jobs}
             for job in jobs.values():  # warm-up
