@@ -42,6 +42,11 @@ def silu_fresh(h: Tensor) -> Tensor:
     return F.silu(h, inplace=not h.requires_grad)
 
 
+def gelu_fresh(h: Tensor) -> Tensor:
+    """``gelu(h)`` (exact, erf form: ``nn.GELU()``'s) of a fresh tensor, as :func:`silu_fresh`."""
+    return F.gelu(h) if h.requires_grad else torch.ops.aten.gelu_(h)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and cast back to the input dtype.
 

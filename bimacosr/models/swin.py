@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bimacosr.models.layers import GroupNorm32, reduced_precision, residual
+from bimacosr.models.layers import GroupNorm32, gelu_fresh, reduced_precision, residual
 from bimacosr.quant.common import eval_cached
 
 
@@ -143,10 +143,7 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc1(x)
-        if h.requires_grad:
-            return self.fc2(self.act(h))
-        return self.fc2(torch.ops.aten.gelu_(h))  # in place on the fresh fc1 output: bit for bit
+        return self.fc2(gelu_fresh(self.fc1(x)))  # `act` is kept for the module layout; same GELU
 
 
 class SwinTransformerBlock(nn.Module):
