@@ -66,7 +66,7 @@ def check_deploy_layers(cfg, device: torch.device, args) -> str:
 
     from bimacosr import build
     from bimacosr.deploy import to_deploy
-    from bimacosr.deploy.check import layerwise_max_diff
+    from bimacosr.deploy.check import LAYER_TOLERANCE, layerwise_max_diff
     from bimacosr.smoke import randomize
     torch.manual_seed(0)
     sim = randomize(build.build_denoiser_from_config(cfg, "student")).eval().to(device)
@@ -75,9 +75,9 @@ def check_deploy_layers(cfg, device: torch.device, args) -> str:
     t = torch.full((2,), 14, device=device)
     diffs = layerwise_max_diff(sim, to_deploy(copy.deepcopy(sim)), x, t, lq=lq)
     worst = max(diffs.values())
-    if worst > 1e-4:
+    if worst > LAYER_TOLERANCE["float32"]:
         raise AssertionError(f"deploy layer {max(diffs, key=diffs.get)} differs from its simulated twin by "
-                             f"{worst:.3g} (> 1e-4)")
+                             f"{worst:.3g} (> {LAYER_TOLERANCE['float32']:g})")
     return f"{len(diffs)} binary layers, batch 2, {h}x{w} latent, worst max |deploy - simulated| = {worst:.2g}"
 
 

@@ -17,10 +17,11 @@ from bimacosr.deploy import (
     set_mode,
     to_deploy,
 )
+from bimacosr.deploy.check import LAYER_TOLERANCE
 from bimacosr.quant import BiMaCoConv2d, BiMaCoLinear
 from tests.deploy.conftest import FLAGS_ENV
 
-TOL = 1e-4
+TOL = LAYER_TOLERANCE["float32"]
 REPO = Path(__file__).resolve().parents[2]
 
 
