@@ -13,7 +13,10 @@ no-reference metrics run without a GT folder.
 NIQE falls back to the parameters bundled in ``bimacosr/assets`` (from basicsr 1.4.2) when
 pyiqa's ``niqe_modelparameters.mat`` is not cached. MANIQA's ViT backbone is built without timm's
 ImageNet download: the MANIQA checkpoint is loaded strictly and overwrites all of its weights.
-FID (pyiqa, clean mode) compares whole folders, unpaired files included.
+FID (pyiqa, clean mode) compares the SR outputs of a folder, unpaired ones included, with every
+GT image: the files the pairing rule counts as outputs and images (not the comparison panels or
+files without the output suffix it leaves out, nor the subfolders pyiqa's folder scan would walk
+into), handed to pyiqa as a temporary folder of links (:func:`fid_folders`).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -320,6 +324,29 @@ def channel_mismatch(sr_mode: str, gt_mode: str) -> str | None:
     return "; ".join(how) + "; compared as RGB"
 
 
+@contextlib.contextmanager
+def fid_folders(sr_dir: Path, gt_dir: Path, pairing: Pairing) -> Iterator[tuple[Path, Path]]:
+    """Two temporary folders of links (copies where links cannot be made) to the files FID
+    compares: ``sr_dir``'s SR outputs by ``pairing`` (paired and unpaired; not what it left out)
+    and every GT image (paired and unpaired). Removed on exit; nothing is written in the user's
+    folders."""
+    sides = {"sr": [sr for sr, _ in pairing.pairs] + [sr_dir / name for name in pairing.unpaired_sr],
+             "gt": [gt for _, gt in pairing.pairs] + [gt_dir / name for name in pairing.unpaired_gt]}
+    with tempfile.TemporaryDirectory(prefix="bimacosr_fid_") as tmp:
+        folders = []
+        for side, files in sides.items():
+            folder = Path(tmp) / side
+            folder.mkdir()
+            for path in files:
+                link = folder / path.name
+                try:
+                    link.symlink_to(path.resolve())
+                except OSError:
+                    shutil.copyfile(path, link)
+            folders.append(folder)
+        yield folders[0], folders[1]
+
+
 def _score_folder(sr_dir: Path, gt_dir: Path | None, pairing: Pairing,
                   metrics: dict[str, torch.nn.Module], device: torch.device) -> FolderResult:
     """Per-image FR/NR scores (none for a metric whose size limit an image is outside: a note
@@ -356,8 +383,9 @@ def _score_folder(sr_dir: Path, gt_dir: Path | None, pairing: Pairing,
     values = {m: [r[m] for r in rows if m in r] for m in metrics if METRICS[m].kind != "folder"}
     scores = {m: float(np.mean(v)) for m, v in values.items() if v}
     if "fid" in metrics:
-        with contextlib.redirect_stdout(sys.stderr):
-            scores["fid"] = float(metrics["fid"](str(sr_dir), str(gt_dir), num_workers=0,
+        with fid_folders(sr_dir, gt_dir, pairing) as (sr_files, gt_files), \
+                contextlib.redirect_stdout(sys.stderr):
+            scores["fid"] = float(metrics["fid"](str(sr_files), str(gt_files), num_workers=0,
                                                  verbose=False))
     return FolderResult(str(sr_dir), pairing, rows, scores, {m: len(v) for m, v in values.items()})
 

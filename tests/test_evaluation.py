@@ -235,3 +235,32 @@ def test_bad_device_is_one_line_before_any_work(photos, tmp_path, capsys, device
     err = capsys.readouterr().err
     assert err.startswith(f"error: --device {device}") and words in err and err.count("\n") == 1
     assert not (tmp_path / "log").exists()
+
+
+def test_fid_sees_the_outputs_and_gt_images_only(photos, tmp_path):
+    """FID is handed exactly the files pairing counts (pyiqa's own folder scan, which recurses,
+    run on what it gets): no comparison panel, no file without the output suffix, no subfolder."""
+    from pyiqa.utils.img_util import scandir_images
+
+    from bimacosr.evaluation import _score_folder
+
+    sr = tmp_path / "sr"
+    (sr / "nested").mkdir(parents=True)
+    for name in ("astronaut_out.png", "astronaut_out_compare.png", "coffee_out.png", "extra_out.png",
+                 "astronaut.png", "nested/coffee_out.png"):
+        Image.open(photos / "gt" / "astronaut.png").save(sr / name)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    seen = {}
+
+    def fid(sr_folder: str, gt_folder: str, **_) -> float:
+        seen.update(sr=[Path(p).name for p in scandir_images(sr_folder)],
+                    gt=[Path(p).name for p in scandir_images(gt_folder)])
+        assert Path(sr_folder).resolve() != sr.resolve()
+        return 1.5
+
+    pairing = pair_by_name(sr, photos / "gt", "out")
+    result = _score_folder(sr, photos / "gt", pairing, {"fid": fid}, "cpu")
+    assert result.scores == {"fid": 1.5}
+    assert seen == {"sr": ["astronaut_out.png", "coffee_out.png", "extra_out.png"],
+                    "gt": ["astronaut.png", "coffee.png", "gt_only.png"]}
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
