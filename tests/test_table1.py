@@ -34,8 +34,24 @@ def layout(tmp_path_factory) -> Path:
 def test_paper_rows_table_is_complete_and_not_invented():
     assert list(COLUMNS) == ["psnr", "ssim", "lpips", "dists", "fid", "niqe", "musiq", "maniqa-pipal", "clipiqa+"]
     assert {d: list(rows) for d, rows in PAPER_ROWS.items()} == {d: list(PAPER_METHODS) for d in DATASETS}
-    # None until filled from the paper; a filled row has one value per column
     assert all(v is None or len(v) == len(COLUMNS) for rows in PAPER_ROWS.values() for v in rows.values())
+
+
+def test_a_filled_paper_row_shows_its_values_under_the_scored_columns(layout, monkeypatch):
+    """Once a row is filled from the paper, its values land under their own columns (a subset of
+    the nine scored here) in the table and the JSON; the other rows still say not recorded."""
+    import bimacosr.table1 as table1
+
+    filled = tuple(float(i) + 0.5 for i in range(len(COLUMNS)))  # psnr 0.5, ssim 1.5, ..., clipiqa+ 8.5
+    monkeypatch.setitem(table1.PAPER_ROWS, "RealSR", {**PAPER_ROWS["RealSR"], "ResShift": filled})
+    result = score_table1(layout / "test", [layout / "ours"], metrics=["niqe", "psnr", "ssim"], offline=True)
+    assert result.columns == ["psnr", "ssim", "niqe"]
+    lines = result.markdown().split("### ")[1].splitlines()
+    assert [c.strip() for c in lines[6].strip("|").split("|")] == ["ResShift (paper's Table 1)", "0.5", "1.5", "5.5"]
+    assert lines[5].split(" | ")[1] == lines[7].split(" | ")[1] == NOT_RECORDED
+    rows = result.summary()["sets"]["RealSR"]["paper_rows"]
+    assert rows == {"SinSR": None, "ResShift": {"psnr": 0.5, "ssim": 1.5, "niqe": 5.5}, "BiMaCoSR": None}
+    assert result.summary()["sets"]["DIV2K-Val"]["paper_rows"]["ResShift"] is None
 
 
 def test_table1_on_the_layout(layout, monkeypatch, capsys):

@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 from bimacosr.atomic import _umask
 from bimacosr.checkpoint import CheckpointError
 from bimacosr.config import load_config, to_plain
+from bimacosr import build
 from bimacosr.build import export_checkpoint
-from bimacosr.deploy import (DeployBinaryConv2d, DeployBinaryLinear, DeployFileError, export_deploy, fp_float32_bytes,
+from bimacosr.deploy import (DeployBinaryConv2d, DeployBinaryLinear, DeployFileError, export_deploy,
                              load_deploy, set_mode, to_deploy)
 from bimacosr.deploy.check import LAYER_TOLERANCE, layerwise_max_diff
 from bimacosr.deploy.format import checksum as _checksum
@@ -105,8 +106,13 @@ def smoke(smoke_assets, tiny_bimaco_denoiser, tmp_path_factory):
 @pytest.mark.slow
 def test_smoke_checkpoint_export_load(smoke):
     simulated, info, _ = smoke
-    smoke_fp_bytes = fp_float32_bytes(to_plain(load_config(SMOKE_CONFIG).model.params))
-    assert info.binary_layers == 82 and info.ratio == smoke_fp_bytes / info.size_bytes  # not FP SinSR's size
+    # the ratio's two sides measured here: the file on disk, and the smoke FP UNet's own parameters
+    # (the smoke architecture's, not FP SinSR's 118.6 M)
+    fp = build.build_denoiser_from_config(load_config(SMOKE_CONFIG), "fp")
+    fp_bytes = sum(p.numel() * 4 for p in fp.parameters())
+    assert info.size_bytes == info.path.stat().st_size and info.binary_layers == 82
+    assert info.fp_bytes == fp_bytes  # counted on the meta device by convert.fp_float32_bytes
+    assert info.ratio == pytest.approx(fp_bytes / info.path.stat().st_size, rel=1e-12)
     deployed = load_deploy(info.path)
     inputs = load_fixture("denoiser/bimaco_unet_forward.pt")["inputs"]
     for t in (0, 9):
