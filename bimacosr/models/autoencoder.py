@@ -303,7 +303,10 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """z (B, D, h, w) -> (z_q (B, D, h, w), indices (B, h, w) int64).
 
-        Distance |z|² + |e|² − 2·z·e in z's dtype, argmin (first index on ties); z_q is the
+        Distance |z|² + |e|² − 2·z·e in the codebook's dtype (float32) whatever z's dtype or an
+        autocast: with 3-dim codes, 8192 of them, a bf16 search picks another code than float32 for
+        a quarter of the positions of a random latent (docs/deviations.md D16); the ~0.5 % of
+        the pipeline it costs buys the float32 codes. Argmin (first index on ties); z_q is the
         straight-through ``z + (e − z).detach()``. The subtraction runs in place (``sub_(...,
         alpha=2)``: ``2·z·e`` is exact, so the rounding is the original's) on blocks of
         ``chunk`` positions (128: a 4 MiB float32 block for 8192 codes, which fits the cache and the
@@ -312,11 +315,13 @@ class VectorQuantizer(nn.Module):
         b, d, h, w = z.shape
         zf = z.permute(0, 2, 3, 1).reshape(-1, d)
         e = self.embedding.weight
-        e_sq = torch.sum(e**2, dim=1)
-        blocks = []
-        for zc in zf.split(self.chunk):
-            dist = torch.sum(zc**2, dim=1, keepdim=True) + e_sq
-            blocks.append(torch.argmin(dist.sub_(zc @ e.t(), alpha=2), dim=1))
+        with torch.autocast(z.device.type, enabled=False):  # the search in the codebook's dtype
+            zs = zf.to(e.dtype)
+            e_sq = torch.sum(e**2, dim=1)
+            blocks = []
+            for zc in zs.split(self.chunk):
+                dist = torch.sum(zc**2, dim=1, keepdim=True) + e_sq
+                blocks.append(torch.argmin(dist.sub_(zc @ e.t(), alpha=2), dim=1))
         idx = torch.cat(blocks)
         zq = self.embedding(idx)
         zq = zf + (zq - zf).detach()

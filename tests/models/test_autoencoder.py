@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from bimacosr.models import autoencoder
 from bimacosr.parity import check_file
-from bimacosr.models.autoencoder import (AttnBlock, ResnetBlock, Upsample, VQAutoencoder, norm_swish,
+from bimacosr.models.autoencoder import (AttnBlock, ResnetBlock, Upsample, VQAutoencoder, VectorQuantizer, norm_swish,
                                          reduced_precision, residual)
 from bimacosr.models.first_stage import decode_first_stage, encode_first_stage
 from tests.conftest import FIXTURES
@@ -89,6 +89,21 @@ def test_quantiser_picks_nearest_code() -> None:
         vq.quantize.embedding.weight[5] = vq.quantize.embedding.weight[2]
     z_tie = codes[2].reshape(1, 3, 1, 1).clone()
     assert vq.quantize_latent(z_tie)[1].item() == 2
+
+
+def test_code_search_is_float32_under_bf16_autocast() -> None:
+    """A bf16 latent under autocast gets the codes float32 finds for the same values (the released
+    codebook's size and width: 8192 codes of 3; a bf16 search picks other codes for many)."""
+    torch.manual_seed(2)
+    quantizer = VectorQuantizer(8192, 3)
+    z = torch.randn(1, 3, 32, 32).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx = quantizer(z)[1]
+        z_bf16_search = z.permute(0, 2, 3, 1).reshape(-1, 3) @ quantizer.embedding.weight.t()
+    assert torch.equal(idx, quantizer(z.float())[1])
+    e = quantizer.embedding.weight.detach()
+    bf16_idx = ((e**2).sum(1) - 2 * z_bf16_search.float()).argmin(1)  # what autocast's product would pick
+    assert z_bf16_search.dtype == torch.bfloat16 and (bf16_idx != idx.flatten()).sum() > 50
 
 
 def test_straight_through_gradient() -> None:
