@@ -37,6 +37,33 @@ def test_fused_window_attention_is_the_originals_maths(batch, shifted):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_fused_attention_term_is_cached_per_mask_and_remade_when_the_bias_changes():
+    attn = randomized(WindowAttention(32, 8, 2)).double()
+    masks = [shift_window_mask(16, 16, 8, 4).double(), shift_window_mask(16, 32, 8, 4).double()]
+    gen = torch.Generator().manual_seed(1)
+    x = [torch.randn(2 * m.shape[0], 64, 3, 2, 16, dtype=torch.float64, generator=gen).permute(2, 0, 3, 1, 4)
+         for m in masks]
+
+    def fresh(qkv, mask):  # the same call on a module without a cache
+        twin = randomized(WindowAttention(32, 8, 2)).double()
+        twin.load_state_dict(attn.state_dict())
+        return twin._fused(qkv, mask)
+
+    with torch.no_grad():
+        first = [attn._fused(q, m) for q, m in zip(x, masks)]
+        assert len(attn._masked_terms) == 2  # one per batch and window count
+        assert all(torch.equal(attn._fused(q, m), f) for q, m, f in zip(x, masks, first))
+        attn.relative_position_bias_table.mul_(-1)
+        assert all(torch.equal(attn._fused(q, m), fresh(q, m)) for q, m in zip(x, masks))
+        assert not torch.equal(attn._fused(x[0], masks[0]), first[0])
+        other = masks[0].flip(0).clone()  # another mask of the same size
+        assert torch.equal(attn._fused(x[0], other), fresh(x[0], other))
+    attn._masked_terms.clear()
+    attn.train()
+    attn._fused(x[0], masks[0])
+    assert not attn._masked_terms  # training recomputes every call
+
+
 def test_group_norm_on_bf16_is_one_rounding_of_the_float32_route():
     norm = randomized(GroupNorm32(32, 64))
     x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last).bfloat16()

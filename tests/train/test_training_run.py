@@ -73,6 +73,19 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(root):
     assert [k for k in a if not torch.equal(a[k], b[k])] == []  # bit for bit
 
 
+@pytest.mark.slow
+def test_one_step_under_bf16_autocast(root):
+    """train.amp=bf16 (the trainer's autocast; the UNet's forms below float32, shifted-window
+    attention included, under gradients): a step that trains every weight to finite values."""
+    cfg = config(root, "amp", **{"train.amp": "bf16", "train.queue_size": 0, "train.val_freq": 0,
+                                 "train.iterations": 1})
+    result = distill(root, cfg, root / "amp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained, start = weights(root / "amp", 1), torch.load(root / "data/smoke/weights/sinsr.pth", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in trained.values() if v.is_floating_point())
+    assert not torch.equal(trained["out.2.weight"], start["out.2.weight"])
+
+
 @pytest.fixture(scope="module")
 def straight(root):
     """4 iterations in one go (checkpoints at 2 and 4, validation at 3): the run the resume test
