@@ -21,6 +21,7 @@ from bimacosr.checkpoint import CheckpointError
 from bimacosr.cli import argument_parser
 from bimacosr.config import DEFAULT_CONFIG, ConfigError, load_config
 from bimacosr.deploy import DeployFileError
+from bimacosr.device import pick_device
 from bimacosr.inference import default
 from bimacosr.smoke import smoke_inference
 from bimacosr.weights import MissingWeightsError
@@ -74,7 +75,7 @@ def main() -> int:
         files = build.inference_files(cfg, ckpt, deploy)  # every file checked before anything is built
         from bimacosr.demo import Upscaler, build_ui  # gradio takes seconds to import: after the checks
 
-        device = build.pick_device(args.device)
+        device = pick_device(args.device)
         start = time.perf_counter()
         print(f"loading {files.deploy or files.ckpt} and {files.autoencoder} on {device} ...", flush=True)
         # SIGTERM as Ctrl-C: the server closes and the temporary folder is removed at exit

@@ -24,7 +24,6 @@ from bimacosr.checkpoint import load_state_dict_into, read_state_dict
 from bimacosr.config import REPO_ROOT, ConfigError, load_config, require, to_plain
 from bimacosr.cpu import native_bf16
 from bimacosr.deploy import ExportInfo, deploy_params, export_deploy, load_deploy
-from bimacosr.device import usable_device
 from bimacosr.diffusion import Schedule
 from bimacosr.models import build_denoiser, denoiser_skeleton, is_binarized, split_params
 from bimacosr.models.autoencoder import VQAutoencoder
@@ -35,23 +34,11 @@ from bimacosr.weights import MissingWeightsError, resolve_weight, resolve_weight
 __all__ = ["INFERENCE_KEYS", "Precision", "PRECISIONS", "InferenceFiles", "build_autoencoder",
            "build_denoiser_from_config", "build_inference_denoiser", "build_pipeline", "build_schedule",
            "build_student", "build_teacher", "export_checkpoint", "freeze", "inference_files", "native_bf16",
-           "pick_device", "resolve_precision"]
+           "resolve_precision"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INFERENCE_KEYS = ("model.params", "diffusion.params", "autoencoder.params", "autoencoder.ckpt_path")
 """The config keys an inference run reads."""
-
-
-def pick_device(name: str | None = None) -> torch.device:
-    """``name`` or, by default, this process's CUDA device (``LOCAL_RANK``) when there is one.
-
-    A name that is no device, or a device this machine cannot use (``cuda`` without CUDA, ``cuda:3``
-    with two GPUs), raises ``ValueError`` naming ``--device`` -- before anything is built."""
-    if name:
-        return usable_device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,15 @@
-"""A ``--device`` value checked before any work: a device name this machine can compute on.
+"""A ``--device`` value checked before any work: a device name this machine can compute on, and
+the one default when none is given.
 
 Imports nothing of the package, so every entry point (inference, demo, metrics) can use it.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["usable_device"]
+__all__ = ["pick_device", "usable_device"]
 
 
 def usable_device(name: str) -> torch.device:
@@ -27,3 +30,15 @@ def usable_device(name: str) -> torch.device:
         reason = str(exc).split(". ")[0].splitlines()[0]
         raise ValueError(f"--device {name} cannot be used here ({reason}); use --device cpu") from None
     return device
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """``name`` or, by default, this process's CUDA device (``LOCAL_RANK``) when there is one.
+
+    A name that is no device, or a device this machine cannot use (``cuda`` without CUDA, ``cuda:3``
+    with two GPUs), raises ``ValueError`` naming ``--device`` -- before anything is built."""
+    if name:
+        return usable_device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")

@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from bimacosr.atomic import atomic_write_text
-from bimacosr.device import usable_device
+from bimacosr.device import pick_device
 from bimacosr.imageio import read_image
 from bimacosr.metric_sizes import SIZE_LIMITS
 from bimacosr.metric_weights import MetricFile, metric_hub, prepare
@@ -390,9 +390,56 @@ def _score_folder(sr_dir: Path, gt_dir: Path | None, pairing: Pairing,
     return FolderResult(str(sr_dir), pairing, rows, scores, {m: len(v) for m, v in values.items()})
 
 
+@dataclass
+class MetricSet:
+    """Metrics built once (:func:`metric_set`) for one or more :func:`evaluate` calls: the
+    requested names in order, the built models, the skipped ones and the build notes."""
+
+    names: list[str]
+    has_gt: bool
+    device: torch.device
+    built: dict[str, torch.nn.Module]
+    skipped: list[Skipped]
+    notes: dict[str, str]
+
+
+def metric_set(metrics: list[str] | None = None, has_gt: bool = True, weights_dir: str | Path | None = None,
+               device: str | None = None, offline: bool = False) -> MetricSet:
+    """Check the names and the device, fetch missing weight files (unless ``offline``) and build
+    the metrics (:func:`build_metrics`). metrics: names from :data:`METRICS` (default all); without
+    GT (``has_gt`` false) the full-reference ones and FID are skipped. Raises EvaluationError for an
+    unknown name, an unusable device or a missing weights folder."""
+    return _build_set(*_checked_options(metrics, weights_dir, device), has_gt, offline)
+
+
+def _checked_options(metrics: list[str] | None, weights_dir: str | Path | None,
+                     device: str | None) -> tuple[list[str], Path | None, torch.device]:
+    """(names in :data:`METRICS` order, weights folder, device), or EvaluationError."""
+    names = [m for m in METRICS if metrics is None or m in metrics]
+    unknown = sorted(set(metrics or []) - set(METRICS))
+    if unknown:
+        raise EvaluationError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
+    try:
+        dev = pick_device(device)
+    except ValueError as err:
+        raise EvaluationError(str(err)) from None
+    wdir = Path(weights_dir) if weights_dir is not None else None
+    if wdir is not None and not wdir.is_dir():
+        raise EvaluationError(f"weights folder not found: {wdir}")
+    return names, wdir, dev
+
+
+def _build_set(names: list[str], wdir: Path | None, dev: torch.device, has_gt: bool, offline: bool) -> MetricSet:
+    built, skipped, notes = build_metrics(names, has_gt, wdir, dev, offline)
+    order = {m: i for i, m in enumerate(names)}
+    skipped.sort(key=lambda s: order[s.metric])
+    return MetricSet(names, has_gt, dev, built, skipped, notes)
+
+
 def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
              metrics: list[str] | None = None, weights_dir: str | Path | None = None,
-             device: str | None = None, sr_suffix: str = "", offline: bool = False) -> Evaluation:
+             device: str | None = None, sr_suffix: str = "", offline: bool = False, *,
+             built: MetricSet | None = None) -> Evaluation:
     """Score every SR folder (paired with ``gt_dir`` by :func:`bimacosr.pairing.pair_by_name`;
     ``sr_suffix``: inference's ``--suffix``, ``""`` to detect it).
 
@@ -400,22 +447,16 @@ def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
     files are reported (stderr and ``Pairing``). An image outside a metric's size limit
     (:data:`bimacosr.metric_sizes.SIZE_LIMITS`) has no value for it, only a note.
     metrics: names from :data:`METRICS` (default all). Weight files missing from the caches are
-    downloaded first, unless ``offline`` (bimacosr/metric_weights.py). Raises EvaluationError for
+    downloaded first, unless ``offline`` (bimacosr/metric_weights.py). ``built``: a
+    :func:`metric_set` to use instead of building one from ``metrics``, ``weights_dir``,
+    ``device`` and ``offline`` (several evaluations, one build). Raises EvaluationError for
     input problems (missing folder, nothing paired, size mismatch); metrics that cannot run are
     skipped, each with its reason.
     """
-    names = [m for m in METRICS if metrics is None or m in metrics]
-    unknown = sorted(set(metrics or []) - set(METRICS))
-    if unknown:
-        raise EvaluationError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
-    try:
-        dev = usable_device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    except ValueError as err:
-        raise EvaluationError(str(err)) from None
     gt = Path(gt_dir) if gt_dir is not None else None
-    wdir = Path(weights_dir) if weights_dir is not None else None
-    if wdir is not None and not wdir.is_dir():
-        raise EvaluationError(f"weights folder not found: {wdir}")
+    if built is not None and built.has_gt != (gt is not None):
+        raise ValueError("evaluate: the metric set was built for " + ("a GT folder" if built.has_gt else "no GT folder"))
+    options = _checked_options(metrics, weights_dir, device) if built is None else None  # before any work
     pairings = [(Path(d), pair_by_name(Path(d), gt, sr_suffix)) for d in sr_dirs]
     for d, p in pairings:
         for note in p.notes:
@@ -424,11 +465,9 @@ def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
             if files:
                 print(f"warning: {d}: {len(files)} {side} file(s) without a partner: "
                       f"{', '.join(files)}", file=sys.stderr)
-    built, skipped, notes = build_metrics(names, gt is not None, wdir, dev, offline)
-    folders = [_score_folder(d, gt, p, built, dev) for d, p in pairings]
-    order = {m: i for i, m in enumerate(names)}
-    skipped.sort(key=lambda s: order[s.metric])
-    return Evaluation(names, str(gt) if gt else None, folders, skipped, notes, str(dev))
+    ms = built or _build_set(*options, gt is not None, offline)
+    folders = [_score_folder(d, gt, p, ms.built, ms.device) for d, p in pairings]
+    return Evaluation(ms.names, str(gt) if gt else None, folders, list(ms.skipped), dict(ms.notes), str(ms.device))
 
 
 def write_results(result: Evaluation, out_dir: str | Path, log_name: str | None = None) -> dict[str, Path]:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from bimacosr import build
 from bimacosr.atomic import temp_path
 from bimacosr.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config, require
+from bimacosr.device import pick_device
 from bimacosr.imageio import (GIF_EXTENSIONS, SAVE_EXTENSIONS, ImageReadError, LoadedImage, find_images, list_images,
                               read_image, write_image)
 from bimacosr.pairing import COMPARE_SUFFIX, suffix_part
@@ -225,7 +226,7 @@ def plan(opts: InferenceOptions) -> Plan:
     if opts.scale != sf:
         raise ConfigError(f"--scale {opts.scale} but {config} is a x{sf} model (diffusion.params.sf)")
     sampler = apply_schedule_flags(cfg, opts)
-    device = build.pick_device(opts.device)
+    device = pick_device(opts.device)
     precision = "fp32" if opts.fp32 else opts.precision
     build.resolve_precision(precision, device, cfg)  # e.g. fp16 without CUDA
     return Plan(cfg, build.inference_files(cfg, ckpt, opts.deploy), device, sampler, precision)

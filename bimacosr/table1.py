@@ -14,7 +14,7 @@ A test set without ``ROOT/<set>/HR`` is not scored, and a method without ``METHO
 out of that set's table (one note each). Per set: the nine paper columns in the paper's order
 (:data:`COLUMNS`, or those of them requested), a row per method, then the paper's rows for
 SinSR, ResShift and BiMaCoSR labelled as the paper's (:data:`PAPER_ROWS`). Metrics whose weights
-are missing show as ``skipped``. Each set is one :func:`bimacosr.evaluation.evaluate` call.
+are missing show as ``skipped``. Each set is one :func:`bimacosr.evaluation.evaluate` call, the metrics built once for all.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from bimacosr.atomic import atomic_write_text
-from bimacosr.evaluation import Evaluation, EvaluationError, evaluate, folder_labels, json_safe, write_results
+from bimacosr.evaluation import (Evaluation, EvaluationError, evaluate, folder_labels, json_safe, metric_set,
+                                 write_results)
 
 DATASETS = ("RealSR", "DRealSR", "DIV2K-Val")
 """The paper's test sets, as folder names under ROOT and under each method folder."""
@@ -100,7 +101,7 @@ def score_table1(root: str | Path, method_dirs: list[str | Path], metrics: list[
     if not columns:
         raise EvaluationError(f"--table1 scores Table 1's columns; none requested (--metrics {' '.join(COLUMNS)})")
     names = folder_labels([str(m) for m in methods])
-    sets, labels, notes = {}, {}, []
+    sets, labels, notes, built = {}, {}, [], None
     for dataset in DATASETS:
         gt = root / dataset / "HR"
         if not gt.is_dir():
@@ -110,8 +111,8 @@ def score_table1(root: str | Path, method_dirs: list[str | Path], metrics: list[
         notes += [f"{name} left out of {dataset}: {m / dataset} not found"
                   for m, name in zip(methods, names) if (m, name) not in present]
         if present:
-            sets[dataset] = evaluate([m / dataset for m, _ in present], gt, columns, weights_dir, device,
-                                     sr_suffix, offline)
+            built = built or metric_set(columns, True, weights_dir, device, offline)  # once for every set
+            sets[dataset] = evaluate([m / dataset for m, _ in present], gt, sr_suffix=sr_suffix, built=built)
             labels[dataset] = [name for _, name in present]
     if not sets:
         raise EvaluationError(f"nothing to score under {root}: expected {root}/<set>/HR for a set in "

@@ -90,3 +90,14 @@ def test_table1_input_errors(layout, tmp_path):
     import metric
     with pytest.raises(SystemExit):
         metric.parse_args(["--table1", "r", "--inp_imgs", "a", "--gt_imgs", "g", "--log", "l"])
+
+
+def test_metrics_are_built_once_for_every_set(layout, monkeypatch):
+    import bimacosr.evaluation as evaluation
+
+    calls = []
+    real = evaluation.build_metrics
+    monkeypatch.setattr(evaluation, "build_metrics", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    result = score_table1(layout / "test", [layout / "ours", layout / "sinsr"], metrics=["psnr", "niqe"], offline=True)
+    assert list(result.sets) == ["RealSR", "DIV2K-Val"] and calls == [["psnr", "niqe"]]
+    assert all(r.metrics == ["psnr", "niqe"] and r.skipped == [] for r in result.sets.values())
