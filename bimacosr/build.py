@@ -183,11 +183,18 @@ def _check_deploy_config(path: Path, cfg: DictConfig) -> None:
     exported = deploy_params(path)
     if exported == to_plain(cfg.model.params):
         return
-    same = [p for p in sorted((REPO_ROOT / "configs").glob("*.yaml"))
-            if to_plain(load_config(p).model.get("params", {})) == exported]
+    same = [p for p in sorted((REPO_ROOT / "configs").glob("*.yaml")) if _model_params(p) == exported]
     fix = (f"pass the config it was exported with: --config {same[0].relative_to(REPO_ROOT)}" if same else
            "pass the config it was exported with, or re-export it with scripts/export_deploy.py --config <this config>")
     raise ConfigError(f"--deploy {path} was exported from other model.params than the config's; {fix}")
+
+
+def _model_params(path: Path) -> dict | None:
+    """``model.params`` of a config file; None for one that does not load (only a hint is at stake)."""
+    try:
+        return to_plain(load_config(path).model.get("params", {}))
+    except (ConfigError, OSError, AttributeError):
+        return None
 
 
 def build_inference_denoiser(cfg: DictConfig, files: InferenceFiles) -> nn.Module:

@@ -3,6 +3,7 @@ suffix, the tile-size floor, and one clear error -- before a model is built -- f
 import os
 import subprocess
 import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from bimacosr.inference import (InferenceOptions, Tally, check_writable, list_in
                                 tile_size)
 from bimacosr.models.unet import UNetModelSwin
 from bimacosr.weights import MissingWeightsError
-from tests.conftest import REPO, animation
+from tests.conftest import REPO, SMOKE_CONFIG, animation
 
 SMOKE = REPO / "configs/smoke.yaml"
 
@@ -273,6 +274,22 @@ def test_deploy_file_of_another_config_names_that_config(tmp_path, smoke_config,
     from bimacosr.config import load_config
     from bimacosr.deploy import export_deploy
 
+    export_deploy(tiny_bimaco_denoiser, build.plain_params(smoke_config), tmp_path / "d.safetensors")
+    with pytest.raises(ConfigError, match="pass the config it was exported with: --config configs/smoke.yaml"):
+        build.inference_files(load_config(DEFAULT_CONFIG), None, tmp_path / "d.safetensors")
+
+
+def test_a_broken_config_beside_does_not_hide_the_matching_one(tmp_path, monkeypatch, smoke_config,
+                                                              tiny_bimaco_denoiser):
+    from bimacosr.config import load_config
+    from bimacosr.deploy import export_deploy
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "a_broken.yaml").write_text("model: [unclosed\n")
+    (tmp_path / "configs" / "a_list.yaml").write_text("- 1\n- 2\n")
+    for name in ("BiMaCoSR.yaml", "smoke.yaml"):
+        shutil.copy(SMOKE_CONFIG.with_name(name), tmp_path / "configs" / name)
+    monkeypatch.setattr(build, "REPO_ROOT", tmp_path)
     export_deploy(tiny_bimaco_denoiser, build.plain_params(smoke_config), tmp_path / "d.safetensors")
     with pytest.raises(ConfigError, match="pass the config it was exported with: --config configs/smoke.yaml"):
         build.inference_files(load_config(DEFAULT_CONFIG), None, tmp_path / "d.safetensors")
