@@ -35,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--deploy", type=Path, default=None,
                    help="packed 1-bit file from scripts/export_deploy.py (--ckpt unused)")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny random weights of configs/smoke.yaml (written to data/smoke/demo on first use; "
+                   help="tiny random weights of configs/smoke.yaml (written to data/smoke on first use; "
                         "--config/--ckpt/--deploy unused): checks the demo runs, the pictures are noise")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA if present)")
     p.add_argument("--max_side", type=int, default=1024, help="largest LR side accepted (default: %(default)s)")

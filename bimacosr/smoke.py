@@ -22,7 +22,6 @@ from bimacosr.quant import binarize
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "cat")
 STUDENT_NAME = "bimacosr.pth"
-SMOKE_CACHE = REPO_ROOT / "data" / "smoke" / "demo"
 SMOKE_CONFIG = REPO_ROOT / "configs" / "smoke.yaml"
 
 
@@ -96,15 +95,16 @@ def write_smoke_assets(cfg: DictConfig, root: str | Path = ".", n_train: int = 8
     return weights
 
 
-def smoke_inference(cache: str | Path = SMOKE_CACHE) -> tuple[DictConfig, Path]:
-    """``configs/smoke.yaml`` with its files under ``cache`` (written there on first use, then
-    reused) and the path of its tiny random BiMaCo student: (config, checkpoint) for
+def smoke_inference(root: str | Path = REPO_ROOT) -> tuple[DictConfig, Path]:
+    """``configs/smoke.yaml`` with its files under ``root`` (by default where
+    ``scripts/make_smoke_assets.py`` writes them, ``data/smoke/`` of the repository: written there on
+    first use, then reused) and the path of its tiny random BiMaCo student: (config, checkpoint) for
     ``build.inference_files``. Runs anywhere in seconds; the pictures it makes are noise."""
-    cache = Path(cache)
+    root = Path(root)
     cfg = load_config(SMOKE_CONFIG)
-    student = cache / Path(cfg.model.teacher_ckpt_path).with_name(STUDENT_NAME)
-    autoencoder = cache / cfg.autoencoder.ckpt_path
+    student = root / Path(cfg.model.teacher_ckpt_path).with_name(STUDENT_NAME)
+    autoencoder = root / cfg.autoencoder.ckpt_path
     if not (student.is_file() and autoencoder.is_file()):
-        write_smoke_assets(cfg, cache, n_train=1, n_val=1)
+        write_smoke_assets(cfg, root)
     cfg.autoencoder.ckpt_path = str(autoencoder)
     return cfg, student
