@@ -9,6 +9,8 @@ image size for ``len(ch_mult) == 3``. ``encode`` never quantises, ``decode`` qua
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Sequence
 
 import torch
@@ -315,7 +317,8 @@ class VectorQuantizer(nn.Module):
         b, d, h, w = z.shape
         zf = z.permute(0, 2, 3, 1).reshape(-1, d)
         e = self.embedding.weight
-        with torch.autocast(z.device.type, enabled=False):  # the search in the codebook's dtype
+        autocasting = autocast_dtype(z.device.type) is not None  # the search in the codebook's dtype
+        with torch.autocast(z.device.type, enabled=False) if autocasting else contextlib.nullcontext():
             zs = zf.to(e.dtype)
             e_sq = torch.sum(e**2, dim=1)
             blocks = []
