@@ -85,17 +85,17 @@ def _decode(path: Path, rawmode: str | None = None) -> Image.Image:
         return ImageOps.exif_transpose(im)
 
 
-def _frames(path: Path) -> int:
-    """How many frames the file holds (1 for a still image)."""
-    with Image.open(path) as probe:
-        return int(getattr(probe, "n_frames", 1))
-
-
-def _pixels(path: Path) -> tuple[np.ndarray, Mode, int]:
-    """Return (H x W x C array of integer samples, mode, bit depth) with C = 1, 2, 3 or 4, of the
-    first frame."""
+def _probe(path: Path) -> tuple[str | None, int]:
+    """From the header: the raw mode of a single-tile PNG (None otherwise) and how many frames
+    the file holds (1 for a still image)."""
     with Image.open(path) as probe:
         rawmode = probe.tile[0].args if probe.format == "PNG" and len(probe.tile) == 1 else None
+        return rawmode, int(getattr(probe, "n_frames", 1))
+
+
+def _pixels(path: Path, rawmode: str | None) -> tuple[np.ndarray, Mode, int]:
+    """Return (H x W x C array of integer samples, mode, bit depth) with C = 1, 2, 3 or 4, of the
+    first frame; ``rawmode`` as :func:`_probe` found it."""
     if rawmode in _PNG16_LOW_RAWMODE:
         low = np.asarray(_decode(path, _PNG16_LOW_RAWMODE[rawmode])).astype(np.uint16)
         if rawmode == "LA;16B":
@@ -126,8 +126,8 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     """
     path = Path(path)
     try:
-        samples, mode, bit_depth = _pixels(path)
-        frames = _frames(path)
+        rawmode, frames = _probe(path)
+        samples, mode, bit_depth = _pixels(path, rawmode)
     except ImageReadError:
         raise
     except FileNotFoundError:
