@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from bimacosr.checkpoint import load_state_dict_into, read_state_dict
@@ -193,7 +194,7 @@ def _model_params(path: Path) -> dict | None:
     """``model.params`` of a config file; None for one that does not load (only a hint is at stake)."""
     try:
         return to_plain(load_config(path).model.get("params", {}))
-    except (ConfigError, OSError, AttributeError):
+    except (ConfigError, OSError, AttributeError, OmegaConfBaseException):
         return None
 
 

@@ -430,6 +430,7 @@ def _checked_options(metrics: list[str] | None, weights_dir: str | Path | None,
 
 
 def _build_set(names: list[str], wdir: Path | None, dev: torch.device, has_gt: bool, offline: bool) -> MetricSet:
+    """:func:`build_metrics` on checked options, the skipped ones in request order."""
     built, skipped, notes = build_metrics(names, has_gt, wdir, dev, offline)
     order = {m: i for i, m in enumerate(names)}
     skipped.sort(key=lambda s: order[s.metric])
@@ -449,13 +450,20 @@ def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
     metrics: names from :data:`METRICS` (default all). Weight files missing from the caches are
     downloaded first, unless ``offline`` (bimacosr/metric_weights.py). ``built``: a
     :func:`metric_set` to use instead of building one from ``metrics``, ``weights_dir``,
-    ``device`` and ``offline`` (several evaluations, one build). Raises EvaluationError for
+    ``device`` and ``offline`` (several evaluations, one build); ValueError when those are given
+    too, or when it was built for the other case of GT folder or none. Raises EvaluationError for
     input problems (missing folder, nothing paired, size mismatch); metrics that cannot run are
     skipped, each with its reason.
     """
     gt = Path(gt_dir) if gt_dir is not None else None
-    if built is not None and built.has_gt != (gt is not None):
-        raise ValueError("evaluate: the metric set was built for " + ("a GT folder" if built.has_gt else "no GT folder"))
+    if built is not None:
+        given = [name for name, value in (("metrics", metrics), ("weights_dir", weights_dir), ("device", device),
+                                          ("offline", offline)) if value]
+        if given:
+            raise ValueError(f"evaluate: {', '.join(given)} come from the metric set when built= is given")
+        if built.has_gt != (gt is not None):
+            raise ValueError("evaluate: the metric set was built for "
+                             + ("a GT folder" if built.has_gt else "no GT folder"))
     options = _checked_options(metrics, weights_dir, device) if built is None else None  # before any work
     pairings = [(Path(d), pair_by_name(Path(d), gt, sr_suffix)) for d in sr_dirs]
     for d, p in pairings:
@@ -467,7 +475,8 @@ def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
                       f"{', '.join(files)}", file=sys.stderr)
     ms = built or _build_set(*options, gt is not None, offline)
     folders = [_score_folder(d, gt, p, ms.built, ms.device) for d, p in pairings]
-    return Evaluation(ms.names, str(gt) if gt else None, folders, list(ms.skipped), dict(ms.notes), str(ms.device))
+    return Evaluation(list(ms.names), str(gt) if gt else None, folders, list(ms.skipped), dict(ms.notes),
+                      str(ms.device))
 
 
 def write_results(result: Evaluation, out_dir: str | Path, log_name: str | None = None) -> dict[str, Path]:

@@ -14,7 +14,8 @@ A test set without ``ROOT/<set>/HR`` is not scored, and a method without ``METHO
 out of that set's table (one note each). Per set: the nine paper columns in the paper's order
 (:data:`COLUMNS`, or those of them requested), a row per method, then the paper's rows for
 SinSR, ResShift and BiMaCoSR labelled as the paper's (:data:`PAPER_ROWS`). Metrics whose weights
-are missing show as ``skipped``. Each set is one :func:`bimacosr.evaluation.evaluate` call, the metrics built once for all.
+are missing show as ``skipped``. Each set is one :func:`bimacosr.evaluation.evaluate` call, the
+metrics built once for all.
 """
 from __future__ import annotations
 

@@ -134,7 +134,7 @@ def test_files_on_disk_stay_bounded_and_sigterm_removes_them(tmp_path):
 
 
 @pytest.mark.slow
-def test_upscaler_matches_the_pipeline_and_explains_bad_inputs(tmp_path, monkeypatch):
+def test_upscaler_matches_the_pipeline_and_explains_bad_inputs(tmp_path, monkeypatch, smoke_assets):
     import gradio as gr
     import torch
 
@@ -143,7 +143,7 @@ def test_upscaler_matches_the_pipeline_and_explains_bad_inputs(tmp_path, monkeyp
     from bimacosr.imageio import read_image, to_uint8
     from bimacosr.smoke import smoke_inference
 
-    cfg, ckpt = smoke_inference()
+    cfg, ckpt = smoke_inference(smoke_assets.root)  # the session's assets, read only
     files = build.inference_files(cfg, ckpt)
     upscaler = Upscaler(cfg, files, torch.device("cpu"), max_side=64, keep=16)
     Image.fromarray(downscale(photo("astronaut"), 16)).save(tmp_path / "a.png")  # 32 x 32

@@ -1,9 +1,9 @@
 """inference_quant.py's flags and its checks before any work: the original's flags, Real-ESRGAN's
 suffix, the tile-size floor, and one clear error -- before a model is built -- for bad input."""
 import os
+import shutil
 import subprocess
 import sys
-import shutil
 from pathlib import Path
 
 import numpy as np

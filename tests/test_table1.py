@@ -101,3 +101,14 @@ def test_metrics_are_built_once_for_every_set(layout, monkeypatch):
     result = score_table1(layout / "test", [layout / "ours", layout / "sinsr"], metrics=["psnr", "niqe"], offline=True)
     assert list(result.sets) == ["RealSR", "DIV2K-Val"] and calls == [["psnr", "niqe"]]
     assert all(r.metrics == ["psnr", "niqe"] and r.skipped == [] for r in result.sets.values())
+
+
+def test_evaluate_with_a_built_set_refuses_the_options_it_replaces(layout):
+    from bimacosr.evaluation import evaluate, metric_set
+
+    built = metric_set(["psnr"], True, offline=True)
+    with pytest.raises(ValueError, match="metrics, device come from the metric set"):
+        evaluate([layout / "ours" / "RealSR"], layout / "test" / "RealSR" / "HR", ["ssim"], device="cpu", built=built)
+    with pytest.raises(ValueError, match="built for a GT folder"):
+        evaluate([layout / "ours" / "RealSR"], built=built)
+    assert evaluate([layout / "ours" / "RealSR"], layout / "test" / "RealSR" / "HR", built=built).metrics == ["psnr"]

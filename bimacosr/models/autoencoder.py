@@ -10,7 +10,6 @@ image size for ``len(ch_mult) == 3``. ``encode`` never quantises, ``decode`` qua
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any, Sequence
 
 import torch
@@ -305,10 +304,11 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """z (B, D, h, w) -> (z_q (B, D, h, w), indices (B, h, w) int64).
 
-        Distance |z|² + |e|² − 2·z·e in the codebook's dtype (float32) whatever z's dtype or an
-        autocast: with 3-dim codes, 8192 of them, a bf16 search picks another code than float32 for
-        a quarter of the positions of a random latent (docs/deviations.md D16); the ~0.5 % of
-        the pipeline it costs buys the float32 codes. Argmin (first index on ties); z_q is the
+        Distance |z|² + |e|² − 2·z·e in the codebook's dtype whatever z's dtype or an autocast:
+        float32, unless the autoencoder itself is half precision (``--precision fp16``, as the
+        original on GPU). With 8192 codes of width 3, a bf16 search picks another code than float32
+        for a quarter of the positions of a random latent (docs/deviations.md D16). Argmin (first
+        index on ties); z_q is the
         straight-through ``z + (e − z).detach()``. The subtraction runs in place (``sub_(...,
         alpha=2)``: ``2·z·e`` is exact, so the rounding is the original's) on blocks of
         ``chunk`` positions (128: a 4 MiB float32 block for 8192 codes, which fits the cache and the

@@ -117,8 +117,7 @@ class WindowAttention(nn.Module):
     def _fused(self, qkv: Tensor, mask: Tensor | None) -> Tensor:
         """``softmax(q k^T * scale + bias + mask) v`` of ``qkv [3, B', heads, N, d]`` as
         ``[B', N, E]``. The added term is at least float32 on CPU (q, k, v stay in their dtype;
-        autocast is off so that it is not rounded), in q's dtype elsewhere; in eval it is made once
-        per dtype, batch and mask (the block caches its masks per size)."""
+        autocast is off so that it is not rounded), in q's dtype elsewhere."""
         q, k, v = qkv.unbind(0)
         bw, heads, n, d = q.shape
         dtype = torch.promote_types(q.dtype, torch.float32) if q.device.type == "cpu" else q.dtype
@@ -126,19 +125,9 @@ class WindowAttention(nn.Module):
                            lambda: self.position_bias().to(dtype).unsqueeze(0).contiguous())
         if mask is not None:  # per window, repeated over the batch; contiguous, as the kernel reads it
             nw = mask.shape[0]
-            # kept while the bias term and the mask are the same objects (masks are the block's
-            # cached ones; the bias term is remade when the table changes); eval only
-            cache = self.__dict__.setdefault("_masked_terms", {})
-            held = cache.get((dtype, bw, nw))
-            if held is not None and held[0] is term and held[1] is mask:
-                term = held[2]
-            else:
-                bias, keep = term, not (self.training or torch.is_grad_enabled())
-                term = (bias + mask[:, None].to(dtype)).contiguous()  # [nw, heads, n, n]
-                if bw != nw:
-                    term = term.repeat(bw // nw, 1, 1, 1)
-                if keep:
-                    cache[(dtype, bw, nw)] = (bias, mask, term)
+            term = term + mask[:, None].to(dtype)  # [nw, heads, n, n]; out of place: gradients may flow
+            if bw != nw:
+                term = term.repeat(bw // nw, 1, 1, 1)
         with torch.autocast(q.device.type, enabled=False):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=term, scale=self.scale)
         return out.transpose(1, 2).reshape(bw, n, heads * d)

@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bimacosr import build
 from bimacosr.atomic import _umask
 from bimacosr.checkpoint import CheckpointError
 from bimacosr.config import load_config, to_plain
-from bimacosr import build
 from bimacosr.build import export_checkpoint
 from bimacosr.deploy import (DeployBinaryConv2d, DeployBinaryLinear, DeployFileError, export_deploy,
                              load_deploy, set_mode, to_deploy)
