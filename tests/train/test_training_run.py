@@ -76,7 +76,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(root):
 @pytest.mark.slow
 def test_one_step_under_bf16_autocast(root):
     """train.amp=bf16 (the trainer's autocast; the UNet's forms below float32, shifted-window
-    attention included, under gradients): a step that trains every weight to finite values."""
+    attention included, under gradients): a step that moves the weights and keeps them all finite."""
     cfg = config(root, "amp", **{"train.amp": "bf16", "train.queue_size": 0, "train.val_freq": 0,
                                  "train.iterations": 1})
     result = distill(root, cfg, root / "amp")
