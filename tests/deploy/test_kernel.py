@@ -155,6 +155,29 @@ def test_fused_layer_reads_and_writes_bf16_as_the_float_route_would(fused, make,
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
 
 
+def test_bf16_outputs_round_as_torch_also_for_nan_denormal_and_overflow(fused):
+    """Outputs that are NaN (with a payload), denormal, past the largest bf16 or halfway between two
+    bf16 values, among ordinary ones, come out as ``.to(torch.bfloat16)`` rounds the float32
+    route's: the vectors holding NaN or denormals take the integer rounding (a native conversion
+    would keep the payload and flush the denormals), the others the native one where there is one."""
+    gen = torch.Generator().manual_seed(5)
+    rows, cin, cout = 9, 64, 40
+    x = torch.randn(1, 1, rows, cin, generator=gen).bfloat16()
+    signs = (torch.randint(0, 2, (1, cin, cout), generator=gen) * 2 - 1).to(torch.int8)
+    bits, mask = kernels.pack_weight_bits(signs)
+    alpha, shift = torch.rand(cout, generator=gen) * 0.1, torch.randn(cout, generator=gen)
+    special = {9: 1e-39, 10: -4e-41, 17: torch.tensor(0x7FA12345, dtype=torch.int32).view(torch.float32).item(),
+               25: 3.4e38, 26: 1 + 2**-8, 33: -3.3e38}
+    for channel, value in special.items():  # alpha 0: the output is the shift itself
+        alpha[channel], shift[channel] = 0.0, value
+    with torch.inference_mode():
+        out = kernels.binary_conv(x, bits, mask, cout, alpha, shift, None, None, 1, 1, 0)
+        want = kernels.binary_conv(x.float(), bits, mask, cout, alpha, shift, None, None, 1, 1, 0)
+    assert out.dtype == torch.bfloat16 and torch.isnan(want[..., 17]).all()
+    assert torch.equal(out.view(torch.int16), want.to(torch.bfloat16).view(torch.int16))
+    assert (out[..., 9].float() == torch.tensor(1e-39).bfloat16().float()).all() and (out[..., 9] != 0).all()
+
+
 @pytest.fixture
 def no_compiler(monkeypatch):
     """The kernel's build fails as without a compiler; the loader starts afresh."""
@@ -291,7 +314,7 @@ def test_every_other_popcount_path_on_a_test_build(fused):
         env = {**os.environ, FLAGS_ENV: flags}
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__,
                                  str(Path(__file__).with_name("test_bound.py")),
-                                 "-k", "equals_the_simulated or zero_weights or all_zero or every_bit or probe or mixed",
+                                 "-k", "equals_the_simulated or zero_weights or all_zero or every_bit or probe or mixed or bf16",
                                  "-m", "not slow"],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         output = result.stdout + result.stderr

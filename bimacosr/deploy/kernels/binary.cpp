@@ -201,6 +201,29 @@ struct Problem {  // one call: the packed input, the weights and the output geom
   int64_t batch, h, w, ho, wo, k, stride, pad, cout, words;
 };
 
+// The kRows input rows under one tap of kRows consecutive output pixels, as the micro-kernel takes
+// them: words, nonzero masks (all ones for a row without zeros: no mask needed), scales s and
+// nonzero counts (dot = valid - 2 * differ); a padding tap or a row with s = 0 is a zero row with
+// s = 0. `src` points at the first pixel's entry of the (pixel, tap) list, `taps` apart.
+struct TapRows {
+  const uint64_t *x[kRows], *xm[kRows];
+  float s[kRows];
+  int32_t valid[kRows];
+  bool any = false, masked = false;  // some row adds, some row has zeros
+
+  TapRows() = default;
+  TapRows(const Problem& p, const int32_t* src, int64_t taps, const uint64_t* zero_row, const uint64_t* ones_row) {
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t row = src[r * taps];
+      x[r] = zero_row, xm[r] = ones_row, s[r] = 0.f, valid[r] = p.channels;
+      if (row < 0) continue;
+      x[r] = p.xbits + row * p.words, s[r] = p.scale[row], valid[r] = p.nonzero[row];
+      if (valid[r] != p.channels) xm[r] = p.xmask + row * p.words, masked = true;
+      any = true;
+    }
+  }
+};
+
 // The output rows [B*Ho*Wo, Cout]: in tasks of kPixels output pixels x kGroup weight blocks; per
 // kRows pixels and block, 16 accumulators each over the taps (the pixels' rows through the
 // micro-kernel together, masked where one has zeros; weights with zeros through tap_masked), then the
@@ -239,6 +262,7 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
     alignas(64) float tail[kLanes];
     alignas(64) float lanes[kLanes * kPixels];  // side_block's scratch
     alignas(64) float side_out[kPixels * kLanes];  // the side branches of one block [pixel, lane]
+    std::vector<TapRows> tap_rows(kPixels / kRows * taps);
     const f32x8 zero = {};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = (task / groups) * kPixels, n = std::min(kPixels, pixels - m0);
@@ -246,6 +270,10 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
       if (sd.any()) transpose_tile(sd.x + m0 * sd.cin, n, sd.cin, tile.data());
       if (sd.rank) lowrank_tile(tile.data(), sd.cin, sd.first, sd.rank, lowt.data());
       const int32_t* src = sources.data() + m0 * taps;
+      if (!kWeightZeros)  // the rows of each (pixel group, tap), the same for every weight block
+        for (int64_t q0 = 0; q0 < n; q0 += kRows)
+          for (int64_t t = 0; t < taps; ++t)
+            tap_rows[q0 / kRows * taps + t] = TapRows(p, src + q0 * taps + t, taps, zero_row.data(), ones_row.data());
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t o0 = blk * kLanes;
         if (sd.any())
@@ -255,35 +283,28 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
           for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = zero;
           for (int64_t t = 0; t < taps; ++t) {
             const uint64_t* wb = p.wbits + t * tap_stride + blk * words * kLanes;
-            const uint64_t *x[kRows], *xm[kRows];
-            float s[kRows];
-            int32_t valid[kRows];  // the pixel's nonzero count: dot = valid - 2 * differ
-            bool any = false, masked = false;
-            for (int r = 0; r < kRows; ++r) {
-              const int64_t row = src[(q0 + r) * taps + t];
-              x[r] = zero_row.data(), xm[r] = ones_row.data(), s[r] = 0.f, valid[r] = p.channels;
-              if (row < 0) continue;
-              if (kWeightZeros) {
-                const uint64_t* wm = p.wmask + t * tap_stride + blk * words * kLanes;
+            if (kWeightZeros) {  // per pixel, each with its own mask and the weights' (tap_masked)
+              const uint64_t* wm = p.wmask + t * tap_stride + blk * words * kLanes;
+              for (int r = 0; r < kRows; ++r) {
+                const int64_t row = src[(q0 + r) * taps + t];
+                if (row < 0) continue;
                 tap_masked(p.xbits + row * words, p.xmask + row * words, wb, wm, words, dots);
                 i32x8 d[2];
                 std::memcpy(d, dots, sizeof d);
                 for (int h = 0; h < 2; ++h) acc[r][h] += p.scale[row] * __builtin_convertvector(d[h], f32x8);
-                continue;
               }
-              x[r] = p.xbits + row * words, s[r] = p.scale[row], valid[r] = p.nonzero[row];
-              if (valid[r] != p.channels) xm[r] = p.xmask + row * words, masked = true;
-              any = true;
+              continue;
             }
-            if (!any) continue;
+            const TapRows& rs = tap_rows[q0 / kRows * taps + t];
+            if (!rs.any) continue;
             i32x8 differ[kRows][2];
-            if (masked)
-              xor_popcount<kRows, true>(x, xm, wb, words, differ);
+            if (rs.masked)
+              xor_popcount<kRows, true>(rs.x, rs.xm, wb, words, differ);
             else
-              xor_popcount<kRows>(x, xm, wb, words, differ);
+              xor_popcount<kRows>(rs.x, rs.xm, wb, words, differ);
             for (int r = 0; r < kRows; ++r)
               for (int h = 0; h < 2; ++h)
-                acc[r][h] += s[r] * __builtin_convertvector(valid[r] - 2 * differ[r][h], f32x8);
+                acc[r][h] += rs.s[r] * __builtin_convertvector(rs.valid[r] - 2 * differ[r][h], f32x8);
           }
           for (int64_t r = 0; r < kRows && q0 + r < n; ++r) {
             f32x8 v[2];
@@ -301,7 +322,7 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
               store8(y + 8, v[1]);
             } else {
               std::memcpy(tail, v, sizeof v);
-              for (int64_t j = 0; j < p.cout - o0; ++j) y[j] = T(tail[j]);
+              for (int64_t j = 0; j < p.cout - o0; ++j) store1(y + j, tail[j]);
             }
           }
         }

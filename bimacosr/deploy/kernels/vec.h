@@ -9,6 +9,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 namespace bimacosr {
 
 typedef float f32x8 __attribute__((vector_size(32)));
@@ -28,8 +32,20 @@ inline f32x8 load8(const float* p) {
 inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
 
 // bf16 input and output (the layer under bf16 autocast): read exactly, written rounded to nearest
-// even as torch's `.to(torch.bfloat16)` does (NaN: 0x7FC0).
+// even as torch's `.to(torch.bfloat16)` does on a tensor (ATen's vectorized conversion: NaN is
+// 0xFFFF). With AVX512-BF16 one vcvtneps2bf16 rounds a vector, except one holding a NaN (it keeps
+// the payload) or a denormal (it flushes those to 0): that one takes the integer rounding, so the
+// bits are the same on every build.
 using bf16 = c10::BFloat16;
+
+inline uint16_t bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return v != v ? uint16_t(0xFFFF) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline void store1(float* p, float v) { *p = v; }
+inline void store1(bf16* p, float v) { p->x = bf16_bits(v); }
 
 inline f32x8 load8(const bf16* p) {
   u16x8 h;
@@ -41,10 +57,17 @@ inline f32x8 load8(const bf16* p) {
 }
 
 inline void store8(bf16* p, f32x8 v) {
+#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+  if (__builtin_expect(_mm256_fpclass_ps_mask((__m256)v, 0x01 | 0x20 | 0x80) == 0, 1)) {  // QNaN, denormal, SNaN
+    const __m128bh h = _mm256_cvtneps_pbh((__m256)v);
+    std::memcpy(p, &h, sizeof h);
+    return;
+  }
+#endif
   u32x8 u;
   std::memcpy(&u, &v, sizeof u);
   const u32x8 nan = (u32x8)(v != v);
-  const u32x8 r = (((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) & ~nan) | (0x7FC0u & nan);
+  const u32x8 r = (((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) & ~nan) | (0xFFFFu & nan);
   const u16x8 h = __builtin_convertvector(r, u16x8);
   std::memcpy(p, &h, sizeof h);
 }
