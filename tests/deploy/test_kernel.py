@@ -178,6 +178,33 @@ def test_bf16_outputs_round_as_torch_also_for_nan_denormal_and_overflow(fused):
     assert (out[..., 9].float() == torch.tensor(1e-39).bfloat16().float()).all() and (out[..., 9] != 0).all()
 
 
+def test_bf16_inputs_with_zeros_denormals_infinities_and_nan_pack_as_their_float_values(fused):
+    """The bf16 input's sign bits and nonzero mask (read from the 16-bit patterns where the CPU has
+    AVX-512BW) are those of the same values in float32: +0 and -0 are zero, denormals are not,
+    +inf is positive, NaN is nonzero and not positive; placed inside whole 32-channel groups, in the
+    8-channel loop and in the last word's scalar tail."""
+    gen = torch.Generator().manual_seed(6)
+    rows, cin, cout = 12, 150, 24
+    x = torch.randn(1, 1, rows, cin, generator=gen)
+    specials = [0.0, -0.0, 1e-39, -1e-39, float("inf"), float("-inf"), float("nan"), -float("nan")]
+    for r in range(rows):
+        for k, channel in enumerate((0, 31, 32, 63, 69, 140, 149)):
+            if (r + k) % 3 == 0:
+                x[0, 0, r, channel] = specials[(r + k) % len(specials)]
+    x[0, 0, 0] = x[0, 0, 0].clamp(-2, 2).nan_to_num(0.0)  # rows 0 and 1: finite s, zeros and denormals
+    x[0, 0, 1] = x[0, 0, 1].clamp(-2, 2).nan_to_num(0.0)
+    x[0, 0, 1, 40:48] = torch.tensor([0.0, -0.0, 1e-39, -1e-39, 0.0, -0.0, 1e-39, -1e-39])
+    x = x.bfloat16()
+    signs = (torch.randint(0, 2, (1, cin, cout), generator=gen) * 2 - 1).to(torch.int8)
+    bits, mask = kernels.pack_weight_bits(signs)
+    alpha, shift = torch.rand(cout, generator=gen), torch.randn(cout, generator=gen)
+    with torch.inference_mode():
+        out = kernels.binary_conv(x, bits, mask, cout, alpha, shift, None, None, 1, 1, 0)
+        want = kernels.binary_conv(x.float(), bits, mask, cout, alpha, shift, None, None, 1, 1, 0)
+    assert torch.isfinite(want[0, 0, :2]).all() and not torch.isfinite(want[0, 0, 2:]).all()
+    assert torch.equal(out.view(torch.int16), want.to(torch.bfloat16).view(torch.int16))
+
+
 @pytest.fixture
 def no_compiler(monkeypatch):
     """The kernel's build fails as without a compiler; the loader starts afresh."""

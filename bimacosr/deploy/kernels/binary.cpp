@@ -75,6 +75,18 @@ void pack_rows(const T* x, int64_t rows, int64_t c, int64_t words, uint64_t* bit
         const int64_t c0 = w * 64, c1 = std::min(c, c0 + 64);
         uint64_t pos = 0, nz = 0;
         int64_t i = c0;
+#if defined(__AVX512BW__)
+        if constexpr (std::is_same_v<T, bf16>)
+          for (; i + 32 <= c1; i += 32) {  // the bits from 32 bf16 patterns at once, the sum as below
+            const __m512i h = _mm512_loadu_si512(row + i);  // > 0: sign clear, not 0, not NaN (> 0x7F80)
+            const uint64_t p = _mm512_cmpgt_epi16_mask(h, _mm512_setzero_si512()) &
+                               _mm512_cmplt_epi16_mask(h, _mm512_set1_epi16(0x7F81));
+            pos |= p << (i - c0);
+            nz |= uint64_t(_mm512_test_epi16_mask(h, _mm512_set1_epi16(0x7FFF))) << (i - c0);  // != 0: NaN too
+            for (int64_t k = i; k < i + 32; k += 8)
+              acc = _mm256_add_ps(acc, _mm256_andnot_ps(minus0, (__m256)load8(row + k)));
+          }
+#endif
 #ifdef __AVX2__
         for (; i + 8 <= c1; i += 8) {
           const __m256 v = (__m256)load8(row + i);
