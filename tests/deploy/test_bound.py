@@ -115,3 +115,31 @@ def test_kernel_rates_record_every_call_and_replay_it(fused, tiny_bimaco_denoise
     rows = kernel_rates(calls[:3], reps=1)
     assert [r["layer"] for r in rows] == [c.name for c in calls[:3]]
     assert all(r["kernel_s"] > 0 and r["bound_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_kernel_ab_builds_a_copy_of_the_op_that_gives_the_same_outputs(fused, tiny_bimaco_denoiser, tmp_path):
+    """scripts/kernel_ab.py: a build of the kernel's source under its own op namespace (hidden
+    symbols, beside the package's library in one process) computes what the package's op does, on
+    the recorded calls of a step; a git revision's sources are read as well as a folder's."""
+    import copy
+    import importlib.util
+
+    from bimacosr.deploy import to_deploy
+    from bimacosr.deploy.kernels.rates import record_calls
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("kernel_ab", REPO / "scripts/kernel_ab.py")
+    kernel_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel_ab)
+    folder = REPO / "bimacosr/deploy/kernels"
+    texts = kernel_ab.sources(str(folder))
+    assert texts == {name: (folder / name).read_text() for name in kernel_ab.FILES}
+    assert set(kernel_ab.sources("HEAD")) == set(kernel_ab.FILES) and "TORCH_LIBRARY(bimacosr," in texts["binary.cpp"]
+    op = kernel_ab.build(texts, "test", tmp_path, [])
+    deployed = set_mode(to_deploy(copy.deepcopy(tiny_bimaco_denoiser)), "fused")
+    x, lq = torch.randn(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        calls = record_calls(deployed, lambda: deployed(x, torch.tensor([2]), lq=lq))
+        assert calls and all(torch.equal(op(*kernels.op_arguments(**c.args)), c.run()) for c in calls)
+    assert {kernel_ab.kind(c.shape) for c in calls} <= set(kernel_ab.KINDS)

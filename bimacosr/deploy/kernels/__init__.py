@@ -32,8 +32,8 @@ from torch import Tensor
 from bimacosr.atomic import atomic_write_text, file_digest
 from bimacosr.cpu import cpu_flags
 
-__all__ = ["ENV", "LANES", "available", "binary_conv", "build_dir", "pack_lowrank", "pack_sparse",
-           "pack_weight_bits", "require", "status"]
+__all__ = ["ENV", "LANES", "available", "binary_conv", "build_dir", "op_arguments", "pack_lowrank",
+           "pack_sparse", "pack_weight_bits", "require", "status"]
 
 ENV = "BIMACOSR_KERNEL"
 """``off``: never build or use the fused kernel; ``auto`` (default): build it on first use."""
@@ -238,11 +238,18 @@ def binary_conv(x: Tensor, bits: Tensor, mask: Tensor, cout: int, alpha: Tensor,
     epilogue, ``alpha * sum_t s_t * dot_t + shift``, then RPReLU (``slope``, ``beta1``) if given,
     then the side branches on the same pixel if given (``lowrank`` from :func:`pack_lowrank`,
     ``sparse`` from :func:`pack_sparse`; only where ``Ho, Wo == H, W``)."""
+    return torch.ops.bimacosr.binary_conv(*op_arguments(x, bits, mask, cout, alpha, shift, slope, beta1, kernel,
+                                                        stride, padding, lowrank, sparse))
+
+
+def op_arguments(x: Tensor, bits: Tensor, mask: Tensor, cout: int, alpha: Tensor, shift: Tensor,
+                 slope: Tensor | None, beta1: Tensor | None, kernel: int, stride: int, padding: int,
+                 lowrank: tuple[Tensor, Tensor] | None = None,
+                 sparse: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple:
+    """:func:`binary_conv`'s arguments in the op's positional form (empty tensors for what a layer
+    lacks), for ``torch.ops.bimacosr.binary_conv`` or another build of it (scripts/kernel_ab.py)."""
     empty = alpha.new_empty(0)
     first_t, second_t = lowrank if lowrank is not None else (empty, empty)
     rowptr, cols, vals = sparse if sparse is not None else (empty.long(), empty.long(), empty)
-    return torch.ops.bimacosr.binary_conv(x, bits, mask, cout, alpha, shift,
-                                          empty if slope is None else slope,
-                                          empty if beta1 is None else beta1,
-                                          first_t, second_t, rowptr, cols, vals,
-                                          kernel, stride, padding)
+    return (x, bits, mask, cout, alpha, shift, empty if slope is None else slope, empty if beta1 is None else beta1,
+            first_t, second_t, rowptr, cols, vals, kernel, stride, padding)

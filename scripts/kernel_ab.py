@@ -1,0 +1,114 @@
+"""Two versions of the fused 1-bit kernel's source, timed in one process on every call of one UNet step.
+
+Each side is a git revision (``--a HEAD``: its ``bimacosr/deploy/kernels``) or a folder holding
+``binary.cpp``, ``popcount.h`` and ``vec.h`` (default for ``--b``: this working tree's). Each is
+compiled as the package builds it, under its own op namespace and with hidden symbols (so the two
+libraries' inline functions stay apart), extra ``--flags`` for both (e.g. ``-mno-avx512f`` for the
+AVX2 table path). The calls of one step of the project's default deploy variant are recorded
+(bimacosr/deploy/kernels/rates.py), both builds' outputs compared, then every call runs on both in
+``--rounds`` rounds, the order rotating: medians summed per layer kind, and b / a. Separate
+processes disagree by more than the changes worth measuring (docs/kernel.md §5); this does not.
+
+    python scripts/kernel_ab.py --a HEAD                       # the working tree against the last commit
+    python scripts/kernel_ab.py --a HEAD~2 --b HEAD --flags=-mno-avx512f --rounds 9
+"""
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from benchmark_unet import build_variants, inputs, step  # noqa: E402
+
+from bimacosr.build import native_bf16  # noqa: E402
+from bimacosr.cli import argument_parser  # noqa: E402
+from bimacosr.deploy import kernels  # noqa: E402
+from bimacosr.deploy.kernels.rates import record_calls  # noqa: E402
+
+FILES = ("binary.cpp", "popcount.h", "vec.h")
+KINDS = ("3x3", "1x1", "1 pixel")
+
+
+def sources(spec: str) -> dict[str, str]:
+    """The kernel's files from a folder, or from a git revision of this repository."""
+    folder = Path(spec)
+    if folder.is_dir():
+        return {name: (folder / name).read_text() for name in FILES}
+    show = lambda name: subprocess.run(["git", "show", f"{spec}:bimacosr/deploy/kernels/{name}"], cwd=REPO,
+                                       capture_output=True, text=True, check=True).stdout
+    return {name: show(name) for name in FILES}
+
+
+def build(texts: dict[str, str], tag: str, root: Path, flags: list[str]):
+    """Compile ``texts`` as the op ``torch.ops.bimacosr_ab_<tag>.binary_conv`` and return it."""
+    from torch.utils.cpp_extension import load
+
+    folder = root / tag
+    folder.mkdir()
+    namespace = f"bimacosr_ab_{tag}"
+    for name, text in texts.items():
+        if name == "binary.cpp":
+            text = text.replace("TORCH_LIBRARY(bimacosr,", f"TORCH_LIBRARY({namespace},")
+            text = text.replace("TORCH_LIBRARY_IMPL(bimacosr,", f"TORCH_LIBRARY_IMPL({namespace},")
+        (folder / name).write_text(text)
+    load(name=namespace, sources=[str(folder / "binary.cpp")], build_directory=str(folder), is_python_module=False,
+         extra_cflags=kernels.FLAGS + ["-fvisibility=hidden", "-fvisibility-inlines-hidden", *flags],
+         extra_ldflags=["-fopenmp"], verbose=False)
+    return getattr(torch.ops, namespace).binary_conv
+
+
+def kind(shape: dict[str, int]) -> str:
+    return "1 pixel" if shape["pixels"] == 1 else ("3x3" if shape["taps"] == 9 else "1x1")
+
+
+def main() -> None:
+    p = argument_parser(__doc__)
+    p.add_argument("--a", default="HEAD", help="git revision or kernel folder (default: HEAD)")
+    p.add_argument("--b", default=str(REPO / "bimacosr/deploy/kernels"), help="default: the working tree's")
+    p.add_argument("--flags", default="", help="extra compiler flags for both builds, space separated")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--size", type=int, default=64, help="latent side (multiple of 64)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    name = "deploy_bf16" if native_bf16() else "deploy_fused"
+    model, autocast = build_variants([name])[name]
+    x, t, lq = inputs(args.size, 1)
+    calls = record_calls(model, lambda: step(model, autocast, x, t, lq))
+    with tempfile.TemporaryDirectory(prefix="bimacosr_kernel_ab_") as root:
+        ops = {side: build(sources(spec), side, Path(root), args.flags.split())
+               for side, spec in (("a", args.a), ("b", args.b))}
+    total = {side: dict.fromkeys(KINDS, 0.0) for side in ops}
+    differ, worst = 0, 0.0
+    with torch.inference_mode():
+        for call in calls:
+            arguments = kernels.op_arguments(**call.args)
+            out = {side: op(*arguments).float() for side, op in ops.items()}
+            if not torch.equal(out["a"], out["b"]):
+                differ, worst = differ + 1, max(worst, (out["a"] - out["b"]).abs().max().item())
+            times = {side: [] for side in ops}
+            for r in range(args.rounds):
+                for side in ("a", "b") if r % 2 == 0 else ("b", "a"):
+                    start = time.perf_counter()
+                    ops[side](*arguments)
+                    times[side].append(time.perf_counter() - start)
+            for side in ops:
+                total[side][kind(call.shape)] += statistics.median(times[side]) * 1e3
+    print(f"{len(calls)} calls of one {name} step, {args.size}² latent, {args.threads} threads, medians of "
+          f"{args.rounds}; a = {args.a}, b = {args.b} {args.flags}")
+    print(f"outputs: {'identical' if not differ else f'{differ} call(s) differ, max |a - b| {worst:.3g}'}")
+    print(f"{'ms':6s} " + " ".join(f"{k:>8s}" for k in (*KINDS, "step")))
+    for side in ops:
+        print(f"{side:6s} " + " ".join(f"{v:8.2f}" for v in total[side].values()) + f" {sum(total[side].values()):8.2f}")
+    print(f"b / a: {sum(total['b'].values()) / sum(total['a'].values()):.3f}")
+
+
+if __name__ == "__main__":
+    main()
