@@ -254,14 +254,17 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
   // The input row of each (output pixel, tap), -1 where it adds 0 (padding, or s = 0); pixels
   // past the last padded to a whole task.
   std::vector<int32_t> sources(chunks * kPixels * taps, -1);
-  at::parallel_for(0, pixels, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const int64_t b = m / (pr.ho * pr.wo), oy = (m / pr.wo) % pr.ho, ox = m % pr.wo;
+  at::parallel_for(0, pr.batch * pr.ho, 16, [&](int64_t begin, int64_t end) {  // by output row
+    for (int64_t line = begin; line < end; ++line) {
+      const int64_t b = line / pr.ho, oy = line % pr.ho;
       for (int64_t t = 0; t < taps; ++t) {
-        const int64_t iy = oy * pr.stride - pr.pad + t / pr.k, ix = ox * pr.stride - pr.pad + t % pr.k;
-        if (iy < 0 || iy >= pr.h || ix < 0 || ix >= pr.w) continue;
-        const int64_t row = (b * pr.h + iy) * pr.w + ix;
-        if (pr.scale[row] != 0.f) sources[m * taps + t] = int32_t(row);
+        const int64_t iy = oy * pr.stride - pr.pad + t / pr.k, dx = t % pr.k - pr.pad;
+        if (iy < 0 || iy >= pr.h) continue;
+        const int64_t first = (b * pr.h + iy) * pr.w;
+        for (int64_t ox = 0, m = line * pr.wo; ox < pr.wo; ++ox, ++m) {
+          const int64_t ix = ox * pr.stride + dx;
+          if (ix >= 0 && ix < pr.w && pr.scale[first + ix] != 0.f) sources[m * taps + t] = int32_t(first + ix);
+        }
       }
     }
   });
