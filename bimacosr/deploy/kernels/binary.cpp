@@ -165,8 +165,9 @@ void lowrank_tile(const float* xt, int64_t cin, const float* first, int64_t rank
     }
 }
 
-// Output lanes per pass of side_block: 4 x 2 accumulators of 16 with AVX-512, 2 x 4 of 8 otherwise.
-constexpr int64_t kSideLanes = kWidth == 16 ? 4 : 2;
+// Output lanes per pass of side_block: 8 x 2 accumulators of 16 with AVX-512 (16 of its 32 registers;
+// 4 x 2 measured 1-2 % slower over a step, kernel_ab.py), 2 x 4 of 8 otherwise.
+constexpr int64_t kSideLanes = kWidth == 16 ? 8 : 2;
 
 // Both side branches of one weight block on one tile, computed per output lane over the tile's
 // pixels (one FMA per LRMB rank / SMB nonzero for 8 pixels) from xt [Cin, kPixels] and lowt
