@@ -237,7 +237,7 @@ struct TapRows {
   }
 };
 
-// The output rows [B*Ho*Wo, Cout]: in tasks of kPixels output pixels x kGroup weight blocks; per
+// The output rows [B*Ho*Wo, Cout]: in tasks of kPixels output pixels x task_group weight blocks; per
 // kRows pixels and block, 16 accumulators each over the taps (the pixels' rows through the
 // micro-kernel together, masked where one has zeros; weights with zeros through tap_masked), then the
 // epilogue and side branches.
@@ -246,10 +246,9 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
   const int64_t taps = pr.k * pr.k, pixels = pr.batch * pr.ho * pr.wo;
   const int64_t blocks = (pr.cout + kLanes - 1) / kLanes, words = pr.words;
   const int64_t chunks = (pixels + kPixels - 1) / kPixels;
-  // With side branches a task transposes its pixels' inputs (`tile`) and applies the LRMB's first
-  // factor: all blocks in one task, so once per pixel, when there are pixels enough to keep the
-  // threads busy.
-  const int64_t group = side.any() && chunks >= 4 * at::get_num_threads() ? blocks : kGroup;
+  // A task sets up its rows and, with side branches, transposes its pixels' inputs (`tile`) and
+  // applies the LRMB's first factor: for as many blocks as the threads allow (task_group).
+  const int64_t group = task_group(chunks, blocks, at::get_num_threads());
   const int64_t groups = (blocks + group - 1) / group;
   const int64_t tap_stride = blocks * words * kLanes;
   // The input row of each (output pixel, tap), -1 where it adds 0 (padding, or s = 0); pixels

@@ -27,12 +27,13 @@ at::Tensor xor_popcount_op(const at::Tensor& a, const at::Tensor& b) {
   const uint64_t* ap = reinterpret_cast<const uint64_t*>(a.data_ptr<int64_t>());
   const uint64_t* bp = reinterpret_cast<const uint64_t*>(b.data_ptr<int64_t>());
   int32_t* op = out.data_ptr<int32_t>();
-  const int64_t chunks = (rows + kPixels - 1) / kPixels, groups = (blocks + kGroup - 1) / kGroup;
+  const int64_t chunks = (rows + kPixels - 1) / kPixels;
+  const int64_t group = task_group(chunks, blocks, at::get_num_threads()), groups = (blocks + group - 1) / group;
   at::parallel_for(0, chunks * groups, 1, [&](int64_t begin, int64_t end) {
     const std::vector<uint64_t> zero_row(words, 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = (task / groups) * kPixels, n = std::min(kPixels, rows - m0);
-      const int64_t b0 = (task % groups) * kGroup, b1 = std::min(blocks, b0 + kGroup);
+      const int64_t b0 = (task % groups) * group, b1 = std::min(blocks, b0 + group);
       for (int64_t blk = b0; blk < b1; ++blk)
         for (int64_t q0 = 0; q0 < n; q0 += kRows) {
           const uint64_t* x[kRows];

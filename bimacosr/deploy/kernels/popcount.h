@@ -28,7 +28,14 @@ namespace bimacosr {
 
 constexpr int64_t kLanes = 16;  // output channels per weight block
 constexpr int64_t kPixels = 32;  // output pixels (rows) per task of the op and of the bound probe
-constexpr int64_t kGroup = 4;    // weight blocks per task
+
+// Weight blocks per task of kPixels rows: as many as leave at least 4 tasks per thread (all blocks
+// when the rows alone give that many), so that a task's per-row work (row setup, side branches)
+// serves as many blocks as the threads allow.
+inline int64_t task_group(int64_t chunks, int64_t blocks, int64_t threads) {
+  const int64_t groups = std::min(blocks, std::max<int64_t>(1, (4 * threads + chunks - 1) / chunks));
+  return (blocks + groups - 1) / groups;
+}
 constexpr int kLaneOrder[kLanes] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
 
 #if defined(__AVX512VPOPCNTDQ__) && defined(__AVX512F__)
