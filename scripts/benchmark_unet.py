@@ -144,7 +144,8 @@ def rates(size: int, batch: int, reps: int) -> dict:
 def print_rates(result: dict) -> None:
     print(f"binary_conv vs the bound probe, one {result['variant']} step, {result['size']}x{result['size']} latent, "
           f"{result['threads']} threads, {result['path']}; medians of {result['reps']} interleaved calls")
-    print(f"{'layer':44s} {'pix':>5s} {'cin':>5s} {'cout':>5s} {'taps':>4s} {'kernel G/s':>10s} {'bound G/s':>9s} {'ratio':>6s}")
+    print(f"{'layer':44s} {'pix':>5s} {'cin':>5s} {'cout':>5s} {'taps':>4s} {'kernel G/s':>10s} "
+          f"{'bound G/s':>9s} {'ratio':>6s}")
     for r in result["layers"]:
         print(f"{r['layer'][-44:]:44s} {r['pixels']:5d} {r['cin']:5d} {r['cout']:5d} {r['taps']:4d} "
               f"{r['kernel_gmacs']:10.0f} {r['bound_gmacs']:9.0f} {r['ratio']:6.2f}")

@@ -106,7 +106,8 @@ def main() -> None:
     print(f"outputs: {'identical' if not differ else f'{differ} call(s) differ, max |a - b| {worst:.3g}'}")
     print(f"{'ms':6s} " + " ".join(f"{k:>8s}" for k in (*KINDS, "step")))
     for side in ops:
-        print(f"{side:6s} " + " ".join(f"{v:8.2f}" for v in total[side].values()) + f" {sum(total[side].values()):8.2f}")
+        cells = [*total[side].values(), sum(total[side].values())]
+        print(f"{side:6s} " + " ".join(f"{v:8.2f}" for v in cells))
     print(f"b / a: {sum(total['b'].values()) / sum(total['a'].values()):.3f}")
 
 

@@ -341,7 +341,8 @@ def test_every_other_popcount_path_on_a_test_build(fused):
         env = {**os.environ, FLAGS_ENV: flags}
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__,
                                  str(Path(__file__).with_name("test_bound.py")),
-                                 "-k", "equals_the_simulated or zero_weights or all_zero or every_bit or probe or mixed or bf16",
+                                 "-k", "equals_the_simulated or zero_weights or all_zero or every_bit or probe "
+                                       "or mixed or bf16",
                                  "-m", "not slow"],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         output = result.stdout + result.stderr

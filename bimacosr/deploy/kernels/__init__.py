@@ -2,8 +2,8 @@
 
 One extension: the layer op (``binary.cpp``) and the bound probe (``bound.cpp``, the plain
 XOR-popcount GEMM that ``rates.py`` times beside it) share the popcount micro-kernel
-(``popcount.h``) and vector helpers (``vec.h``). The C++ sources are compiled on first use with ``torch.utils.cpp_extension.load`` (``-O3
--march=native``; g++ and ninja needed) into ``$BIMACOSR_KERNEL_DIR`` or
+(``popcount.h``) and vector helpers (``vec.h``). The C++ sources are compiled on first use with
+``torch.utils.cpp_extension.load`` (``-O3 -march=native``; g++ and ninja needed) into ``$BIMACOSR_KERNEL_DIR`` or
 ``~/.cache/bimacosr/kernels/<tag>``, where the tag hashes the source, the torch version and this
 CPU's flags, so a build is reused by later processes and never run on a CPU it was not built for.
 Each build records the size and sha256 of the library it produced beside it (``<library>.json``);
@@ -46,7 +46,8 @@ _state: dict[str, object] = {}  # "ok": bool, "reason": str (why not), "folder",
 
 def build_dir() -> Path:
     """Where the extension is (or will be) built; one folder per source/torch/CPU combination."""
-    text = b"".join(f.read_bytes() for f in SOURCES + HEADERS) + torch.__version__.encode() + " ".join(cpu_flags()).encode() + " ".join(FLAGS).encode()
+    text = (b"".join(f.read_bytes() for f in SOURCES + HEADERS) + torch.__version__.encode()
+            + " ".join(cpu_flags()).encode() + " ".join(FLAGS).encode())
     tag = hashlib.sha256(text).hexdigest()[:12]
     root = os.environ.get("BIMACOSR_KERNEL_DIR") or Path.home() / ".cache" / "bimacosr" / "kernels"
     return Path(root) / tag

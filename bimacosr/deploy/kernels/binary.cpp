@@ -274,7 +274,7 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
     std::vector<float> tile(sd.any() ? sd.cin * kPixels : 0), lowt(sd.rank * kPixels);  // x^T, low^T
     const std::vector<uint64_t> zero_row(words, 0), ones_row(words, ~uint64_t(0));  // a row adding 0; no mask
     alignas(64) int32_t dots[kLanes];
-    alignas(64) float tail[kLanes];
+    alignas(64) T tail[kLanes];
     alignas(64) float lanes[kLanes * kPixels];  // side_block's scratch
     alignas(64) float side_out[kPixels * kLanes];  // the side branches of one block [pixel, lane]
     std::vector<TapRows> tap_rows(kPixels / kRows * taps);
@@ -335,9 +335,10 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
             if (p.cout - o0 >= kLanes) {
               store8(y, v[0]);
               store8(y + 8, v[1]);
-            } else {
-              std::memcpy(tail, v, sizeof v);
-              for (int64_t j = 0; j < p.cout - o0; ++j) store1(y + j, tail[j]);
+            } else {  // the last block's outputs, rounded as the others, through a whole block
+              store8(tail, v[0]);
+              store8(tail + 8, v[1]);
+              std::memcpy(y, tail, (p.cout - o0) * sizeof(T));
             }
           }
         }

@@ -6,8 +6,9 @@
 // kLaneOrder),
 //   differ[r][o / 8][o % 8] = sum_i popcount((x[r][i] ^ wb[i, lane of output o]) & m[r][i]),
 // o = 0..15 in natural order as two 8-lane halves (native on AVX2 and AVX-512 alike: 16-lane
-// vectors would be split element by element without AVX-512), the mask m (rows like x) applied only when kMasked (one more bitwise op per
-// vector; with AVX-512 the XOR and AND are one vpternlogq).
+// vectors would be split element by element without AVX-512), the mask m (rows like x) applied
+// only when kMasked (one more bitwise op per vector; with AVX-512 the XOR and AND are one
+// vpternlogq).
 // One of three paths, chosen by the compiler flags (-march=native): AVX-512 VPOPCNTDQ on 8-lane
 // vectors (or that path with the popcount emulated, a test build for CPUs without it), an AVX2
 // nibble table, or portable scalar code. kRows is the path's register blocking over rows (measured:
@@ -135,7 +136,8 @@ inline void xor_popcount(const uint64_t* const* x, const uint64_t* const* m, con
     int32_t counts[kLanes] = {};
     for (int64_t i = 0; i < words; ++i)
       for (int64_t j = 0; j < kLanes; ++j)
-        counts[kLaneOrder[j]] += __builtin_popcountll((x[r][i] ^ wb[i * kLanes + j]) & (kMasked ? m[r][i] : ~uint64_t(0)));
+        counts[kLaneOrder[j]] +=
+            __builtin_popcountll((x[r][i] ^ wb[i * kLanes + j]) & (kMasked ? m[r][i] : ~uint64_t(0)));
     std::memcpy(differ[r], counts, sizeof counts);
   }
 }

@@ -38,15 +38,6 @@ inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
 // bits are the same on every build.
 using bf16 = c10::BFloat16;
 
-inline uint16_t bf16_bits(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
-  return v != v ? uint16_t(0xFFFF) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-inline void store1(float* p, float v) { *p = v; }
-inline void store1(bf16* p, float v) { p->x = bf16_bits(v); }
-
 inline f32x8 load8(const bf16* p) {
   u16x8 h;
   std::memcpy(&h, p, sizeof h);
