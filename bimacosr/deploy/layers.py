@@ -34,7 +34,6 @@ of any float dtype, also under ``torch.autocast``) and returns the input's dtype
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bimacosr.deploy import kernels
+from bimacosr.models.layers import autocast_off
 from bimacosr.quant.bimaco import BiMaCoConv2d, BiMaCoLinear
 
 __all__ = ["DeployBinaryConv2d", "DeployBinaryLinear", "int_matmul", "to_deploy", "set_mode",
@@ -226,13 +226,6 @@ class _DeployBinary(nn.Module):
                 f"smb={self.smb_values is not None}, lora={self.lora_first is not None}")
 
 
-def _float32_context(x: Tensor) -> contextlib.AbstractContextManager:
-    """Autocast off while a deploy layer runs (it computes in float32 and returns ``x.dtype``)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _vector(t: Tensor, n: int, name: str) -> Tensor:
     t = t.detach().float().reshape(-1)
     if t.numel() != n:
@@ -304,7 +297,7 @@ class DeployBinaryConv2d(_DeployBinary):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects [B, {self.in_channels}, H, W], got "
                              f"{list(x.shape)}")
-        with _float32_context(x):
+        with autocast_off(x.device.type):  # computes in float32, returns x.dtype
             if self._kernel_io(x) and not self._shortcut(x.shape[2]):  # shortcut adds in torch
                 return self._forward(x)  # the kernel reads and writes bf16 itself
             return self._forward(x.float()).to(x.dtype)
@@ -413,7 +406,7 @@ class DeployBinaryLinear(_DeployBinary):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects [..., {self.in_features}], got "
                              f"{list(x.shape)}")
-        with _float32_context(x):
+        with autocast_off(x.device.type):  # computes in float32, returns x.dtype
             if self._kernel_io(x):
                 return self._forward(x)  # the kernel reads and writes bf16 itself
             return self._forward(x.float()).to(x.dtype)

@@ -9,14 +9,13 @@ image size for ``len(ch_mult) == 3``. ``encode`` never quantises, ``decode`` qua
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bimacosr.models.layers import autocast_dtype, reduced_precision, residual, silu_fresh
+from bimacosr.models.layers import autocast_dtype, autocast_off, reduced_precision, residual, silu_fresh
 from bimacosr.quant.common import eval_cached
 
 
@@ -117,7 +116,7 @@ def _attend_tokens(q: Tensor, k: Tensor, v: Tensor, block: int) -> Tensor:
     scale = int(q.shape[2]) ** (-0.5)
     kt = k.transpose(1, 2).contiguous()  # (B, C, N) row-major, once: a transposed operand is re-packed per block
     zero = q.new_zeros(())
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         blocks = [torch.bmm(torch.softmax(torch.baddbmm(zero, qb, kt, beta=0, alpha=scale), dim=2), v)
                   for qb in q.split(block, dim=1)]
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
@@ -317,8 +316,7 @@ class VectorQuantizer(nn.Module):
         b, d, h, w = z.shape
         zf = z.permute(0, 2, 3, 1).reshape(-1, d)
         e = self.embedding.weight
-        autocasting = autocast_dtype(z.device.type) is not None  # the search in the codebook's dtype
-        with torch.autocast(z.device.type, enabled=False) if autocasting else contextlib.nullcontext():
+        with autocast_off(z.device.type):  # the search in the codebook's dtype
             zs = zf.to(e.dtype)
             e_sq = torch.sum(e**2, dim=1)
             blocks = []

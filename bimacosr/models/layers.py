@@ -2,6 +2,8 @@
 precision test that chooses between the original's operations and their faster forms."""
 from __future__ import annotations
 
+import contextlib
+
 import math
 
 import torch
@@ -15,6 +17,14 @@ def autocast_dtype(device: str) -> torch.dtype | None:
     if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
         return None
     return torch.get_autocast_dtype(device)
+
+
+def autocast_off(device: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled for ``device`` where it is on (a no-op elsewhere, e.g. on "meta", which
+    has no autocast): the code inside computes in its tensors' own dtypes."""
+    if autocast_dtype(device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device, enabled=False)
 
 
 def reduced_precision(x: Tensor) -> bool:

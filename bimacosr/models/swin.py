@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bimacosr.models.layers import GroupNorm32, gelu_fresh, reduced_precision, residual
+from bimacosr.models.layers import GroupNorm32, autocast_off, gelu_fresh, reduced_precision, residual
 from bimacosr.quant.common import eval_cached
 
 
@@ -128,7 +128,7 @@ class WindowAttention(nn.Module):
             term = term + mask[:, None].to(dtype)  # [nw, heads, n, n]; out of place: gradients may flow
             if bw != nw:
                 term = term.repeat(bw // nw, 1, 1, 1)
-        with torch.autocast(q.device.type, enabled=False):
+        with autocast_off(q.device.type):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=term, scale=self.scale)
         return out.transpose(1, 2).reshape(bw, n, heads * d)
 

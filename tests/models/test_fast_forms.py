@@ -176,3 +176,19 @@ def test_float32_channels_last_block_is_the_originals_operations_bit_for_bit(shi
         want = x + a
         want = want + block.mlp(block.norm2(want))
     assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bf16_blocks_run_on_the_meta_device():
+    """Shape-only runs (ops_count counts a model on "meta") of the forms below float32: the
+    autocast switches they make are skipped where the device has no autocast."""
+    from bimacosr.models.autoencoder import AttnBlock, VectorQuantizer
+
+    with torch.device("meta"):
+        attn = AttnBlock(64).bfloat16()
+        block = SwinTransformerBlock(32, 16, 2, 8, 4, 2.0).bfloat16()
+        quantizer = VectorQuantizer(16, 3)
+        outs = [attn(torch.empty(2, 64, 4, 4, dtype=torch.bfloat16)),
+                block(torch.empty(2, 32, 16, 16, dtype=torch.bfloat16)),
+                quantizer(torch.empty(2, 3, 4, 4, dtype=torch.bfloat16))[0]]
+    assert [tuple(o.shape) for o in outs] == [(2, 64, 4, 4), (2, 32, 16, 16), (2, 3, 4, 4)]
+    assert all(o.device.type == "meta" for o in outs)
