@@ -408,13 +408,7 @@ def metric_set(metrics: list[str] | None = None, has_gt: bool = True, weights_di
     """Check the names and the device, fetch missing weight files (unless ``offline``) and build
     the metrics (:func:`build_metrics`). metrics: names from :data:`METRICS` (default all); without
     GT (``has_gt`` false) the full-reference ones and FID are skipped. Raises EvaluationError for an
-    unknown name, an unusable device or a missing weights folder."""
-    return _build_set(*_checked_options(metrics, weights_dir, device), has_gt, offline)
-
-
-def _checked_options(metrics: list[str] | None, weights_dir: str | Path | None,
-                     device: str | None) -> tuple[list[str], Path | None, torch.device]:
-    """(names in :data:`METRICS` order, weights folder, device), or EvaluationError."""
+    unknown name, an unusable device or a missing weights folder, before anything is built."""
     names = [m for m in METRICS if metrics is None or m in metrics]
     unknown = sorted(set(metrics or []) - set(METRICS))
     if unknown:
@@ -426,46 +420,16 @@ def _checked_options(metrics: list[str] | None, weights_dir: str | Path | None,
     wdir = Path(weights_dir) if weights_dir is not None else None
     if wdir is not None and not wdir.is_dir():
         raise EvaluationError(f"weights folder not found: {wdir}")
-    return names, wdir, dev
-
-
-def _build_set(names: list[str], wdir: Path | None, dev: torch.device, has_gt: bool, offline: bool) -> MetricSet:
-    """:func:`build_metrics` on checked options, the skipped ones in request order."""
     built, skipped, notes = build_metrics(names, has_gt, wdir, dev, offline)
     order = {m: i for i, m in enumerate(names)}
     skipped.sort(key=lambda s: order[s.metric])
     return MetricSet(names, has_gt, dev, built, skipped, notes)
 
 
-def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
-             metrics: list[str] | None = None, weights_dir: str | Path | None = None,
-             device: str | None = None, sr_suffix: str = "", offline: bool = False, *,
-             built: MetricSet | None = None) -> Evaluation:
-    """Score every SR folder (paired with ``gt_dir`` by :func:`bimacosr.pairing.pair_by_name`;
-    ``sr_suffix``: inference's ``--suffix``, ``""`` to detect it).
-
-    With a GT folder only paired images are scored (no-reference metrics included); unpaired
-    files are reported (stderr and ``Pairing``). An image outside a metric's size limit
-    (:data:`bimacosr.metric_sizes.SIZE_LIMITS`) has no value for it, only a note.
-    metrics: names from :data:`METRICS` (default all). Weight files missing from the caches are
-    downloaded first, unless ``offline`` (bimacosr/metric_weights.py). ``built``: a
-    :func:`metric_set` to use instead of building one from ``metrics``, ``weights_dir``,
-    ``device`` and ``offline`` (several evaluations, one build); ValueError when those are given
-    too, or when it was built for the other case of GT folder or none. Raises EvaluationError for
-    input problems (missing folder, nothing paired, size mismatch); metrics that cannot run are
-    skipped, each with its reason.
-    """
-    gt = Path(gt_dir) if gt_dir is not None else None
-    if built is not None:
-        given = [name for name, value in (("metrics", metrics), ("weights_dir", weights_dir), ("device", device),
-                                          ("offline", offline)) if value]
-        if given:
-            raise ValueError(f"evaluate: {', '.join(given)} come from the metric set when built= is given")
-        if built.has_gt != (gt is not None):
-            raise ValueError("evaluate: the metric set was built for "
-                             + ("a GT folder" if built.has_gt else "no GT folder"))
-    options = _checked_options(metrics, weights_dir, device) if built is None else None  # before any work
-    pairings = [(Path(d), pair_by_name(Path(d), gt, sr_suffix)) for d in sr_dirs]
+def pairings_of(sr_dirs: list[str | Path], gt_dir: Path | None, sr_suffix: str = "") -> list[tuple[Path, Pairing]]:
+    """Each SR folder with its :func:`bimacosr.pairing.pair_by_name`; its notes and unpaired files
+    go to stderr. Raises EvaluationError as pairing does (missing folder, nothing paired)."""
+    pairings = [(Path(d), pair_by_name(Path(d), gt_dir, sr_suffix)) for d in sr_dirs]
     for d, p in pairings:
         for note in p.notes:
             print(f"note: {d}: {note}", file=sys.stderr)
@@ -473,9 +437,35 @@ def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
             if files:
                 print(f"warning: {d}: {len(files)} {side} file(s) without a partner: "
                       f"{', '.join(files)}", file=sys.stderr)
-    ms = built or _build_set(*options, gt is not None, offline)
-    folders = [_score_folder(d, gt, p, ms.built, ms.device) for d, p in pairings]
-    return Evaluation(list(ms.names), str(gt) if gt else None, folders, list(ms.skipped), dict(ms.notes),
+    return pairings
+
+
+def evaluate(sr_dirs: list[str | Path], gt_dir: str | Path | None = None,
+             metrics: list[str] | None = None, weights_dir: str | Path | None = None,
+             device: str | None = None, sr_suffix: str = "", offline: bool = False) -> Evaluation:
+    """Score every SR folder (paired with ``gt_dir`` by :func:`bimacosr.pairing.pair_by_name`;
+    ``sr_suffix``: inference's ``--suffix``, ``""`` to detect it).
+
+    With a GT folder only paired images are scored (no-reference metrics included); unpaired
+    files are reported (stderr and ``Pairing``). An image outside a metric's size limit
+    (:data:`bimacosr.metric_sizes.SIZE_LIMITS`) has no value for it, only a note.
+    metrics: names from :data:`METRICS` (default all). Weight files missing from the caches are
+    downloaded first, unless ``offline`` (bimacosr/metric_weights.py). Raises EvaluationError for
+    input problems (missing folder, nothing paired, size mismatch), the folders' before any metric
+    is built; metrics that cannot run are skipped, each with its reason.
+    """
+    gt = Path(gt_dir) if gt_dir is not None else None
+    pairings = pairings_of(sr_dirs, gt, sr_suffix)
+    return score(pairings, gt, metric_set(metrics, gt is not None, weights_dir, device, offline))
+
+
+def score(pairings: list[tuple[Path, Pairing]], gt_dir: Path | None, ms: MetricSet) -> Evaluation:
+    """The :class:`Evaluation` of paired folders (:func:`pairings_of`) with built metrics
+    (:func:`metric_set`; several evaluations can share one)."""
+    if ms.has_gt != (gt_dir is not None):
+        raise ValueError("score: the metric set was built for " + ("a GT folder" if ms.has_gt else "no GT folder"))
+    folders = [_score_folder(d, gt_dir, p, ms.built, ms.device) for d, p in pairings]
+    return Evaluation(list(ms.names), str(gt_dir) if gt_dir else None, folders, list(ms.skipped), dict(ms.notes),
                       str(ms.device))
 
 

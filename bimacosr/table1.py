@@ -14,8 +14,8 @@ A test set without ``ROOT/<set>/HR`` is not scored, and a method without ``METHO
 out of that set's table (one note each). Per set: the nine paper columns in the paper's order
 (:data:`COLUMNS`, or those of them requested), a row per method, then the paper's rows for
 SinSR, ResShift and BiMaCoSR labelled as the paper's (:data:`PAPER_ROWS`). Metrics whose weights
-are missing show as ``skipped``. Each set is one :func:`bimacosr.evaluation.evaluate` call, the
-metrics built once for all.
+are missing show as ``skipped``. Every set is paired first (:func:`bimacosr.evaluation.pairings_of`),
+then the metrics are built once and score each (:func:`bimacosr.evaluation.score`).
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from bimacosr.atomic import atomic_write_text
-from bimacosr.evaluation import (Evaluation, EvaluationError, evaluate, folder_labels, json_safe, metric_set,
-                                 write_results)
+from bimacosr.evaluation import (Evaluation, EvaluationError, folder_labels, json_safe, metric_set, pairings_of,
+                                 score, write_results)
 
 DATASETS = ("RealSR", "DRealSR", "DIV2K-Val")
 """The paper's test sets, as folder names under ROOT and under each method folder."""
@@ -91,7 +91,8 @@ def score_table1(root: str | Path, method_dirs: list[str | Path], metrics: list[
     """Score every method folder over the test sets under ``root`` (the module's layout).
 
     metrics: ``evaluation.METRICS`` names; the Table 1 columns among them are scored (default
-    all nine); the other arguments as :func:`bimacosr.evaluation.evaluate`. Raises EvaluationError when a folder is missing, no test set is under ``root``,
+    all nine); the other arguments as :func:`bimacosr.evaluation.evaluate`. Raises EvaluationError
+    when a folder is missing, no test set is under ``root``,
     or no requested metric is a Table 1 column."""
     root = Path(root)
     methods = [Path(d) for d in method_dirs]
@@ -102,7 +103,7 @@ def score_table1(root: str | Path, method_dirs: list[str | Path], metrics: list[
     if not columns:
         raise EvaluationError(f"--table1 scores Table 1's columns; none requested (--metrics {' '.join(COLUMNS)})")
     names = folder_labels([str(m) for m in methods])
-    sets, labels, notes, built = {}, {}, [], None
+    paired, labels, notes = {}, {}, []
     for dataset in DATASETS:
         gt = root / dataset / "HR"
         if not gt.is_dir():
@@ -111,13 +112,14 @@ def score_table1(root: str | Path, method_dirs: list[str | Path], metrics: list[
         present = [(m, name) for m, name in zip(methods, names) if (m / dataset).is_dir()]
         notes += [f"{name} left out of {dataset}: {m / dataset} not found"
                   for m, name in zip(methods, names) if (m, name) not in present]
-        if present:
-            built = built or metric_set(columns, True, weights_dir, device, offline)  # once for every set
-            sets[dataset] = evaluate([m / dataset for m, _ in present], gt, sr_suffix=sr_suffix, built=built)
+        if present:  # every set paired before any metric is built: input problems come first
+            paired[dataset] = (gt, pairings_of([m / dataset for m, _ in present], gt, sr_suffix))
             labels[dataset] = [name for _, name in present]
-    if not sets:
+    if not paired:
         raise EvaluationError(f"nothing to score under {root}: expected {root}/<set>/HR for a set in "
                               f"{', '.join(DATASETS)}, and <method>/<set> beside it")
+    built = metric_set(columns, True, weights_dir, device, offline)  # once for every set
+    sets = {dataset: score(pairings, gt, built) for dataset, (gt, pairings) in paired.items()}
     return Table1(str(root), columns, sets, labels, notes)
 
 

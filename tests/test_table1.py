@@ -103,12 +103,23 @@ def test_metrics_are_built_once_for_every_set(layout, monkeypatch):
     assert all(r.metrics == ["psnr", "niqe"] and r.skipped == [] for r in result.sets.values())
 
 
-def test_evaluate_with_a_built_set_refuses_the_options_it_replaces(layout):
-    from bimacosr.evaluation import evaluate, metric_set
+def test_a_set_that_does_not_pair_stops_before_any_metric_is_built(layout, tmp_path, monkeypatch):
+    """Every set is paired before the metrics are built (the second set's problem is found first),
+    and a metric set built for GT cannot score without one."""
+    import shutil
 
+    import bimacosr.evaluation as evaluation
+    from bimacosr.evaluation import metric_set, pairings_of, score
+
+    root = tmp_path / "copy"
+    shutil.copytree(layout / "test", root / "test")
+    shutil.copytree(layout / "ours", root / "ours")
+    (root / "ours" / "DIV2K-Val" / "coffee.png").rename(root / "ours" / "DIV2K-Val" / "other.png")
+    calls = []
+    monkeypatch.setattr(evaluation, "build_metrics", lambda *a, **k: calls.append(a) or ({}, [], {}))
+    with pytest.raises(EvaluationError, match="no SR image in .*DIV2K-Val has a GT of the same name"):
+        score_table1(root / "test", [root / "ours"], metrics=["psnr"], offline=True)
+    assert calls == []
     built = metric_set(["psnr"], True, offline=True)
-    with pytest.raises(ValueError, match="metrics, device come from the metric set"):
-        evaluate([layout / "ours" / "RealSR"], layout / "test" / "RealSR" / "HR", ["ssim"], device="cpu", built=built)
     with pytest.raises(ValueError, match="built for a GT folder"):
-        evaluate([layout / "ours" / "RealSR"], built=built)
-    assert evaluate([layout / "ours" / "RealSR"], layout / "test" / "RealSR" / "HR", built=built).metrics == ["psnr"]
+        score(pairings_of([layout / "ours" / "RealSR"], None), None, built)
