@@ -35,8 +35,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--deploy", type=Path, default=None,
                    help="packed 1-bit file from scripts/export_deploy.py (--ckpt unused)")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny random weights of configs/smoke.yaml (written to data/smoke on first use; "
-                        "--config/--ckpt/--deploy unused): checks the demo runs, the pictures are noise")
+                   help="tiny random weights of configs/smoke.yaml (written to ~/.cache/bimacosr/data/smoke on "
+                        "first use; --config/--ckpt/--deploy unused): checks the demo runs, the pictures are noise")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA if present)")
     p.add_argument("--max_side", type=int, default=1024, help="largest LR side accepted (default: %(default)s)")
     p.add_argument("--keep", type=int, default=16,
@@ -68,6 +68,7 @@ def main() -> int:
         print(f"error: port {args.port} is in use: pass --port N (a free port)", file=sys.stderr)
         return 2
     try:
+        device = pick_device(args.device)  # before smoke mode writes or builds anything
         if args.smoke:
             cfg, ckpt, deploy = *smoke_inference(), None
         else:
@@ -75,7 +76,6 @@ def main() -> int:
         files = build.inference_files(cfg, ckpt, deploy)  # every file checked before anything is built
         from bimacosr.demo import Upscaler, build_ui  # gradio takes seconds to import: after the checks
 
-        device = pick_device(args.device)
         start = time.perf_counter()
         print(f"loading {files.deploy or files.ckpt} and {files.autoencoder} on {device} ...", flush=True)
         # SIGTERM as Ctrl-C: the server closes and the temporary folder is removed at exit

@@ -214,6 +214,7 @@ class Plan:
 def plan(opts: InferenceOptions) -> Plan:
     """Config, flags and files: every problem knowable up front raises here, in milliseconds."""
     ckpt, config = opts.ckpt, SMOKE_CONFIG if opts.smoke else opts.config
+    device = pick_device(opts.device)  # before smoke mode writes or builds anything
     if opts.smoke:
         if opts.deploy is not None:
             raise ValueError("--smoke runs its own tiny random weights: leave --deploy out")
@@ -226,7 +227,6 @@ def plan(opts: InferenceOptions) -> Plan:
     if opts.scale != sf:
         raise ConfigError(f"--scale {opts.scale} but {config} is a x{sf} model (diffusion.params.sf)")
     sampler = apply_schedule_flags(cfg, opts)
-    device = pick_device(opts.device)
     precision = "fp32" if opts.fp32 else opts.precision
     build.resolve_precision(precision, device, cfg)  # e.g. fp16 without CUDA
     return Plan(cfg, build.inference_files(cfg, ckpt, opts.deploy), device, sampler, precision)

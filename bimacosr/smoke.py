@@ -23,6 +23,9 @@ from bimacosr.quant import binarize
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "cat")
 STUDENT_NAME = "bimacosr.pth"
 SMOKE_CONFIG = REPO_ROOT / "configs" / "smoke.yaml"
+SMOKE_CACHE = Path.home() / ".cache" / "bimacosr"
+"""Where ``--smoke`` keeps its files (``data/smoke/...`` below it, as the config names them):
+outside the repository, so a user's own ``data/smoke`` (``make_smoke_assets.py``) is left alone."""
 
 
 def photo(name: str) -> np.ndarray:
@@ -95,16 +98,15 @@ def write_smoke_assets(cfg: DictConfig, root: str | Path = ".", n_train: int = 8
     return weights
 
 
-def smoke_inference(root: str | Path = REPO_ROOT) -> tuple[DictConfig, Path]:
-    """``configs/smoke.yaml`` with its files under ``root`` (by default where
-    ``scripts/make_smoke_assets.py`` writes them, ``data/smoke/`` of the repository: written there on
-    first use, then reused) and the path of its tiny random BiMaCo student: (config, checkpoint) for
+def smoke_inference(root: str | Path = SMOKE_CACHE) -> tuple[DictConfig, Path]:
+    """``configs/smoke.yaml`` with its files under ``root`` (written there on first use, then
+    reused) and the path of its tiny random BiMaCo student: (config, checkpoint) for
     ``build.inference_files``. Runs anywhere in seconds; the pictures it makes are noise."""
     root = Path(root)
     cfg = load_config(SMOKE_CONFIG)
     student = root / Path(cfg.model.teacher_ckpt_path).with_name(STUDENT_NAME)
     autoencoder = root / cfg.autoencoder.ckpt_path
     if not (student.is_file() and autoencoder.is_file()):
-        write_smoke_assets(cfg, root)
+        write_smoke_assets(cfg, root, n_train=1, n_val=1)
     cfg.autoencoder.ckpt_path = str(autoencoder)
     return cfg, student

@@ -20,7 +20,7 @@ from bimacosr.inference import (InferenceOptions, Tally, check_writable, list_in
                                 tile_size)
 from bimacosr.models.unet import UNetModelSwin
 from bimacosr.weights import MissingWeightsError
-from tests.conftest import REPO, SMOKE_CONFIG, animation
+from tests.conftest import REPO, animation
 
 SMOKE = REPO / "configs/smoke.yaml"
 
@@ -270,6 +270,14 @@ def test_smoke_runs_without_the_released_weights(tmp_path, monkeypatch, capsys):
         run(inference_quant.parse_args(args + ["--scale", "2"]))  # names the config smoke mode loaded
 
 
+def test_smoke_mode_checks_the_device_before_writing_its_files(monkeypatch):
+    from bimacosr import inference
+
+    monkeypatch.setattr(inference, "smoke_inference", lambda: pytest.fail("smoke files made before --device"))
+    with pytest.raises(ValueError, match="--device nodevice is not a device name"):
+        inference.plan(inference_quant.parse_args(["-i", "x.png", "-o", "out", "--smoke", "--device", "nodevice"]))
+
+
 def test_deploy_file_of_another_config_names_that_config(tmp_path, smoke_config, tiny_bimaco_denoiser):
     from bimacosr.config import load_config
     from bimacosr.deploy import export_deploy
@@ -288,7 +296,7 @@ def test_a_broken_config_beside_does_not_hide_the_matching_one(tmp_path, monkeyp
     (tmp_path / "configs" / "a_broken.yaml").write_text("model: [unclosed\n")
     (tmp_path / "configs" / "a_list.yaml").write_text("- 1\n- 2\n")
     for name in ("BiMaCoSR.yaml", "smoke.yaml"):
-        shutil.copy(SMOKE_CONFIG.with_name(name), tmp_path / "configs" / name)
+        shutil.copy(SMOKE.with_name(name), tmp_path / "configs" / name)
     monkeypatch.setattr(build, "REPO_ROOT", tmp_path)
     export_deploy(tiny_bimaco_denoiser, build.plain_params(smoke_config), tmp_path / "d.safetensors")
     with pytest.raises(ConfigError, match="pass the config it was exported with: --config configs/smoke.yaml"):
