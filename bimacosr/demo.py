@@ -134,7 +134,7 @@ class Upscaler:
             return self._pipes[prec.name], prec.name
 
     def __call__(self, path: str | os.PathLike, tile: int = default("chop_size"), seed: int = default("seed"),
-                 blend: str = "average", precision: str = "auto") -> Result:
+                 blend: str = default("blend"), precision: str = default("precision")) -> Result:
         """Super-resolve the image file at ``path``; raises ``gr.Error`` with a message for a user. The
         file is decoded only once :func:`check_upload` has read its size from the header."""
         if blend not in BLENDS or precision not in UI_PRECISIONS:
@@ -211,9 +211,9 @@ def build_ui(upscaler: Upscaler, note: str = "", title: str = "BiMaCoSR x4 super
                 tile = gr.Slider(64, 512, value=default("chop_size"), step=32, label="tile size (LR pixels)",
                                  info="larger images are cut into tiles of this size")
                 seed = gr.Number(value=default("seed"), precision=0, label="seed")
-                blend = gr.Radio(list(BLENDS), value="average", label="tile blending",
+                blend = gr.Radio(list(BLENDS), value=default("blend"), label="tile blending",
                                  info="average: the original's; gaussian: seam-free")
-                precision = gr.Radio(list(UI_PRECISIONS), value="auto", label="precision")
+                precision = gr.Radio(list(UI_PRECISIONS), value=default("precision"), label="precision")
                 button = gr.Button("Upscale x4", variant="primary")
                 if examples:
                     gr.Examples([[str(p)] for p in examples], inputs=[image], label="examples/ (degraded photographs)")
