@@ -76,14 +76,19 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(root):
 @pytest.mark.slow
 def test_one_step_under_bf16_autocast(root):
     """train.amp=bf16 (the trainer's autocast; the UNet's forms below float32, shifted-window
-    attention included, under gradients): a step that moves the weights and keeps them all finite."""
-    cfg = config(root, "amp", **{"train.amp": "bf16", "train.queue_size": 0, "train.val_freq": 0,
-                                 "train.iterations": 1})
-    result = distill(root, cfg, root / "amp")
-    assert result.returncode == 0, result.stderr[-3000:]
-    trained, start = weights(root / "amp", 1), torch.load(root / "data/smoke/weights/sinsr.pth", weights_only=True)
+    attention included, under gradients): a step that moves the weights and keeps them all finite,
+    and not to where the same step in float32 takes them (autocast did run)."""
+    runs = {}
+    for amp in ("bf16", "none"):
+        cfg = config(root, f"amp_{amp}", **{"train.amp": amp, "train.queue_size": 0, "train.val_freq": 0,
+                                            "train.iterations": 1})
+        result = distill(root, cfg, root / f"amp_{amp}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[amp] = weights(root / f"amp_{amp}", 1)
+    trained, start = runs["bf16"], torch.load(root / "data/smoke/weights/sinsr.pth", weights_only=True)
     assert all(torch.isfinite(v).all() for v in trained.values() if v.is_floating_point())
     assert not torch.equal(trained["out.2.weight"], start["out.2.weight"])
+    assert not torch.equal(trained["out.2.weight"], runs["none"]["out.2.weight"])
 
 
 @pytest.fixture(scope="module")
