@@ -40,7 +40,8 @@ def reduced_precision(x: Tensor) -> bool:
 def residual(x: Tensor, h: Tensor) -> Tensor:
     """``x + h``, written into the fresh branch output ``h`` when the sum has ``h``'s dtype, shape
     and memory layout (bit for bit the same: float addition commutes exactly; the layout decides
-    how later GroupNorms sum in float32); saves a full-size allocation."""
+    how later GroupNorms sum in float32); saves a full-size allocation. A forward hook that keeps
+    ``h`` (the branch's output) without cloning it sees the sum."""
     if h.dtype == torch.promote_types(h.dtype, x.dtype) and h.shape == x.shape and h.stride() == x.stride():
         return h.add_(x)
     return x + h

@@ -134,7 +134,9 @@ class WindowAttention(nn.Module):
 
 
 class ConvMlp(nn.Module):
-    """``fc2(GELU(fc1(x)))`` with 1x1 convs on ``[B, C, H, W]``."""
+    """``fc2(GELU(fc1(x)))`` with 1x1 convs on ``[B, C, H, W]``. ``act`` is kept for the original's
+    module layout; ``forward`` applies the exact GELU itself (``layers.gelu_fresh``), so replacing
+    ``act`` changes nothing."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()

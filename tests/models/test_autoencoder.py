@@ -161,7 +161,7 @@ def test_attention_below_float32_matches_sdpa_within_bf16_rounding(layout, monke
             stock = attn(x)  # the original's operations under autocast
     err_stock = (stock.double() - ref).abs()
     for out in outs:
-        assert out.shape == x.shape  # float32: the residual sum with the float32 input
+        assert out.shape == x.shape and out.dtype == torch.float32  # the residual sum with the float32 input
         err = (out.double() - ref).abs()
         assert err.max() <= 1.5 * err_stock.max() and err.square().mean() <= 1.2 * err_stock.square().mean()
     torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=0.02)
