@@ -215,23 +215,26 @@ struct Problem {  // one call: the packed input, the weights and the output geom
 };
 
 // The kRows input rows under one tap of kRows consecutive output pixels, as the micro-kernel takes
-// them: words, nonzero masks (all ones for a row without zeros: no mask needed), scales s and
-// nonzero counts (dot = valid - 2 * differ); a padding tap or a row with s = 0 is a zero row with
-// s = 0. `src` points at the first pixel's entry of the (pixel, tap) list, `taps` apart.
+// them: words and nonzero masks (all ones for a row without zeros: no mask needed); with the row's
+// scale s and nonzero count (dot = valid - 2 * differ), s * dot = s * valid - 2 s * differ: the
+// first term, the same for every output channel, is summed over the taps once per pixel (gemm), the
+// second weighs the counts (`m2s` = -2 s). A padding tap or a row with s = 0 is a zero row adding
+// 0. `src` points at the first pixel's entry of the (pixel, tap) list, `taps` apart.
 struct TapRows {
   const uint64_t *x[kRows], *xm[kRows];
-  float s[kRows];
-  int32_t valid[kRows];
+  float m2s[kRows], s_valid[kRows];
   bool any = false, masked = false;  // some row adds, some row has zeros
 
   TapRows() = default;
   TapRows(const Problem& p, const int32_t* src, int64_t taps, const uint64_t* zero_row, const uint64_t* ones_row) {
     for (int r = 0; r < kRows; ++r) {
       const int64_t row = src[r * taps];
-      x[r] = zero_row, xm[r] = ones_row, s[r] = 0.f, valid[r] = p.channels;
+      x[r] = zero_row, xm[r] = ones_row, m2s[r] = s_valid[r] = 0.f;
       if (row < 0) continue;
-      x[r] = p.xbits + row * p.words, s[r] = p.scale[row], valid[r] = p.nonzero[row];
-      if (valid[r] != p.channels) xm[r] = p.xmask + row * p.words, masked = true;
+      const float s = p.scale[row];
+      const int32_t valid = p.nonzero[row];
+      x[r] = p.xbits + row * p.words, m2s[r] = -2.f * s, s_valid[r] = s * float(valid);
+      if (valid != p.channels) xm[r] = p.xmask + row * p.words, masked = true;
       any = true;
     }
   }
@@ -278,6 +281,7 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
     alignas(64) float lanes[kLanes * kPixels];  // side_block's scratch
     alignas(64) float side_out[kPixels * kLanes];  // the side branches of one block [pixel, lane]
     std::vector<TapRows> tap_rows(kPixels / kRows * taps);
+    alignas(64) float s_valid[kPixels];  // sum_t s_t * valid_t of each pixel (TapRows)
     const f32x8 zero = {};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = (task / groups) * kPixels, n = std::min(kPixels, pixels - m0);
@@ -286,16 +290,21 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
       if (sd.rank) lowrank_tile(tile.data(), sd.cin, sd.first, sd.rank, lowt.data());
       const int32_t* src = sources.data() + m0 * taps;
       if (!kWeightZeros)  // the rows of each (pixel group, tap), the same for every weight block
-        for (int64_t q0 = 0; q0 < n; q0 += kRows)
-          for (int64_t t = 0; t < taps; ++t)
-            tap_rows[q0 / kRows * taps + t] = TapRows(p, src + q0 * taps + t, taps, zero_row.data(), ones_row.data());
+        for (int64_t q0 = 0; q0 < n; q0 += kRows) {
+          std::fill(s_valid + q0, s_valid + q0 + kRows, 0.f);
+          for (int64_t t = 0; t < taps; ++t) {
+            const TapRows& rs = tap_rows[q0 / kRows * taps + t] =
+                TapRows(p, src + q0 * taps + t, taps, zero_row.data(), ones_row.data());
+            for (int r = 0; r < kRows; ++r) s_valid[q0 + r] += rs.s_valid[r];
+          }
+        }
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t o0 = blk * kLanes;
         if (sd.any())
           side_block(sd, tile.data(), lowt.data(), blocks * kLanes, o0, lanes, side_out);
         for (int64_t q0 = 0; q0 < n; q0 += kRows) {
           f32x8 acc[kRows][2];  // outputs 0..7 and 8..15 of each pixel
-          for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = zero;
+          for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = kWeightZeros ? zero : zero + s_valid[q0 + r];
           for (int64_t t = 0; t < taps; ++t) {
             const uint64_t* wb = p.wbits + t * tap_stride + blk * words * kLanes;
             if (kWeightZeros) {  // per pixel, each with its own mask and the weights' (tap_masked)
@@ -319,7 +328,7 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
               xor_popcount<kRows>(rs.x, rs.xm, wb, words, differ);
             for (int r = 0; r < kRows; ++r)
               for (int h = 0; h < 2; ++h)
-                acc[r][h] += rs.s[r] * __builtin_convertvector(rs.valid[r] - 2 * differ[r][h], f32x8);
+                acc[r][h] += rs.m2s[r] * __builtin_convertvector(differ[r][h], f32x8);
           }
           for (int64_t r = 0; r < kRows && q0 + r < n; ++r) {
             f32x8 v[2];
