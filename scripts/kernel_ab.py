@@ -1,7 +1,7 @@
 """Two versions of the fused 1-bit kernel's source, timed in one process on every call of one UNet step.
 
 Each side is a git revision (``--a HEAD``: its ``bimacosr/deploy/kernels``) or a folder holding
-``binary.cpp``, ``popcount.h`` and ``vec.h`` (default for ``--b``: this working tree's). Each is
+``binary.cpp``, ``popcount.h``, ``side.h`` and ``vec.h`` (default for ``--b``: this working tree's). Each is
 compiled as the package builds it, under its own op namespace and with hidden symbols (so the two
 libraries' inline functions stay apart), extra ``--flags`` for both (e.g. ``-mno-avx512f`` for the
 AVX2 table path). The calls of one step of the project's default deploy variant are recorded
@@ -32,18 +32,23 @@ from bimacosr.cli import argument_parser  # noqa: E402
 from bimacosr.deploy import kernels  # noqa: E402
 from bimacosr.deploy.kernels.rates import record_calls  # noqa: E402
 
-FILES = ("binary.cpp", "popcount.h", "vec.h")
+FILES = ("binary.cpp", "popcount.h", "side.h", "vec.h")
 KINDS = ("3x3", "1x1", "1 pixel")
 
 
 def sources(spec: str) -> dict[str, str]:
-    """The kernel's files from a folder, or from a git revision of this repository."""
+    """The kernel's files from a folder, or from a git revision of this repository: those of
+    ``FILES`` it has (revisions before 2026-12-05 have no ``side.h``)."""
     folder = Path(spec)
     if folder.is_dir():
-        return {name: (folder / name).read_text() for name in FILES}
-    show = lambda name: subprocess.run(["git", "show", f"{spec}:bimacosr/deploy/kernels/{name}"], cwd=REPO,
-                                       capture_output=True, text=True, check=True).stdout
-    return {name: show(name) for name in FILES}
+        texts = {name: (folder / name).read_text() for name in FILES if (folder / name).is_file()}
+    else:
+        shown = {name: subprocess.run(["git", "show", f"{spec}:bimacosr/deploy/kernels/{name}"], cwd=REPO,
+                                      capture_output=True, text=True) for name in FILES}
+        texts = {name: run.stdout for name, run in shown.items() if run.returncode == 0}
+    if "binary.cpp" not in texts:
+        raise SystemExit(f"kernel_ab: no binary.cpp in {spec} (a kernel folder or a git revision)")
+    return texts
 
 
 def build(texts: dict[str, str], tag: str, root: Path, flags: list[str]):

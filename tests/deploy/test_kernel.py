@@ -143,7 +143,10 @@ def test_fused_linear_with_every_bit_differing(fused):
     (lambda: BiMaCoLinear.from_float(nn.Linear(70, 40)), (3, 4, 70)),
 ])
 def test_fused_layer_reads_and_writes_bf16_as_the_float_route_would(fused, make, shape):
-    """A bf16 input goes to the kernel as is: the same bf16 values as float32 in, rounded out."""
+    """A bf16 input goes to the kernel as is: the same bf16 values as float32 in, rounded out. Where
+    the build multiplies bf16 side branches in bf16 pairs (``side_pairs()``), the LRMB's factors and
+    its first product are rounded to bf16 as well (docs/kernel.md §4): the output is then the float
+    route with that LRMB, within one bf16 rounding; otherwise it is the float route bit for bit."""
     torch.manual_seed(3)
     sim = make()
     layer = (DeployBinaryConv2d if isinstance(sim, BiMaCoConv2d) else DeployBinaryLinear).from_simulated(sim, "fused")
@@ -151,8 +154,35 @@ def test_fused_layer_reads_and_writes_bf16_as_the_float_route_would(fused, make,
     x.view(-1)[1] = 3e38  # outputs near the top of the range: rounding may carry into inf
     with torch.inference_mode():
         out = layer(x)
-        expected = layer._forward(x.float()).to(torch.bfloat16)
-    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+        route = layer._forward(x.float())
+    assert out.dtype == torch.bfloat16
+    lowrank = _lowrank_on(layer, x)
+    if not torch.ops.bimacosr.side_pairs() or lowrank is None:
+        assert torch.equal(out, route.to(torch.bfloat16))
+        return
+    in_float32, in_pairs, bound = lowrank
+    expected = route.double() - in_float32 + in_pairs
+    ulp = torch.exp2(torch.floor(torch.log2(expected.abs().clamp_min(2.0 ** -126))) - 7)  # of bf16
+    error = (out.double() - expected).abs()
+    finite = expected.abs() < 3e38
+    assert (error[finite] <= ulp[finite] + bound[finite]).all(), float((error - ulp - bound)[finite].max())
+    assert not torch.equal(out, route.to(torch.bfloat16))  # the pairs were used
+
+
+def _lowrank_on(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """The layer's LRMB on ``x`` (stride 1) in the layer's output layout, float64: as the float route
+    computes it, with its factors and first product rounded to bf16 (the kernel's pairs), and the
+    most one bf16 rounding of the first product can move it; None without an LRMB there."""
+    if layer.lora_first is None or (isinstance(layer, DeployBinaryConv2d) and layer.stride != 1):
+        return None
+    first, second = layer.lora_first.double(), layer.lora_second.double()
+    rows = (x.movedim(1, -1) if x.dim() == 4 else x).double()
+    low = rows @ first.t()
+    low_pairs = (rows @ first.bfloat16().double().t()).float().bfloat16().double()
+    in_pairs = low_pairs @ second.bfloat16().double().t()
+    bound = 2.0 ** -8 * low_pairs.abs() @ second.abs().t()
+    back = (lambda t: t.movedim(-1, 1)) if x.dim() == 4 else (lambda t: t)
+    return back(low @ second.t()), back(in_pairs), back(bound)
 
 
 def test_bf16_outputs_round_as_torch_also_for_nan_denormal_and_overflow(fused):
@@ -316,10 +346,11 @@ def test_every_released_layer_equals_its_simulated_twin_at_released_size(fused):
     assert errors[worst] <= TOL, f"{worst}: max abs error {errors[worst]:.2e}"
 
 
+PAIRS = "-DBIMACOSR_EMULATE_DOT_PAIRS"  # bf16 side branches in pairs, written out (vec.h)
 POPCOUNT_PATHS = {  # path -> (test-build flags on a CPU with AVX-512 VPOPCNTDQ, on an AVX2-only CPU)
-    "AVX-512 VPOPCNTDQ popcount": (None, "-DBIMACOSR_EMULATE_LANE_POPCOUNT"),
-    "AVX2 nibble-table popcount": ("-mno-avx512vpopcntdq", None),
-    "portable popcount": ("-mno-avx2", "-mno-avx2"),
+    "AVX-512 VPOPCNTDQ popcount": (None, f"-DBIMACOSR_EMULATE_LANE_POPCOUNT {PAIRS}"),
+    "AVX2 nibble-table popcount": (f"-mno-avx512vpopcntdq {PAIRS}", None),
+    "portable popcount": ("-mno-avx2", "-mno-avx2"),  # side branches in float32
 }
 
 
@@ -328,7 +359,9 @@ def test_every_other_popcount_path_on_a_test_build(fused):
     """A build runs one popcount path, the one the tests above cover. This runs the others, each on
     a test build of the same source: on a CPU with AVX-512 VPOPCNTDQ the AVX2 nibble table
     (``-mno-avx512vpopcntdq``) and the portable loop (``-mno-avx2``); on an AVX2 CPU the 8-lane
-    path with its popcount emulated (``-DBIMACOSR_EMULATE_LANE_POPCOUNT``) and the portable loop."""
+    path with its popcount emulated (``-DBIMACOSR_EMULATE_LANE_POPCOUNT``) and the portable loop.
+    The first of the two also multiplies bf16 side branches in written-out pairs, the second in
+    float32, so that both forms run wherever the native build has the other."""
     native = torch.ops.bimacosr.path()
     if native not in ("AVX-512 VPOPCNTDQ popcount", "AVX2 nibble-table popcount"):
         pytest.skip(f"a CPU without AVX2 ({native}) builds no other path")
@@ -349,6 +382,8 @@ def test_every_other_popcount_path_on_a_test_build(fused):
         assert result.returncode == 0, f"{flags}: " + result.stdout[-3000:] + result.stderr[-3000:]
         assert f"kernel ({name}" in output or (name.startswith("AVX-512") and "(lane popcount, emulated" in output), \
             f"{flags} did not build {name}: {output[-500:]}"
+        sides = "bf16 side branches in bf16 pairs (written out" if PAIRS in flags else "; side branches in float32;"
+        assert sides in output, f"{flags} did not build {sides}: {output[-500:]}"
         assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-500:]
         built.append(name)
     assert len(built) == 2, built

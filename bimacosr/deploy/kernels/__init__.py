@@ -2,7 +2,7 @@
 
 One extension: the layer op (``binary.cpp``) and the bound probe (``bound.cpp``, the plain
 XOR-popcount GEMM that ``rates.py`` times beside it) share the popcount micro-kernel
-(``popcount.h``) and vector helpers (``vec.h``). The C++ sources are compiled on first use with
+(``popcount.h``) and vector helpers (``vec.h``); the layer op's side branches are in ``side.h``. The C++ sources are compiled on first use with
 ``torch.utils.cpp_extension.load`` (``-O3 -march=native``; g++ and ninja needed) into ``$BIMACOSR_KERNEL_DIR`` or
 ``~/.cache/bimacosr/kernels/<tag>``, where the tag hashes the source, the torch version and this
 CPU's flags, so a build is reused by later processes and never run on a CPU it was not built for.
@@ -38,7 +38,7 @@ __all__ = ["ENV", "LANES", "available", "binary_conv", "build_dir", "op_argument
 ENV = "BIMACOSR_KERNEL"
 """``off``: never build or use the fused kernel; ``auto`` (default): build it on first use."""
 SOURCES = [Path(__file__).with_name(name) for name in ("binary.cpp", "bound.cpp")]
-HEADERS = [Path(__file__).with_name(name) for name in ("popcount.h", "vec.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("popcount.h", "side.h", "vec.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]  # -fopenmp: at::parallel_for is OpenMP in the headers
 
 _state: dict[str, object] = {}  # "ok": bool, "reason": str (why not), "folder", "passed_over", "line": the notice
@@ -146,7 +146,9 @@ def _load() -> None:
         took = time.perf_counter() - start
     if _state["ok"]:
         rebuilt = f"; not loaded: {_state['passed_over']}" if _state["passed_over"] else ""
-        line = (f"bimacosr: deploy layers run the fused 1-bit CPU kernel ({torch.ops.bimacosr.path()}; "
+        pairs = torch.ops.bimacosr.side_pairs()
+        sides = f"bf16 side branches in bf16 pairs ({pairs})" if pairs else "side branches in float32"
+        line = (f"bimacosr: deploy layers run the fused 1-bit CPU kernel ({torch.ops.bimacosr.path()}; {sides}; "
                 f"ready in {took:.1f} s, built in {_state['folder']}{rebuilt})")
     else:
         line = (f"bimacosr: fused 1-bit kernel unavailable ({_state['reason']}); deploy layers run "

@@ -17,11 +17,15 @@
 //   with P = sign bits (1 where > 0) and N = nonzero masks (1 where != 0),
 //   dot = popcount(N) - 2 * popcount((P_x ^ P_w) & N),  N = N_x & N_w.
 //   Padding taps (outside the image) contribute 0, as do pixels whose scale s = mean|x| is 0.
+//   A bf16 x with dot_pairs (AVX512-BF16): the LRMB with first_t, second_t and x @ first_t rounded
+//   to bf16 (kPairs).
 //
 // bimacosr::path() -> the popcount this build uses (AVX-512 VPOPCNTDQ, AVX2 table, portable).
+// bimacosr::side_pairs() -> how bf16 side branches multiply bf16 pairs ("AVX512-BF16", the test
+// build's "written out"), "" where they run in float32.
 //
 // The popcount paths and the micro-kernel are in popcount.h, shared with the bound probe
-// (bound.cpp); vector types and bf16 loads/stores in vec.h.
+// (bound.cpp); the side branches' tiles in side.h; vector types and bf16 loads/stores in vec.h.
 //
 // Weights come in blocks of 16 output channels, the 16 words of one block and input word
 // adjacent (wbits[t, ob, i, lane]), lanes in the order kLaneOrder so that the AVX2 path's
@@ -38,24 +42,10 @@
 #include <vector>
 
 #include "popcount.h"
+#include "side.h"
 
 namespace bimacosr {
 namespace {
-
-// One tile of rows transposed: xt[c][q] = x[q, c] for the n <= kPixels rows at x, zeros past n.
-template <class T>
-void transpose_tile(const T* x, int64_t n, int64_t c, float* xt) {
-  int64_t c0 = 0;
-  for (; c0 + 8 <= c; c0 += 8)
-    for (int64_t q0 = 0; q0 < kPixels; q0 += 8) {
-      f32x8 r[8];
-      for (int64_t i = 0; i < 8; ++i) r[i] = q0 + i < n ? load8(x + (q0 + i) * c + c0) : f32x8{};
-      transpose8(r);
-      for (int64_t j = 0; j < 8; ++j) store8(xt + (c0 + j) * kPixels + q0, r[j]);
-    }
-  for (; c0 < c; ++c0)
-    for (int64_t q = 0; q < kPixels; ++q) xt[c0 * kPixels + q] = q < n ? float(x[q * c + c0]) : 0.f;
-}
 
 // One pass over the rows of x [M, C]: sign bits, nonzero mask (both [M, Wd]), s = mean |x| and
 // the nonzero count per row.
@@ -132,75 +122,6 @@ void tap_masked(const uint64_t* xb, const uint64_t* xm, const uint64_t* wb, cons
   for (int64_t j = 0; j < kLanes; ++j) dots[kLaneOrder[j]] = valid[j] - 2 * differ[j];
 }
 
-template <class T>
-struct Side {  // the side branches, on the output pixel's own input (rank 0 / no SMB: none)
-  const T* x = nullptr;           // the layer input [M, Cin]
-  int64_t cin = 0;
-  const float* first = nullptr;   // LRMB first_t [Cin, rank8]
-  const float* second = nullptr;  // [rank8, OB*16]
-  int64_t rank = 0;               // rank8: the LRMB rank rounded up to a multiple of 8
-  const int64_t* rowptr = nullptr;  // SMB, CSR by output channel: [OB*16 + 1]
-  const int64_t* cols = nullptr;    // [n] input channels
-  const float* vals = nullptr;      // [n]
-  bool any() const { return rank > 0 || rowptr != nullptr; }
-};
-
-// pixels per pass of lowrank_tile: 8 x 2 accumulators in 32 AVX-512 registers, 8 x 1 in 16 AVX2 ones
-constexpr int64_t kLowPixels = kWidth == 16 ? 2 * kWidth : kWidth;
-
-// The LRMB's first factor on one tile: lowt [rank8, kPixels] = (x @ first_t)^T from xt [Cin, kPixels].
-void lowrank_tile(const float* xt, int64_t cin, const float* first, int64_t rank8, float* lowt) {
-  for (int64_t g = 0; g < rank8; g += 8)
-    for (int64_t h = 0; h < kPixels; h += kLowPixels) {
-      fvec acc[8][kLowPixels / kWidth] = {};
-      for (int64_t c = 0; c < cin; ++c) {
-        const float* f = first + c * rank8 + g;
-        for (int64_t i = 0; i < kLowPixels / kWidth; ++i) {
-          const fvec v = loadv(xt + c * kPixels + h + kWidth * i);
-          for (int r = 0; r < 8; ++r) acc[r][i] += f[r] * v;
-        }
-      }
-      for (int r = 0; r < 8; ++r)
-        for (int64_t i = 0; i < kLowPixels / kWidth; ++i) storev(lowt + (g + r) * kPixels + h + kWidth * i, acc[r][i]);
-    }
-}
-
-// Output lanes per pass of side_block: 8 x 2 accumulators of 16 with AVX-512 (16 of its 32 registers;
-// 4 x 2 measured 1-2 % slower over a step, kernel_ab.py), 2 x 4 of 8 otherwise.
-constexpr int64_t kSideLanes = kWidth == 16 ? 8 : 2;
-
-// Both side branches of one weight block on one tile, computed per output lane over the tile's
-// pixels (one FMA per LRMB rank / SMB nonzero for 8 pixels) from xt [Cin, kPixels] and lowt
-// [rank8, kPixels], then transposed: out [kPixels, 16]. `lanes` is scratch [16, kPixels].
-template <class T>
-void side_block(const Side<T>& sd, const float* xt, const float* lowt, int64_t width, int64_t o0,
-                float* lanes, float* out) {
-  constexpr int64_t kVecs = kPixels / kWidth;
-  for (int64_t j0 = 0; j0 < kLanes; j0 += kSideLanes) {
-    fvec a[kSideLanes][kVecs] = {};  // independent FMA chains: the rank loop is not latency bound
-    for (int64_t r = 0; r < sd.rank; ++r)
-      for (int64_t i = 0; i < kVecs; ++i) {
-        const fvec v = loadv(lowt + r * kPixels + kWidth * i);
-        for (int64_t jj = 0; jj < kSideLanes; ++jj) a[jj][i] += sd.second[r * width + o0 + j0 + jj] * v;
-      }
-    if (sd.rowptr != nullptr)
-      for (int64_t jj = 0; jj < kSideLanes; ++jj)
-        for (int64_t u = sd.rowptr[o0 + j0 + jj]; u < sd.rowptr[o0 + j0 + jj + 1]; ++u) {
-          const float* col = xt + sd.cols[u] * kPixels;
-          for (int64_t i = 0; i < kVecs; ++i) a[jj][i] += sd.vals[u] * loadv(col + kWidth * i);
-        }
-    for (int64_t jj = 0; jj < kSideLanes; ++jj)
-      for (int64_t i = 0; i < kVecs; ++i) storev(lanes + (j0 + jj) * kPixels + kWidth * i, a[jj][i]);
-  }
-  for (int64_t j0 = 0; j0 < kLanes; j0 += 8)
-    for (int64_t q0 = 0; q0 < kPixels; q0 += 8) {
-      f32x8 r[8];
-      for (int64_t i = 0; i < 8; ++i) r[i] = load8(lanes + (j0 + i) * kPixels + q0);
-      transpose8(r);
-      for (int64_t i = 0; i < 8; ++i) store8(out + (q0 + i) * kLanes + j0, r[i]);
-    }
-}
-
 struct Epilogue {  // per output channel, padded to OB*16
   std::vector<float> alpha, shift, slope, beta1;
   bool rprelu;
@@ -274,7 +195,7 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
   at::parallel_for(0, chunks * groups, 1, [&](int64_t begin, int64_t end) {
     const Problem p = pr;  // locals: no reloads through the captured reference
     const Side<T> sd = side;
-    std::vector<float> tile(sd.any() ? sd.cin * kPixels : 0), lowt(sd.rank * kPixels);  // x^T, low^T
+    std::vector<TileElem<T>> tile(sd.any() ? sd.cin * kPixels : 0), lowt(sd.rank * kPixels);  // x^T, low^T
     const std::vector<uint64_t> zero_row(words, 0), ones_row(words, ~uint64_t(0));  // a row adding 0; no mask
     alignas(64) int32_t dots[kLanes];
     alignas(64) T tail[kLanes];
@@ -286,7 +207,12 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = (task / groups) * kPixels, n = std::min(kPixels, pixels - m0);
       const int64_t b0 = (task % groups) * group, b1 = std::min(blocks, b0 + group);
-      if (sd.any()) transpose_tile(sd.x + m0 * sd.cin, n, sd.cin, tile.data());
+      if (sd.any()) {
+        if constexpr (kPairs<T>)
+          transpose_pairs(sd.x + m0 * sd.cin, n, sd.cin, tile.data());
+        else
+          transpose_tile(sd.x + m0 * sd.cin, n, sd.cin, tile.data());
+      }
       if (sd.rank) lowrank_tile(tile.data(), sd.cin, sd.first, sd.rank, lowt.data());
       const int32_t* src = sources.data() + m0 * taps;
       if (!kWeightZeros)  // the rows of each (pixel group, tap), the same for every weight block
@@ -435,9 +361,15 @@ at::Tensor binary_conv(const at::Tensor& x, const at::Tensor& wbits, const at::T
     Side<T> side;
     side.x = xp;
     side.cin = c;
+    std::vector<uint32_t> first2, second2;  // the factors as bf16 pairs (kPairs)
     if (rank) {
-      side.first = first_t.data_ptr<float>();
-      side.second = second_t.data_ptr<float>();
+      if constexpr (kPairs<T>) {
+        first2 = row_pairs(first_t.data_ptr<float>(), c, rank);
+        second2 = row_pairs(second_t.data_ptr<float>(), rank, blocks * kLanes);
+        side.first = first2.data(), side.second = second2.data();
+      } else {
+        side.first = first_t.data_ptr<float>(), side.second = second_t.data_ptr<float>();
+      }
       side.rank = rank;
     }
     if (has_smb) {
@@ -456,11 +388,14 @@ at::Tensor binary_conv(const at::Tensor& x, const at::Tensor& wbits, const at::T
 
 std::string path() { return kPath; }
 
+std::string side_pairs() { return kDotPairs; }
+
 }  // namespace
 }  // namespace bimacosr
 
 TORCH_LIBRARY(bimacosr, m) {
   m.def("path() -> str", &bimacosr::path);  // which popcount this build uses
+  m.def("side_pairs() -> str", &bimacosr::side_pairs);  // how bf16 side branches multiply pairs ("": float32)
   m.def("binary_conv(Tensor x, Tensor wbits, Tensor wmask, int cout, Tensor alpha, Tensor shift, "
         "Tensor slope, Tensor beta1, Tensor first_t, Tensor second_t, Tensor smb_rowptr, "
         "Tensor smb_cols, Tensor smb_vals, int k, int stride, int padding) -> Tensor");

@@ -80,6 +80,70 @@ inline fvec loadv(const float* p) {
 
 inline void storev(float* p, fvec v) { std::memcpy(p, &v, sizeof v); }
 
+typedef uint32_t uvec __attribute__((vector_size(kWidth * 4)));  // fvec's width in 32-bit words
+
+inline uvec loaduv(const uint32_t* p) {
+  uvec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void storeuv(uint32_t* p, uvec v) { std::memcpy(p, &v, sizeof v); }
+
+// bf16 pairs: 32-bit words holding two bf16 values, the even-indexed one (a channel of an NHWC bf16
+// row, a rank of the LRMB) in the low half: docs/kernel.md §4.
+inline fvec low_bf16(uvec w) {
+  w <<= 16;
+  fvec v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+
+inline fvec high_bf16(uvec w) {
+  w &= 0xFFFF0000u;
+  fvec v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+
+// Rounded to bf16 pairs as store8 rounds (to nearest even, NaN as 0xFFFF): low half from lo, high from hi.
+inline uvec bf16_pairs(fvec lo, fvec hi) {
+  auto round = [](fvec v) {
+    uvec u;
+    std::memcpy(&u, &v, sizeof u);
+    const uvec nan = (uvec)(v != v);
+    return (((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) & ~nan) | (0xFFFFu & nan);
+  };
+  return round(lo) | (round(hi) << 16);
+}
+
+// acc + a.high * b.high + a.low * b.low in every lane, b the same pair in all: with AVX512-BF16 one
+// vdpbf16ps (32 products); otherwise written out, for a test build (BIMACOSR_EMULATE_DOT_PAIRS)
+// on other CPUs. Both round after each product's addition; the instruction also treats denormal
+// inputs as 0 and flushes denormal results, which the written-out form does not.
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && !defined(BIMACOSR_EMULATE_DOT_PAIRS)
+constexpr const char* kDotPairs = "AVX512-BF16";
+constexpr bool kHasDotPairs = true;
+inline fvec dot_pairs(fvec acc, uvec a, uint32_t b) {
+  return (fvec)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)_mm512_set1_epi32(int(b)));
+}
+#else
+#ifdef BIMACOSR_EMULATE_DOT_PAIRS
+constexpr const char* kDotPairs = "written out (test build)";
+constexpr bool kHasDotPairs = true;
+#else
+constexpr const char* kDotPairs = "";  // none: bf16 layers' side branches in float32
+constexpr bool kHasDotPairs = false;
+#endif
+inline fvec dot_pairs(fvec acc, uvec a, uint32_t b) {
+  float bl, bh;
+  const uint32_t low = b << 16, high = b & 0xFFFF0000u;
+  std::memcpy(&bl, &low, sizeof bl);
+  std::memcpy(&bh, &high, sizeof bh);
+  return (acc + high_bf16(a) * bh) + low_bf16(a) * bl;
+}
+#endif
+
 // Transpose of 8 rows of 8 floats in registers (unpack, 2x2 blocks, 128-bit halves).
 inline void transpose8(f32x8 r[8]) {
   f32x8 t[8], u[8];
