@@ -73,12 +73,13 @@ inline void xor_popcount(const uint64_t* const* x, const uint64_t* const* m, con
                          i32x8 (*differ)[2]) {
   u64x8 sum[R][2] = {};  // 64-bit lane counts, lanes in kLaneOrder
   for (int64_t i = 0; i < words; ++i) {
-    u64x8 w[2];
-    std::memcpy(w, wb + i * kLanes, sizeof w);
+    u64x8 w0, w1;  // two variables, not an array: GCC kept an array's copy on the stack
+    std::memcpy(&w0, wb + i * kLanes, sizeof w0);
+    std::memcpy(&w1, wb + i * kLanes + 8, sizeof w1);
     for (int r = 0; r < R; ++r) {
       const uint64_t xv = x[r][i], mv = kMasked ? m[r][i] : ~uint64_t(0);
-      sum[r][0] += popcount_lanes(kMasked ? (w[0] ^ xv) & mv : w[0] ^ xv);
-      sum[r][1] += popcount_lanes(kMasked ? (w[1] ^ xv) & mv : w[1] ^ xv);
+      sum[r][0] += popcount_lanes(kMasked ? (w0 ^ xv) & mv : w0 ^ xv);
+      sum[r][1] += popcount_lanes(kMasked ? (w1 ^ xv) & mv : w1 ^ xv);
     }
   }
   // the low 32 bits of the counts in natural output order: lanes 0, 4, 1, 5, 2, 6, 3, 7 (+ 8)
