@@ -198,7 +198,7 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
     std::vector<TileElem<T>> tile(sd.any() ? sd.cin * kPixels : 0), lowt(sd.rank * kPixels);  // x^T, low^T
     const std::vector<uint64_t> zero_row(words, 0), ones_row(words, ~uint64_t(0));  // a row adding 0; no mask
     alignas(64) int32_t dots[kLanes];
-    alignas(64) T tail[kLanes];
+    alignas(64) T tail[kRows][kLanes];  // the last block's outputs
     alignas(64) float lanes[kLanes * kPixels];  // side_block's scratch
     alignas(64) float side_out[kPixels * kLanes];  // the side branches of one block [pixel, lane]
     std::vector<TapRows> tap_rows(kPixels / kRows * taps);
@@ -229,8 +229,9 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
         if (sd.any())
           side_block(sd, tile.data(), lowt.data(), blocks * kLanes, o0, lanes, side_out);
         for (int64_t q0 = 0; q0 < n; q0 += kRows) {
-          f32x8 acc[kRows][2];  // outputs 0..7 and 8..15 of each pixel
-          for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = kWeightZeros ? zero : zero + s_valid[q0 + r];
+          flanes acc[kRows][kHalves];  // the 16 outputs of each pixel (popcount.h)
+          for (int r = 0; r < kRows; ++r)
+            for (int h = 0; h < kHalves; ++h) acc[r][h] = flanes{} + (kWeightZeros ? 0.f : s_valid[q0 + r]);
           for (int64_t t = 0; t < taps; ++t) {
             const uint64_t* wb = p.wbits + t * tap_stride + blk * words * kLanes;
             if (kWeightZeros) {  // per pixel, each with its own mask and the weights' (tap_masked)
@@ -239,43 +240,43 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
                 const int64_t row = src[(q0 + r) * taps + t];
                 if (row < 0) continue;
                 tap_masked(p.xbits + row * words, p.xmask + row * words, wb, wm, words, dots);
-                i32x8 d[2];
+                ilanes d[kHalves];
                 std::memcpy(d, dots, sizeof d);
-                for (int h = 0; h < 2; ++h) acc[r][h] += p.scale[row] * __builtin_convertvector(d[h], f32x8);
+                for (int h = 0; h < kHalves; ++h) acc[r][h] += p.scale[row] * __builtin_convertvector(d[h], flanes);
               }
               continue;
             }
             const TapRows& rs = tap_rows[q0 / kRows * taps + t];
             if (!rs.any) continue;
-            i32x8 differ[kRows][2];
+            ilanes differ[kRows][kHalves];
             if (rs.masked)
               xor_popcount<kRows, true>(rs.x, rs.xm, wb, words, differ);
             else
               xor_popcount<kRows>(rs.x, rs.xm, wb, words, differ);
             for (int r = 0; r < kRows; ++r)
-              for (int h = 0; h < 2; ++h)
-                acc[r][h] += rs.m2s[r] * __builtin_convertvector(differ[r][h], f32x8);
+              for (int h = 0; h < kHalves; ++h)
+                acc[r][h] += rs.m2s[r] * __builtin_convertvector(differ[r][h], flanes);
           }
-          for (int64_t r = 0; r < kRows && q0 + r < n; ++r) {
+#pragma GCC unroll 8  // constant indices into acc, which then stays in registers over the taps
+          for (int r = 0; r < kRows; ++r) {
+            if (q0 + r >= n) break;
             f32x8 v[2];
+            std::memcpy(v, acc[r], sizeof v);  // as two 8-lane halves
             for (int h = 0; h < 2; ++h) {
               const int64_t o = o0 + 8 * h;
-              v[h] = acc[r][h] * load8(ep.alpha.data() + o) + load8(ep.shift.data() + o);
+              v[h] = v[h] * load8(ep.alpha.data() + o) + load8(ep.shift.data() + o);
               if (ep.rprelu)  // PReLU then beta1, branch-free: max(v, 0) + slope * min(v, 0)
                 v[h] = (v[h] > zero ? v[h] : zero) + load8(ep.slope.data() + o) * (v[h] < zero ? v[h] : zero) +
                        load8(ep.beta1.data() + o);
               if (sd.any()) v[h] += load8(side_out + (q0 + r) * kLanes + 8 * h);
             }
-            T* y = out + (m0 + q0 + r) * p.cout + o0;
-            if (p.cout - o0 >= kLanes) {
-              store8(y, v[0]);
-              store8(y + 8, v[1]);
-            } else {  // the last block's outputs, rounded as the others, through a whole block
-              store8(tail, v[0]);
-              store8(tail + 8, v[1]);
-              std::memcpy(y, tail, (p.cout - o0) * sizeof(T));
-            }
+            T* y = p.cout - o0 >= kLanes ? out + (m0 + q0 + r) * p.cout + o0 : tail[r];
+            store8(y, v[0]);
+            store8(y + 8, v[1]);
           }
+          if (p.cout - o0 < kLanes)  // the last block's outputs, rounded as the others; after the rows,
+            for (int64_t r = 0; r < kRows && q0 + r < n; ++r)  // so that no call holds `acc` in memory
+              std::memcpy(out + (m0 + q0 + r) * p.cout + o0, tail[r], (p.cout - o0) * sizeof(T));
         }
       }
     }

@@ -38,7 +38,7 @@ at::Tensor xor_popcount_op(const at::Tensor& a, const at::Tensor& b) {
         for (int64_t q0 = 0; q0 < n; q0 += kRows) {
           const uint64_t* x[kRows];
           for (int r = 0; r < kRows; ++r) x[r] = q0 + r < n ? ap + (m0 + q0 + r) * words : zero_row.data();
-          i32x8 differ[kRows][2];
+          ilanes differ[kRows][kHalves];
           xor_popcount<kRows>(x, nullptr, bp + blk * words * kLanes, words, differ);
           for (int r = 0; r < kRows && q0 + r < n; ++r)
             std::memcpy(op + (m0 + q0 + r) * blocks * kLanes + blk * kLanes, differ[r], sizeof differ[r]);

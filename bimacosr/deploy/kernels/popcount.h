@@ -4,9 +4,10 @@
 // xor_popcount<R, kMasked>(x, m, wb, words, differ): for R input rows x[r] (`words` 64-bit words
 // each) and one weight block wb [words, 16] (the 16 words of one input word adjacent, lanes in
 // kLaneOrder),
-//   differ[r][o / 8][o % 8] = sum_i popcount((x[r][i] ^ wb[i, lane of output o]) & m[r][i]),
-// o = 0..15 in natural order as two 8-lane halves (native on AVX2 and AVX-512 alike: 16-lane
-// vectors would be split element by element without AVX-512), the mask m (rows like x) applied
+//   differ[r][o / kOut][o % kOut] = sum_i popcount((x[r][i] ^ wb[i, lane of output o]) & m[r][i]),
+// o = 0..15 in natural order in kHalves vectors of kOut lanes (ilanes): one 16-lane vector on the
+// lane-popcount path (AVX-512 registers), two 8-lane halves otherwise (16-lane vectors would be
+// split element by element without AVX-512), the mask m (rows like x) applied
 // only when kMasked (one more bitwise op per vector; with AVX-512 the XOR and AND are one
 // vpternlogq).
 // One of three paths, chosen by the compiler flags (-march=native): AVX-512 VPOPCNTDQ on 8-lane
@@ -68,9 +69,20 @@ constexpr const char* kPath = "portable popcount";
 constexpr int kRows = BIMACOSR_ROWS;  // input rows per micro-kernel call
 
 #if defined(BIMACOSR_LANE_POPCOUNT)
+constexpr int kHalves = 1;
+typedef i32x16 ilanes;
+typedef f32x16 flanes;
+#else
+constexpr int kHalves = 2;
+typedef i32x8 ilanes;
+typedef f32x8 flanes;
+#endif
+constexpr int kOut = kLanes / kHalves;  // outputs per ilanes / flanes vector
+
+#if defined(BIMACOSR_LANE_POPCOUNT)
 template <int R, bool kMasked = false>
 inline void xor_popcount(const uint64_t* const* x, const uint64_t* const* m, const uint64_t* wb, int64_t words,
-                         i32x8 (*differ)[2]) {
+                         ilanes (*differ)[kHalves]) {
   u64x8 sum[R][2] = {};  // 64-bit lane counts, lanes in kLaneOrder
   for (int64_t i = 0; i < words; ++i) {
     u64x8 w0, w1;  // two variables, not an array: GCC kept an array's copy on the stack
@@ -82,10 +94,10 @@ inline void xor_popcount(const uint64_t* const* x, const uint64_t* const* m, con
       sum[r][1] += popcount_lanes(kMasked ? (w1 ^ xv) & mv : w1 ^ xv);
     }
   }
-  // the low 32 bits of the counts in natural output order: lanes 0, 4, 1, 5, 2, 6, 3, 7 (+ 8)
+  // the low 32 bits of the counts in natural output order: lanes 0, 4, 1, 5, 2, 6, 3, 7 of each
   for (int r = 0; r < R; ++r)
-    for (int h = 0; h < 2; ++h)
-      differ[r][h] = __builtin_shufflevector((i32x16)sum[r][h], (i32x16)sum[r][h], 0, 8, 2, 10, 4, 12, 6, 14);
+    differ[r][0] = __builtin_shufflevector((i32x16)sum[r][0], (i32x16)sum[r][1], 0, 8, 2, 10, 4, 12, 6, 14, 16, 24,
+                                           18, 26, 20, 28, 22, 30);
 }
 #elif defined(__AVX2__)
 // Byte-wise popcount of v (4-bit table lookups).
@@ -99,7 +111,7 @@ inline __m256i popcount_bytes(__m256i v) {
 
 template <int R, bool kMasked = false>
 inline void xor_popcount(const uint64_t* const* x, const uint64_t* const* m, const uint64_t* wb, int64_t words,
-                         i32x8 (*differ)[2]) {
+                         ilanes (*differ)[kHalves]) {
   const __m256i zero = _mm256_setzero_si256();
   __m256i sum[R][4];  // 64-bit lane counts, lanes in kLaneOrder
   for (int r = 0; r < R; ++r)
@@ -132,7 +144,7 @@ inline void xor_popcount(const uint64_t* const* x, const uint64_t* const* m, con
 #else
 template <int R, bool kMasked = false>
 inline void xor_popcount(const uint64_t* const* x, const uint64_t* const* m, const uint64_t* wb, int64_t words,
-                         i32x8 (*differ)[2]) {
+                         ilanes (*differ)[kHalves]) {
   for (int r = 0; r < R; ++r) {
     int32_t counts[kLanes] = {};
     for (int64_t i = 0; i < words; ++i)
