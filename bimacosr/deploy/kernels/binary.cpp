@@ -203,7 +203,7 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
     alignas(64) float side_out[kPixels * kLanes];  // the side branches of one block [pixel, lane]
     std::vector<TapRows> tap_rows(kPixels / kRows * taps);
     alignas(64) float s_valid[kPixels];  // sum_t s_t * valid_t of each pixel (TapRows)
-    const f32x8 zero = {};
+    const flanes zero = {};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = (task / groups) * kPixels, n = std::min(kPixels, pixels - m0);
       const int64_t b0 = (task % groups) * group, b1 = std::min(blocks, b0 + group);
@@ -260,19 +260,16 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
 #pragma GCC unroll 8  // constant indices into acc, which then stays in registers over the taps
           for (int r = 0; r < kRows; ++r) {
             if (q0 + r >= n) break;
-            f32x8 v[2];
-            std::memcpy(v, acc[r], sizeof v);  // as two 8-lane halves
-            for (int h = 0; h < 2; ++h) {
-              const int64_t o = o0 + 8 * h;
-              v[h] = v[h] * load8(ep.alpha.data() + o) + load8(ep.shift.data() + o);
-              if (ep.rprelu)  // PReLU then beta1, branch-free: max(v, 0) + slope * min(v, 0)
-                v[h] = (v[h] > zero ? v[h] : zero) + load8(ep.slope.data() + o) * (v[h] < zero ? v[h] : zero) +
-                       load8(ep.beta1.data() + o);
-              if (sd.any()) v[h] += load8(side_out + (q0 + r) * kLanes + 8 * h);
-            }
             T* y = p.cout - o0 >= kLanes ? out + (m0 + q0 + r) * p.cout + o0 : tail[r];
-            store8(y, v[0]);
-            store8(y + 8, v[1]);
+            for (int h = 0; h < kHalves; ++h) {
+              const int64_t o = o0 + kOut * h;
+              flanes v = acc[r][h] * load_lanes<flanes>(ep.alpha.data() + o) + load_lanes<flanes>(ep.shift.data() + o);
+              if (ep.rprelu)  // PReLU then beta1, branch-free: max(v, 0) + slope * min(v, 0)
+                v = (v > zero ? v : zero) + load_lanes<flanes>(ep.slope.data() + o) * (v < zero ? v : zero) +
+                    load_lanes<flanes>(ep.beta1.data() + o);
+              if (sd.any()) v += load_lanes<flanes>(side_out + (q0 + r) * kLanes + kOut * h);
+              store_lanes(y + kOut * h, v);
+            }
           }
           if (p.cout - o0 < kLanes)  // the last block's outputs, rounded as the others; after the rows,
             for (int64_t r = 0; r < kRows && q0 + r < n; ++r)  // so that no call holds `acc` in memory

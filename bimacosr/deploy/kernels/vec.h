@@ -63,6 +63,37 @@ inline void store8(bf16* p, f32x8 v) {
   std::memcpy(p, &h, sizeof h);
 }
 
+// 16 values at once, the lane-popcount path's output vector (popcount.h): bf16 rounded as store8
+// rounds, by one vcvtneps2bf16 with AVX512-BF16, otherwise as two halves.
+inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+
+inline void store16(bf16* p, f32x16 v) {
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+  if (__builtin_expect(_mm512_fpclass_ps_mask((__m512)v, 0x01 | 0x20 | 0x80) == 0, 1)) {  // QNaN, denormal, SNaN
+    const __m256bh h = _mm512_cvtneps_pbh((__m512)v);
+    std::memcpy(p, &h, sizeof h);
+    return;
+  }
+#endif
+  f32x8 halves[2];
+  std::memcpy(halves, &v, sizeof v);
+  store8(p, halves[0]);
+  store8(p + 8, halves[1]);
+}
+
+template <class T>
+inline void store_lanes(T* p, f32x8 v) { store8(p, v); }
+
+template <class T>
+inline void store_lanes(T* p, f32x16 v) { store16(p, v); }
+
+template <class V>  // any float vector type
+inline V load_lanes(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
 // The widest float vector of this build: 16 lanes with AVX-512, 8 otherwise.
 #ifdef __AVX512F__
 constexpr int64_t kWidth = 16;
