@@ -12,6 +12,7 @@
 #include "popcount.h"
 
 namespace bimacosr {
+namespace {  // internal linkage, as binary.cpp's own functions: GCC inlines and specializes them alike
 
 // One tile of rows transposed: xt[c][q] = x[q, c] for the n <= kPixels rows at x, zeros past n.
 template <class T>
@@ -162,4 +163,5 @@ std::vector<uint32_t> row_pairs(const float* m, int64_t rows, int64_t cols) {
   return out;
 }
 
+}  // namespace
 }  // namespace bimacosr
