@@ -225,8 +225,8 @@ class Trainer:
                 path = self.save()
                 if self.env.main:
                     tqdm.write(f"checkpoint saved: {path}", file=sys.stderr)
-            if isinstance(exc, (TrainingDataError, PeerFailed)):
-                exc.args = (f"{exc}, then {self._how_to_continue()}",)
+            if isinstance(exc, (TrainingDataError, PeerFailed)):  # the same error, with what to do next
+                raise type(exc)(f"{exc}, then {self._how_to_continue()}") from exc
             raise
 
     def _how_to_continue(self) -> str:
