@@ -68,22 +68,26 @@ def _fingerprint(library: Path) -> dict[str, object]:
     return dict(zip(("size", "sha256"), file_digest(library)))
 
 
-def _damage(folder: Path) -> str | None:
-    """Why the build in ``folder`` must not be loaded: its library is not what the build recorded
-    (truncated, overwritten, gone). None when it matches, or when there is no record yet (never
-    built, or built before records were kept: cpp_extension's up-to-date check decides)."""
+def _inspect(folder: Path) -> tuple[bool, str | None]:
+    """``(recorded, damage)`` of the build in ``folder``: whether it has a record, and why it must
+    not be loaded: its library is not what the build recorded (truncated, overwritten, gone). The
+    damage is None when the library matches, or when there is no record yet (never built, or built
+    before records were kept: cpp_extension's up-to-date check decides)."""
     library = _library(folder)
-    if not _record(library).exists():
-        return None
     try:
         recorded = json.loads(_record(library).read_text())
-        found = _fingerprint(library)
+    except FileNotFoundError:
+        return False, None
     except (OSError, ValueError) as err:
-        return f"{library}: {err}"
+        return True, f"{_record(library)}: {err}"
+    try:
+        found = _fingerprint(library)
+    except OSError as err:
+        return True, f"{library}: {err}"
     if found == recorded:
-        return None
+        return True, None
     what = "size" if found["size"] != recorded.get("size") else "sha256"
-    return f"{library} has {what} {found[what]}, its build recorded {recorded.get(what)}"
+    return True, f"{library} has {what} {found[what]}, its build recorded {recorded.get(what)}"
 
 
 def _compile(folder: Path) -> None:
@@ -112,18 +116,19 @@ def _folders(first: Path) -> Iterator[Path]:
 
 def _build() -> tuple[Path, str]:
     """Load the library of the first folder of :func:`_folders` whose build is not damaged
-    (:func:`_damage`): as it is when it matches its record (no lock, nothing written: a read-only
+    (:func:`_inspect`): as it is when it matches its record (no lock, nothing written: a read-only
     cache works), else through :func:`_compile`; a damaged one is passed over, never loaded.
     Registers ``torch.ops.bimacosr.binary_conv``; returns the folder and why earlier builds were
     passed over."""
     folders, passed_over = _folders(build_dir()), []
     folder = next(folders)
-    while (problem := _damage(folder)) is not None:
-        passed_over.append(problem)
+    recorded, damage = _inspect(folder)
+    while damage is not None:
+        passed_over.append(damage)
         folder = next(folders)
-    library = _library(folder)
-    if _record(library).exists():  # and the library matches it
-        torch.ops.load_library(str(library))
+        recorded, damage = _inspect(folder)
+    if recorded:  # and the library matches the record
+        torch.ops.load_library(str(_library(folder)))
     else:
         _compile(folder)
     return folder, "; ".join(passed_over)
