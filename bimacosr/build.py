@@ -34,7 +34,7 @@ from bimacosr.weights import MissingWeightsError, resolve_weight, resolve_weight
 
 __all__ = ["INFERENCE_KEYS", "Precision", "PRECISIONS", "InferenceFiles", "build_autoencoder",
            "build_denoiser_from_config", "build_inference_denoiser", "build_pipeline", "build_schedule",
-           "build_student", "build_teacher", "export_checkpoint", "freeze", "inference_files", "native_bf16",
+           "build_student", "build_teacher", "deployable_denoiser", "export_checkpoint", "freeze", "inference_files", "native_bf16",
            "resolve_precision"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -228,10 +228,12 @@ def build_pipeline(cfg: DictConfig, files: InferenceFiles, device: torch.device,
     return SRPipeline(denoiser, vq, schedule, sampler=sampler, sf=schedule.sf, autocast=prec.autocast)
 
 
-def export_checkpoint(ckpt: str | os.PathLike, config: str | os.PathLike | DictConfig, out: str | os.PathLike,
-                      *, fp16: bool = False) -> ExportInfo:
-    """Write the deploy file ``out`` of a BiMaCo checkpoint trained with ``config`` (a YAML path or
-    a loaded config): strict load into the meta skeleton, then :func:`bimacosr.deploy.export_deploy`."""
+def deployable_denoiser(ckpt: str | os.PathLike,
+                        config: str | os.PathLike | DictConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The simulated BiMaCo denoiser of a checkpoint trained with ``config`` (a YAML path or a loaded
+    config; strict load into the meta skeleton) and its ``model.params``: what
+    :func:`bimacosr.deploy.export_deploy` packs, and what ``export_deploy.py --check`` compares the
+    file with."""
     cfg = config if isinstance(config, DictConfig) else load_config(config)
     require(cfg, "model.params", source=f"config {config}")
     params = to_plain(cfg.model.params)
@@ -239,7 +241,14 @@ def export_checkpoint(ckpt: str | os.PathLike, config: str | os.PathLike | DictC
         raise ConfigError(f"{config}: model.params has no binarization keys; only BiMaCo denoisers can be "
                           f"deployed (use e.g. configs/BiMaCoSR.yaml)")
     path = resolve_weight(ckpt, what="BiMaCo checkpoint (--ckpt)")
-    model = build_inference_denoiser(cfg, InferenceFiles(autoencoder=None, ckpt=path))
+    return build_inference_denoiser(cfg, InferenceFiles(autoencoder=None, ckpt=path)), params
+
+
+def export_checkpoint(ckpt: str | os.PathLike, config: str | os.PathLike | DictConfig, out: str | os.PathLike,
+                      *, fp16: bool = False) -> ExportInfo:
+    """Write the deploy file ``out`` of a BiMaCo checkpoint trained with ``config``
+    (:func:`deployable_denoiser`, then :func:`bimacosr.deploy.export_deploy`)."""
+    model, params = deployable_denoiser(ckpt, config)
     return export_deploy(model, params, out, fp16=fp16)
 
 

@@ -17,20 +17,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bimacosr.build import InferenceFiles, build_inference_denoiser, export_checkpoint
+from bimacosr.build import deployable_denoiser
 from bimacosr.checkpoint import CheckpointError
 from bimacosr.cli import argument_parser
-from bimacosr.config import DEFAULT_CONFIG, ConfigError, load_config
-from bimacosr.deploy import DeployFileError, ExportInfo, load_deploy
-from bimacosr.deploy.check import ExportCheck, check_export
-from bimacosr.weights import MissingWeightsError, resolve_weight
-
-
-def check(ckpt: Path, config: Path, info: ExportInfo) -> ExportCheck:
-    """The written file against the simulated model of the checkpoint (:func:`check_export`)."""
-    files = InferenceFiles(None, ckpt=resolve_weight(ckpt, what="BiMaCo checkpoint (--ckpt)"))
-    simulated = build_inference_denoiser(load_config(config), files)
-    return check_export(simulated, load_deploy(info.path), info.side_dtype)
+from bimacosr.config import DEFAULT_CONFIG, ConfigError
+from bimacosr.deploy import DeployFileError, export_deploy, load_deploy
+from bimacosr.deploy.check import check_export
+from bimacosr.weights import MissingWeightsError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,10 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     try:
-        info = export_checkpoint(args.ckpt, args.config, args.out, fp16=args.fp16)
+        simulated, params = deployable_denoiser(args.ckpt, args.config)
+        info = export_deploy(simulated, params, args.out, fp16=args.fp16)
         print(info.line())
-        if args.check:
-            result = check(args.ckpt, args.config, info)
+        if args.check:  # the written file against the simulated model it came from
+            result = check_export(simulated, load_deploy(info.path), info.side_dtype)
             print(result.line())
             if not result.passed:
                 return 1
