@@ -34,8 +34,8 @@ from bimacosr.weights import MissingWeightsError, resolve_weight, resolve_weight
 
 __all__ = ["INFERENCE_KEYS", "Precision", "PRECISIONS", "InferenceFiles", "build_autoencoder",
            "build_denoiser_from_config", "build_inference_denoiser", "build_pipeline", "build_schedule",
-           "build_student", "build_teacher", "deployable_denoiser", "export_checkpoint", "freeze", "inference_files", "native_bf16",
-           "resolve_precision"]
+           "build_student", "build_teacher", "deployable_denoiser", "export_checkpoint", "freeze",
+           "inference_files", "native_bf16", "resolve_precision"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INFERENCE_KEYS = ("model.params", "diffusion.params", "autoencoder.params", "autoencoder.ckpt_path")

@@ -38,13 +38,13 @@ KINDS = ("3x3", "1x1", "1 pixel")
 
 def sources(spec: str) -> dict[str, str]:
     """The kernel's files from a folder, or from a git revision of this repository: those of
-    ``FILES`` it has (revisions before 2026-12-05 have no ``side.h``)."""
+    ``FILES`` it has (revisions before 61fa625 have no ``side.h``)."""
     folder = Path(spec)
     if folder.is_dir():
         texts = {name: (folder / name).read_text() for name in FILES if (folder / name).is_file()}
     else:
         shown = {name: subprocess.run(["git", "show", f"{spec}:bimacosr/deploy/kernels/{name}"], cwd=REPO,
-                                      capture_output=True, text=True) for name in FILES}
+                                      capture_output=True, text=True, check=False) for name in FILES}
         texts = {name: run.stdout for name, run in shown.items() if run.returncode == 0}
     if "binary.cpp" not in texts:
         raise SystemExit(f"kernel_ab: no binary.cpp in {spec} (a kernel folder or a git revision)")

@@ -180,7 +180,8 @@ class _DeployBinary(nn.Module):
     def _kernel_io(self, x: Tensor) -> bool:
         """Whether a bf16 ``x`` goes to the fused kernel as is: it then reads bf16 and writes
         bf16 rounded as ``.to(torch.bfloat16)`` would, the same values as converting around a
-        float32 call, without the two conversion passes. Needs the side branches in the kernel."""
+        float32 call (except the low-rank branch in bf16 pairs with AVX512-BF16: docs/kernel.md
+        §4), without the two conversion passes. Needs the side branches in the kernel."""
         return x.dtype == torch.bfloat16 and self._side_in_kernel()
 
     def _weight_bits(self, taps: Tensor) -> tuple[Tensor, Tensor]:

@@ -132,9 +132,8 @@ def test_export_script(smoke, tmp_path, capsys, monkeypatch):
     spec.loader.exec_module(script)
     ckpt, config, out = smoke[2], SMOKE_CONFIG, tmp_path / "cli.safetensors"
     args = ["--ckpt", str(ckpt), "--config", str(config), "--out", str(out), "--check"]
-    import bimacosr.build
-    reads, read = [], bimacosr.build.read_state_dict
-    monkeypatch.setattr(bimacosr.build, "read_state_dict", lambda *a, **k: reads.append(a) or read(*a, **k))
+    reads, read = [], build.read_state_dict
+    monkeypatch.setattr(build, "read_state_dict", lambda *a, **k: reads.append(a) or read(*a, **k))
     assert script.main(args) == 0
     assert len(reads) == 1  # the checkpoint is read once: --check compares with the model it exported
     monkeypatch.undo()

@@ -141,6 +141,7 @@ def test_fused_linear_with_every_bit_differing(fused):
     (lambda: BiMaCoConv2d.from_float(nn.Conv2d(160, 33, 3, 1, 1)), (2, 160, 5, 7)),  # partial block
     (lambda: BiMaCoConv2d.from_float(nn.Conv2d(64, 64, 3, 2, 1)), (1, 64, 6, 4)),    # shortcut layer
     (lambda: BiMaCoLinear.from_float(nn.Linear(70, 40)), (3, 4, 70)),
+    (lambda: BiMaCoLinear.from_float(nn.Linear(71, 40)), (3, 4, 71)),  # odd Cin: a last pair half empty
 ])
 def test_fused_layer_reads_and_writes_bf16_as_the_float_route_would(fused, make, shape):
     """A bf16 input goes to the kernel as is: the same bf16 values as float32 in, rounded out. Where
@@ -349,7 +350,7 @@ def test_every_released_layer_equals_its_simulated_twin_at_released_size(fused):
 PAIRS = "-DBIMACOSR_EMULATE_DOT_PAIRS"  # bf16 side branches in pairs, written out (vec.h)
 POPCOUNT_PATHS = {  # path -> (test-build flags on a CPU with AVX-512 VPOPCNTDQ, on an AVX2-only CPU)
     "AVX-512 VPOPCNTDQ popcount": (None, f"-DBIMACOSR_EMULATE_LANE_POPCOUNT {PAIRS}"),
-    "AVX2 nibble-table popcount": (f"-mno-avx512vpopcntdq {PAIRS}", None),
+    "AVX2 nibble-table popcount": (f"-mno-avx512f {PAIRS}", None),  # as an AVX2-only CPU builds it
     "portable popcount": ("-mno-avx2", "-mno-avx2"),  # side branches in float32
 }
 
@@ -357,8 +358,8 @@ POPCOUNT_PATHS = {  # path -> (test-build flags on a CPU with AVX-512 VPOPCNTDQ,
 @pytest.mark.slow
 def test_every_other_popcount_path_on_a_test_build(fused):
     """A build runs one popcount path, the one the tests above cover. This runs the others, each on
-    a test build of the same source: on a CPU with AVX-512 VPOPCNTDQ the AVX2 nibble table
-    (``-mno-avx512vpopcntdq``) and the portable loop (``-mno-avx2``); on an AVX2 CPU the 8-lane
+    a test build of the same source: on a CPU with AVX-512 VPOPCNTDQ the AVX2 nibble table as an
+    AVX2-only CPU builds it (``-mno-avx512f``) and the portable loop (``-mno-avx2``); on an AVX2 CPU the 8-lane
     path with its popcount emulated (``-DBIMACOSR_EMULATE_LANE_POPCOUNT``) and the portable loop.
     The first of the two also multiplies bf16 side branches in written-out pairs, the second in
     float32, so that both forms run wherever the native build has the other."""

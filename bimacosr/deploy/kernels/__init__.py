@@ -2,8 +2,9 @@
 
 One extension: the layer op (``binary.cpp``) and the bound probe (``bound.cpp``, the plain
 XOR-popcount GEMM that ``rates.py`` times beside it) share the popcount micro-kernel
-(``popcount.h``) and vector helpers (``vec.h``); the layer op's side branches are in ``side.h``. The C++ sources are compiled on first use with
-``torch.utils.cpp_extension.load`` (``-O3 -march=native``; g++ and ninja needed) into ``$BIMACOSR_KERNEL_DIR`` or
+(``popcount.h``) and vector helpers (``vec.h``); the layer op's side branches are in ``side.h``.
+The C++ sources are compiled on first use with ``torch.utils.cpp_extension.load`` (``-O3
+-march=native``; g++ and ninja needed) into ``$BIMACOSR_KERNEL_DIR`` or
 ``~/.cache/bimacosr/kernels/<tag>``, where the tag hashes the source, the torch version and this
 CPU's flags, so a build is reused by later processes and never run on a CPU it was not built for.
 Each build records the size and sha256 of the library it produced beside it (``<library>.json``);

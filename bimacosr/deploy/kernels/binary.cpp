@@ -12,7 +12,7 @@
 //   side = (x[m] @ first_t) @ second_t[:, o] (LRMB) + sum_u x[m, smb_cols[u]] * smb_vals[u] over
 //   u in smb_rowptr[o]..smb_rowptr[o+1] (SMB, CSR by output channel), both on the input pixel m
 //   itself (only when Ho == H and Wo == W). The SMB runs on a transposed copy of x in tiles of
-//   kPixels pixels, one FMA per nonzero for 8 pixels (not per pixel), then transposed back;
+//   kPixels pixels, one FMA per nonzero for a vector of pixels (not per pixel), then transposed back;
 //   dot_t[m, o] = sum_c sign(x[pixel_t(m), c]) * sign(W[o, c, t]) computed on bits:
 //   with P = sign bits (1 where > 0) and N = nonzero masks (1 where != 0),
 //   dot = popcount(N) - 2 * popcount((P_x ^ P_w) & N),  N = N_x & N_w.
@@ -195,7 +195,9 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
   at::parallel_for(0, chunks * groups, 1, [&](int64_t begin, int64_t end) {
     const Problem p = pr;  // locals: no reloads through the captured reference
     const Side<T> sd = side;
-    std::vector<TileElem<T>> tile(sd.any() ? sd.cin * kPixels : 0), lowt(sd.rank * kPixels);  // x^T, low^T
+    constexpr int64_t per = kPairs<T> ? 2 : 1;  // channels / ranks per tile element
+    std::vector<TileElem<T>> tile(sd.any() ? (sd.cin + per - 1) / per * kPixels : 0);  // x^T
+    std::vector<TileElem<T>> lowt(sd.rank / per * kPixels);  // low^T
     const std::vector<uint64_t> zero_row(words, 0), ones_row(words, ~uint64_t(0));  // a row adding 0; no mask
     alignas(64) int32_t dots[kLanes];
     alignas(64) T tail[kRows][kLanes];  // the last block's outputs

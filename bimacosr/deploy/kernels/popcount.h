@@ -5,9 +5,9 @@
 // each) and one weight block wb [words, 16] (the 16 words of one input word adjacent, lanes in
 // kLaneOrder),
 //   differ[r][o / kOut][o % kOut] = sum_i popcount((x[r][i] ^ wb[i, lane of output o]) & m[r][i]),
-// o = 0..15 in natural order in kHalves vectors of kOut lanes (ilanes): one 16-lane vector on the
-// lane-popcount path (AVX-512 registers), two 8-lane halves otherwise (16-lane vectors would be
-// split element by element without AVX-512), the mask m (rows like x) applied
+// o = 0..15 in natural order in kHalves vectors of kOut lanes (ilanes): one 16-lane vector with
+// AVX-512 on the lane-popcount path, two 8-lane halves otherwise (16-lane vectors would be split
+// element by element without AVX-512), the mask m (rows like x) applied
 // only when kMasked (one more bitwise op per vector; with AVX-512 the XOR and AND are one
 // vpternlogq).
 // One of three paths, chosen by the compiler flags (-march=native): AVX-512 VPOPCNTDQ on 8-lane
@@ -68,7 +68,7 @@ constexpr const char* kPath = "portable popcount";
 #endif
 constexpr int kRows = BIMACOSR_ROWS;  // input rows per micro-kernel call
 
-#if defined(BIMACOSR_LANE_POPCOUNT)
+#if defined(BIMACOSR_LANE_POPCOUNT) && defined(__AVX512F__)  // (not the emulating test build on AVX2)
 constexpr int kHalves = 1;
 typedef i32x16 ilanes;
 typedef f32x16 flanes;
@@ -95,9 +95,11 @@ inline void xor_popcount(const uint64_t* const* x, const uint64_t* const* m, con
     }
   }
   // the low 32 bits of the counts in natural output order: lanes 0, 4, 1, 5, 2, 6, 3, 7 of each
-  for (int r = 0; r < R; ++r)
-    differ[r][0] = __builtin_shufflevector((i32x16)sum[r][0], (i32x16)sum[r][1], 0, 8, 2, 10, 4, 12, 6, 14, 16, 24,
-                                           18, 26, 20, 28, 22, 30);
+  for (int r = 0; r < R; ++r) {
+    const i32x16 counts = __builtin_shufflevector((i32x16)sum[r][0], (i32x16)sum[r][1], 0, 8, 2, 10, 4, 12, 6, 14,
+                                                  16, 24, 18, 26, 20, 28, 22, 30);
+    std::memcpy(differ[r], &counts, sizeof counts);  // one vector or two halves: the same 16 values
+  }
 }
 #elif defined(__AVX2__)
 // Byte-wise popcount of v (4-bit table lookups).

@@ -46,8 +46,12 @@ void transpose_pairs(const bf16* x, int64_t n, int64_t c, uint32_t* pt) {
     }
   for (; c2 < pairs; ++c2)
     for (int64_t q = 0; q < kPixels; ++q) {
-      const bf16* row = x + q * c;
-      pt[c2 * kPixels + q] = q < n ? uint32_t(row[2 * c2].x) | (2 * c2 + 1 < c ? uint32_t(row[2 * c2 + 1].x) << 16 : 0u) : 0u;
+      uint32_t word = 0;
+      if (q < n) {
+        const bf16* row = x + q * c;
+        word = uint32_t(row[2 * c2].x) | (2 * c2 + 1 < c ? uint32_t(row[2 * c2 + 1].x) << 16 : 0u);
+      }
+      pt[c2 * kPixels + q] = word;
     }
 }
 
@@ -117,8 +121,9 @@ void lowrank_tile(const E* xt, int64_t cin, const E* first, int64_t rank8, E* lo
 constexpr int64_t kSideLanes = kWidth == 16 ? 8 : 2;
 
 // Both side branches of one weight block on one tile, computed per output lane over the tile's
-// pixels (one FMA per LRMB rank / SMB nonzero for 8 pixels) from xt [Cin, kPixels] and lowt
-// [rank8, kPixels], then transposed: out [kPixels, 16]. `lanes` is scratch [16, kPixels].
+// pixels (one FMA per LRMB rank / SMB nonzero for kWidth pixels; in pairs one vdpbf16ps per two
+// ranks) from xt [Cin, kPixels] and lowt [rank8, kPixels] (pairs: [ceil(Cin/2), kPixels] and
+// [rank8/2, kPixels]), then transposed: out [kPixels, 16]. `lanes` is scratch [16, kPixels].
 template <class T>
 void side_block(const Side<T>& sd, const TileElem<T>* xt, const TileElem<T>* lowt, int64_t width, int64_t o0,
                 float* lanes, float* out) {

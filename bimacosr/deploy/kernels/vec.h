@@ -47,6 +47,15 @@ inline f32x8 load8(const bf16* p) {
   return v;
 }
 
+// The bf16 bits of each float (in the low 16 bits of its lane): to nearest even, NaN as 0xFFFF.
+template <class F, class U>  // a float vector and the uint32 vector of its width
+inline U bf16_bits(F v) {
+  U u;
+  std::memcpy(&u, &v, sizeof u);
+  const U nan = (U)(v != v);
+  return (((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) & ~nan) | (0xFFFFu & nan);
+}
+
 inline void store8(bf16* p, f32x8 v) {
 #if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
   if (__builtin_expect(_mm256_fpclass_ps_mask((__m256)v, 0x01 | 0x20 | 0x80) == 0, 1)) {  // QNaN, denormal, SNaN
@@ -55,11 +64,7 @@ inline void store8(bf16* p, f32x8 v) {
     return;
   }
 #endif
-  u32x8 u;
-  std::memcpy(&u, &v, sizeof u);
-  const u32x8 nan = (u32x8)(v != v);
-  const u32x8 r = (((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) & ~nan) | (0xFFFFu & nan);
-  const u16x8 h = __builtin_convertvector(r, u16x8);
+  const u16x8 h = __builtin_convertvector((bf16_bits<f32x8, u32x8>(v)), u16x8);
   std::memcpy(p, &h, sizeof h);
 }
 
@@ -138,20 +143,13 @@ inline fvec high_bf16(uvec w) {
 }
 
 // Rounded to bf16 pairs as store8 rounds (to nearest even, NaN as 0xFFFF): low half from lo, high from hi.
-inline uvec bf16_pairs(fvec lo, fvec hi) {
-  auto round = [](fvec v) {
-    uvec u;
-    std::memcpy(&u, &v, sizeof u);
-    const uvec nan = (uvec)(v != v);
-    return (((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) & ~nan) | (0xFFFFu & nan);
-  };
-  return round(lo) | (round(hi) << 16);
-}
+inline uvec bf16_pairs(fvec lo, fvec hi) { return bf16_bits<fvec, uvec>(lo) | (bf16_bits<fvec, uvec>(hi) << 16); }
 
 // acc + a.high * b.high + a.low * b.low in every lane, b the same pair in all: with AVX512-BF16 one
 // vdpbf16ps (32 products); otherwise written out, for a test build (BIMACOSR_EMULATE_DOT_PAIRS)
-// on other CPUs. Both round after each product's addition; the instruction also treats denormal
-// inputs as 0 and flushes denormal results, which the written-out form does not.
+// on other CPUs. Both round after each product's addition (a product of two bf16 values is exact
+// in float32, short of overflow: the written-out form contracts to FMAs); the instruction also
+// treats denormal inputs as 0 and flushes denormal results, which the written-out form does not.
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && !defined(BIMACOSR_EMULATE_DOT_PAIRS)
 constexpr const char* kDotPairs = "AVX512-BF16";
 constexpr bool kHasDotPairs = true;
