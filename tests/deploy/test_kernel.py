@@ -348,28 +348,30 @@ def test_every_released_layer_equals_its_simulated_twin_at_released_size(fused):
 
 
 PAIRS = "-DBIMACOSR_EMULATE_DOT_PAIRS"  # bf16 side branches in pairs, written out (vec.h)
-POPCOUNT_PATHS = {  # path -> (test-build flags on a CPU with AVX-512 VPOPCNTDQ, on an AVX2-only CPU)
-    "AVX-512 VPOPCNTDQ popcount": (None, f"-DBIMACOSR_EMULATE_LANE_POPCOUNT {PAIRS}"),
-    "AVX2 nibble-table popcount": (f"-mno-avx512f {PAIRS}", None),  # as an AVX2-only CPU builds it
-    "portable popcount": ("-mno-avx2", "-mno-avx2"),  # side branches in float32
-}
+TEST_BUILDS = [  # (path, test-build flags on a CPU with AVX-512 VPOPCNTDQ, on an AVX2-only CPU)
+    ("AVX-512 VPOPCNTDQ popcount", None, f"-DBIMACOSR_EMULATE_LANE_POPCOUNT {PAIRS}"),
+    ("AVX2 nibble-table popcount", f"-mno-avx512f {PAIRS}", None),  # as an AVX2-only CPU builds it
+    ("AVX2 nibble-table popcount", "-mno-avx512vpopcntdq", None),  # AVX-512 without VPOPCNTDQ: 4 rows
+    ("portable popcount", "-mno-avx2", "-mno-avx2"),  # side branches in float32
+]
 
 
 @pytest.mark.slow
 def test_every_other_popcount_path_on_a_test_build(fused):
     """A build runs one popcount path, the one the tests above cover. This runs the others, each on
     a test build of the same source: on a CPU with AVX-512 VPOPCNTDQ the AVX2 nibble table as an
-    AVX2-only CPU builds it (``-mno-avx512f``) and the portable loop (``-mno-avx2``); on an AVX2 CPU the 8-lane
+    AVX2-only CPU builds it (``-mno-avx512f``) and as an AVX-512 CPU without VPOPCNTDQ does
+    (``-mno-avx512vpopcntdq``), and the portable loop (``-mno-avx2``); on an AVX2 CPU the 8-lane
     path with its popcount emulated (``-DBIMACOSR_EMULATE_LANE_POPCOUNT``) and the portable loop.
-    The first of the two also multiplies bf16 side branches in written-out pairs, the second in
-    float32, so that both forms run wherever the native build has the other."""
+    The builds with ``-DBIMACOSR_EMULATE_DOT_PAIRS`` multiply bf16 side branches in written-out
+    pairs, the portable one in float32, so that both forms run wherever the native build has the other."""
     native = torch.ops.bimacosr.path()
     if native not in ("AVX-512 VPOPCNTDQ popcount", "AVX2 nibble-table popcount"):
         pytest.skip(f"a CPU without AVX2 ({native}) builds no other path")
-    column = 0 if native.startswith("AVX-512") else 1
+    column = 1 if native.startswith("AVX-512") else 2
     built = []
-    for name, flag_pair in POPCOUNT_PATHS.items():
-        flags = flag_pair[column]
+    for build in TEST_BUILDS:
+        name, flags = build[0], build[column]
         if name == native or flags is None:
             continue
         env = {**os.environ, FLAGS_ENV: flags}
@@ -383,8 +385,9 @@ def test_every_other_popcount_path_on_a_test_build(fused):
         assert result.returncode == 0, f"{flags}: " + result.stdout[-3000:] + result.stderr[-3000:]
         assert f"kernel ({name}" in output or (name.startswith("AVX-512") and "(lane popcount, emulated" in output), \
             f"{flags} did not build {name}: {output[-500:]}"
-        sides = "bf16 side branches in bf16 pairs (written out" if PAIRS in flags else "; side branches in float32;"
+        sides = ("bf16 side branches in bf16 pairs (written out" if PAIRS in flags else
+                 "; side branches in float32;" if "-mno-avx2" in flags else "side branches in ")
         assert sides in output, f"{flags} did not build {sides}: {output[-500:]}"
         assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-500:]
-        built.append(name)
-    assert len(built) == 2, built
+        built.append(flags)
+    assert len(built) == (3 if column == 1 else 2), built
