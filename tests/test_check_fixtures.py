@@ -34,7 +34,7 @@ def run_here(*paths) -> subprocess.CompletedProcess:
     finally:
         sys.argv = argv
         torch.set_num_threads(threads)
-    return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), "")
+    return subprocess.CompletedProcess(["check_fixtures.py", *map(str, paths)], code, out.getvalue(), "")
 
 
 @pytest.mark.slow

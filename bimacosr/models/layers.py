@@ -3,7 +3,6 @@ precision test that chooses between the original's operations and their faster f
 from __future__ import annotations
 
 import contextlib
-
 import math
 
 import torch

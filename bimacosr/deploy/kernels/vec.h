@@ -23,11 +23,14 @@ typedef uint64_t u64x8 __attribute__((vector_size(64)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 
-inline f32x8 load8(const float* p) {
-  f32x8 v;
+template <class V>  // any float vector type, from floats at p
+inline V load_lanes(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
+
+inline f32x8 load8(const float* p) { return load_lanes<f32x8>(p); }
 
 inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
 
@@ -92,12 +95,6 @@ inline void store_lanes(T* p, f32x8 v) { store8(p, v); }
 template <class T>
 inline void store_lanes(T* p, f32x16 v) { store16(p, v); }
 
-template <class V>  // any float vector type
-inline V load_lanes(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 // The widest float vector of this build: 16 lanes with AVX-512, 8 otherwise.
 #ifdef __AVX512F__
@@ -108,11 +105,7 @@ constexpr int64_t kWidth = 8;
 typedef f32x8 fvec;
 #endif
 
-inline fvec loadv(const float* p) {
-  fvec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
+inline fvec loadv(const float* p) { return load_lanes<fvec>(p); }
 
 inline void storev(float* p, fvec v) { std::memcpy(p, &v, sizeof v); }
 
