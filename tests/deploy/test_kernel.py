@@ -89,6 +89,19 @@ def test_fused_conv_with_zero_weights_and_odd_channels(fused, cin, cout, k, stri
     _check(layer, sim, _input((3, cin, 5, 7) if stride == 1 else (3, cin, 6, 4), cin))
 
 
+def test_fused_conv_with_a_weight_zero_in_some_blocks_only(fused):
+    """A weight zero sends only its own block of 16 outputs through the per-pixel masked path; the
+    others keep the fast one. Zeros in the last, partial input word and in the last, partial block."""
+    torch.manual_seed(5)
+    sim = _randomize(BiMaCoConv2d.from_float(nn.Conv2d(130, 40, 3, 1, 1), rank=3), 5)
+    with torch.no_grad():
+        sim.weight[20, 129, 1, 1] = 0.0  # block 1
+        sim.weight[37, 3, 0, 2] = 0.0    # block 2 (outputs 32-39)
+    layer = DeployBinaryConv2d.from_simulated(sim)
+    assert int((layer.signs() == 0).sum()) == 2
+    _check(layer, sim, _input((2, 130, 5, 7), 5))
+
+
 def test_fused_conv_on_a_channels_last_all_zero_input(fused):
     sim = _randomize(BiMaCoConv2d.from_float(nn.Conv2d(16, 24, 3, 1, 1), rank=2), 1)
     x = torch.zeros(1, 16, 4, 5).contiguous(memory_format=torch.channels_last)

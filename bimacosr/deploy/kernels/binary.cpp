@@ -129,6 +129,7 @@ struct Epilogue {  // per output channel, padded to OB*16
 
 struct Problem {  // one call: the packed input, the weights and the output geometry
   const uint64_t *xbits, *xmask, *wbits, *wmask;  // wmask: null without weight zeros
+  const uint8_t* block_zeros;  // with wmask: per weight block, whether it has a weight zero
   const float* scale;
   const int32_t* nonzero;
   int32_t channels;
@@ -161,10 +162,28 @@ struct TapRows {
   }
 };
 
+// Whether each of the `blocks` weight blocks has a weight zero: a clear bit of wmask [taps, blocks,
+// words, 16] (lanes in kLaneOrder) among the real input and output channels.
+std::vector<uint8_t> blocks_with_zeros(const uint64_t* wmask, int64_t taps, int64_t blocks, int64_t words,
+                                       int64_t cin, int64_t cout) {
+  std::vector<uint8_t> zeros(blocks, 0);
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t blk = 0; blk < blocks; ++blk)
+      for (int64_t i = 0; i < words; ++i) {
+        const int64_t bits = std::min<int64_t>(64, cin - 64 * i);
+        const uint64_t full = bits == 64 ? ~uint64_t(0) : (uint64_t(1) << bits) - 1;
+        const uint64_t* w = wmask + ((t * blocks + blk) * words + i) * kLanes;
+        for (int64_t j = 0; j < kLanes; ++j)
+          if (blk * kLanes + kLaneOrder[j] < cout && (w[j] & full) != full) zeros[blk] = 1;
+      }
+  return zeros;
+}
+
 // The output rows [B*Ho*Wo, Cout]: in tasks of kPixels output pixels x task_group weight blocks; per
 // kRows pixels and block, 16 accumulators each over the taps (the pixels' rows through the
-// micro-kernel together, masked where one has zeros; weights with zeros through tap_masked), then the
-// epilogue and side branches.
+// micro-kernel together, masked where one has zeros; a block with weight zeros per pixel through
+// tap_masked), then the epilogue and side branches. kWeightZeros: the layer has weight zeros
+// (compiled apart, so that the usual layer's loop has no masked branch).
 template <bool kWeightZeros, class T>
 void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
   const int64_t taps = pr.k * pr.k, pixels = pr.batch * pr.ho * pr.wo;
@@ -192,7 +211,8 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
       }
     }
   });
-  at::parallel_for(0, chunks * groups, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = chunks * groups;
+  parallel_tasks(tasks, [&](const auto& next) {
     const Problem p = pr;  // locals: no reloads through the captured reference
     const Side<T> sd = side;
     constexpr int64_t per = kPairs<T> ? 2 : 1;  // channels / ranks per tile element
@@ -206,7 +226,7 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
     std::vector<TapRows> tap_rows(kPixels / kRows * taps);
     alignas(64) float s_valid[kPixels];  // sum_t s_t * valid_t of each pixel (TapRows)
     const flanes zero = {};
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; (task = next()) < tasks;) {
       const int64_t m0 = (task / groups) * kPixels, n = std::min(kPixels, pixels - m0);
       const int64_t b0 = (task % groups) * group, b1 = std::min(blocks, b0 + group);
       if (sd.any()) {
@@ -217,26 +237,26 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
       }
       if (sd.rank) lowrank_tile(tile.data(), sd.cin, sd.first, sd.rank, lowt.data());
       const int32_t* src = sources.data() + m0 * taps;
-      if (!kWeightZeros)  // the rows of each (pixel group, tap), the same for every weight block
-        for (int64_t q0 = 0; q0 < n; q0 += kRows) {
-          std::fill(s_valid + q0, s_valid + q0 + kRows, 0.f);
-          for (int64_t t = 0; t < taps; ++t) {
-            const TapRows& rs = tap_rows[q0 / kRows * taps + t] =
-                TapRows(p, src + q0 * taps + t, taps, zero_row.data(), ones_row.data());
-            for (int r = 0; r < kRows; ++r) s_valid[q0 + r] += rs.s_valid[r];
-          }
+      for (int64_t q0 = 0; q0 < n; q0 += kRows) {  // the rows of each (pixel group, tap), for every block
+        std::fill(s_valid + q0, s_valid + q0 + kRows, 0.f);
+        for (int64_t t = 0; t < taps; ++t) {
+          const TapRows& rs = tap_rows[q0 / kRows * taps + t] =
+              TapRows(p, src + q0 * taps + t, taps, zero_row.data(), ones_row.data());
+          for (int r = 0; r < kRows; ++r) s_valid[q0 + r] += rs.s_valid[r];
         }
+      }
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t o0 = blk * kLanes;
+        const bool zeros = kWeightZeros && p.block_zeros[blk];
         if (sd.any())
           side_block(sd, tile.data(), lowt.data(), blocks * kLanes, o0, lanes, side_out);
         for (int64_t q0 = 0; q0 < n; q0 += kRows) {
           flanes acc[kRows][kHalves];  // the 16 outputs of each pixel (popcount.h)
           for (int r = 0; r < kRows; ++r)
-            for (int h = 0; h < kHalves; ++h) acc[r][h] = flanes{} + (kWeightZeros ? 0.f : s_valid[q0 + r]);
+            for (int h = 0; h < kHalves; ++h) acc[r][h] = flanes{} + (zeros ? 0.f : s_valid[q0 + r]);
           for (int64_t t = 0; t < taps; ++t) {
             const uint64_t* wb = p.wbits + t * tap_stride + blk * words * kLanes;
-            if (kWeightZeros) {  // per pixel, each with its own mask and the weights' (tap_masked)
+            if (zeros) {  // per pixel, each with its own mask and the weights' (tap_masked)
               const uint64_t* wm = p.wmask + t * tap_stride + blk * words * kLanes;
               for (int r = 0; r < kRows; ++r) {
                 const int64_t row = src[(q0 + r) * taps + t];
@@ -351,7 +371,9 @@ at::Tensor binary_conv(const at::Tensor& x, const at::Tensor& wbits, const at::T
   const int64_t lanes = blocks * kLanes;
   const Epilogue ep{padded(alpha, lanes), padded(shift, lanes), padded(slope, lanes),
                     padded(beta1, lanes), rprelu};
-  const Problem problem{u64(xbits), u64(xmask), u64(wbits), weight_zeros ? u64(wmask) : nullptr,
+  const std::vector<uint8_t> block_zeros =
+      weight_zeros ? blocks_with_zeros(u64(wmask), k * k, blocks, words, c, cout) : std::vector<uint8_t>();
+  const Problem problem{u64(xbits), u64(xmask), u64(wbits), weight_zeros ? u64(wmask) : nullptr, block_zeros.data(),
                         scale.data_ptr<float>(), nonzero.data_ptr<int32_t>(), int32_t(c), batch, h, w,
                         ho, wo, k, stride, pad, cout, words};
   auto run = [&](const auto* xp, auto* yp) {  // float or bf16 in and out
