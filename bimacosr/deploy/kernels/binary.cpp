@@ -122,6 +122,13 @@ void tap_masked(const uint64_t* xb, const uint64_t* xm, const uint64_t* wb, cons
   for (int64_t j = 0; j < kLanes; ++j) dots[kLaneOrder[j]] = valid[j] - 2 * differ[j];
 }
 
+// At least n elements of v, grown (never shrunk) as needed: a thread's scratch kept between calls.
+template <class E>
+E* scratch(std::vector<E>& v, int64_t n) {
+  if (int64_t(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
 struct Epilogue {  // per output channel, padded to OB*16
   std::vector<float> alpha, shift, slope, beta1;
   bool rprelu;
@@ -216,8 +223,10 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
     const Problem p = pr;  // locals: no reloads through the captured reference
     const Side<T> sd = side;
     constexpr int64_t per = kPairs<T> ? 2 : 1;  // channels / ranks per tile element
-    std::vector<TileElem<T>> tile(sd.any() ? (sd.cin + per - 1) / per * kPixels : 0);  // x^T
-    std::vector<TileElem<T>> lowt(sd.rank / per * kPixels);  // low^T
+    // x^T and low^T: each thread's, kept from call to call (written whole before they are read)
+    static thread_local std::vector<TileElem<T>> tile_store, lowt_store;
+    TileElem<T>* tile = scratch(tile_store, sd.any() ? (sd.cin + per - 1) / per * kPixels : 0);
+    TileElem<T>* lowt = scratch(lowt_store, sd.rank / per * kPixels);
     const std::vector<uint64_t> zero_row(words, 0), ones_row(words, ~uint64_t(0));  // a row adding 0; no mask
     alignas(64) int32_t dots[kLanes];
     alignas(64) T tail[kRows][kLanes];  // the last block's outputs
@@ -231,11 +240,11 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
       const int64_t b0 = (task % groups) * group, b1 = std::min(blocks, b0 + group);
       if (sd.any()) {
         if constexpr (kPairs<T>)
-          transpose_pairs(sd.x + m0 * sd.cin, n, sd.cin, tile.data());
+          transpose_pairs(sd.x + m0 * sd.cin, n, sd.cin, tile);
         else
-          transpose_tile(sd.x + m0 * sd.cin, n, sd.cin, tile.data());
+          transpose_tile(sd.x + m0 * sd.cin, n, sd.cin, tile);
       }
-      if (sd.rank) lowrank_tile(tile.data(), sd.cin, sd.first, sd.rank, lowt.data());
+      if (sd.rank) lowrank_tile(tile, sd.cin, sd.first, sd.rank, lowt);
       const int32_t* src = sources.data() + m0 * taps;
       for (int64_t q0 = 0; q0 < n; q0 += kRows) {  // the rows of each (pixel group, tap), for every block
         std::fill(s_valid + q0, s_valid + q0 + kRows, 0.f);
@@ -249,7 +258,7 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
         const int64_t o0 = blk * kLanes;
         const bool zeros = kWeightZeros && p.block_zeros[blk];
         if (sd.any())
-          side_block(sd, tile.data(), lowt.data(), blocks * kLanes, o0, lanes, side_out);
+          side_block(sd, tile, lowt, blocks * kLanes, o0, lanes, side_out);
         for (int64_t q0 = 0; q0 < n; q0 += kRows) {
           flanes acc[kRows][kHalves];  // the 16 outputs of each pixel (popcount.h)
           for (int r = 0; r < kRows; ++r)
