@@ -29,10 +29,9 @@ at::Tensor xor_popcount_op(const at::Tensor& a, const at::Tensor& b) {
   int32_t* op = out.data_ptr<int32_t>();
   const int64_t chunks = (rows + kPixels - 1) / kPixels;
   const int64_t group = task_group(chunks, blocks, at::get_num_threads()), groups = (blocks + group - 1) / group;
-  const int64_t tasks = chunks * groups;
-  parallel_tasks(tasks, [&](const auto& next) {
+  at::parallel_for(0, chunks * groups, 1, [&](int64_t begin, int64_t end) {
     const std::vector<uint64_t> zero_row(words, 0);
-    for (int64_t task; (task = next()) < tasks;) {
+    for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = (task / groups) * kPixels, n = std::min(kPixels, rows - m0);
       const int64_t b0 = (task % groups) * group, b1 = std::min(blocks, b0 + group);
       for (int64_t blk = b0; blk < b1; ++blk)

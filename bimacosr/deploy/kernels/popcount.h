@@ -44,7 +44,9 @@ inline int64_t task_group(int64_t chunks, int64_t blocks, int64_t threads) {
 // Runs body(next) once on each thread (at::parallel_for, torch.set_num_threads), next() handing out
 // the task indices 0, 1, ... (>= tasks: none left) one at a time to whichever thread asks, so that
 // a thread slowed by another process does not hold the others at the end (a static split did:
-// 8-12 % of a 1x1 layer's time was threads waiting in OpenMP's barrier, perf).
+// 8-12 % of a 1x1 layer's time was threads waiting in OpenMP's barrier, perf). The layer op's
+// tasks gain (2 % over a step); the bound probe's, far shorter, lose (7 %: the shared counter), so
+// the probe keeps the static split (docs/kernel.md §5).
 template <class F>
 void parallel_tasks(int64_t tasks, const F& body) {
   std::atomic<int64_t> counter{0};
