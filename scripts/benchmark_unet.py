@@ -17,7 +17,7 @@ the same rounds.
 
 ``--kernel-rates`` records every fused-kernel call of one step of ``deploy_bf16`` (``deploy_fused``
 where bf16 is not native: the project's defaults) and replays each beside the bound probe, the
-plain XOR-popcount GEMM at the layer's K (bimacosr/deploy/kernels/rates.py): per layer the
+plain XOR-popcount GEMM at the layer's K (bimacosr/deploy/rates.py): per layer the
 kernel's and the bound's G binary MAC/s, and over the step the summed kernel / bound time.
 """
 import contextlib
@@ -44,7 +44,7 @@ def build_variants(names: list[str]) -> dict[str, tuple[torch.nn.Module, torch.d
     when the fused kernel is unavailable."""
     from bimacosr.build import build_denoiser_from_config
     from bimacosr.config import load_config
-    from bimacosr.deploy import kernels, set_mode, to_deploy
+    from bimacosr import kernels, set_mode, to_deploy
     from bimacosr.smoke import randomize
 
     torch.manual_seed(0)
@@ -125,7 +125,7 @@ def profile(name: str, size: int, batch: int, top: int) -> str:
 def rates(size: int, batch: int, reps: int) -> dict:
     """Per-layer kernel and bound-probe rates over one step of the default deploy variant."""
     from bimacosr.build import native_bf16
-    from bimacosr.deploy.kernels.rates import kernel_rates, record_calls
+    from bimacosr.deploy.rates import kernel_rates, record_calls
 
     name = "deploy_bf16" if native_bf16() else "deploy_fused"
     variants = build_variants([name])

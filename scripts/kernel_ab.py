@@ -1,11 +1,11 @@
 """Two versions of the fused 1-bit kernel's source, timed in one process on every call of one UNet step.
 
-Each side is a git revision (``--a HEAD``: its ``bimacosr/deploy/kernels``) or a folder holding
+Each side is a git revision (``--a HEAD``: its ``bimacosr/kernels``) or a folder holding
 ``binary.cpp``, ``popcount.h``, ``side.h`` and ``vec.h`` (default for ``--b``: this working tree's). Each is
 compiled as the package builds it, under its own op namespace and with hidden symbols (so the two
 libraries' inline functions stay apart), extra ``--flags`` for both (e.g. ``-mno-avx512f`` for the
 AVX2 table path). The calls of one step of the project's default deploy variant are recorded
-(bimacosr/deploy/kernels/rates.py), both builds' outputs compared, then every call runs on both in
+(bimacosr/deploy/rates.py), both builds' outputs compared, then every call runs on both in
 ``--rounds`` rounds, the order rotating: medians summed per layer kind, and b / a. Separate
 processes disagree by more than the changes worth measuring (docs/kernel.md §5); this does not.
 
@@ -29,8 +29,8 @@ from benchmark_unet import build_variants, inputs, step  # noqa: E402
 
 from bimacosr.build import native_bf16  # noqa: E402
 from bimacosr.cli import argument_parser  # noqa: E402
-from bimacosr.deploy import kernels  # noqa: E402
-from bimacosr.deploy.kernels.rates import record_calls  # noqa: E402
+from bimacosr import kernels  # noqa: E402
+from bimacosr.deploy.rates import record_calls  # noqa: E402
 
 FILES = ("binary.cpp", "popcount.h", "side.h", "vec.h")
 KINDS = ("3x3", "1x1", "1 pixel")
@@ -43,7 +43,7 @@ def sources(spec: str) -> dict[str, str]:
     if folder.is_dir():
         texts = {name: (folder / name).read_text() for name in FILES if (folder / name).is_file()}
     else:
-        shown = {name: subprocess.run(["git", "show", f"{spec}:bimacosr/deploy/kernels/{name}"], cwd=REPO,
+        shown = {name: subprocess.run(["git", "show", f"{spec}:bimacosr/kernels/{name}"], cwd=REPO,
                                       capture_output=True, text=True, check=False) for name in FILES}
         texts = {name: run.stdout for name, run in shown.items() if run.returncode == 0}
     if "binary.cpp" not in texts:
@@ -76,7 +76,7 @@ def kind(shape: dict[str, int]) -> str:
 def main() -> None:
     p = argument_parser(__doc__)
     p.add_argument("--a", default="HEAD", help="git revision or kernel folder (default: HEAD)")
-    p.add_argument("--b", default=str(REPO / "bimacosr/deploy/kernels"), help="default: the working tree's")
+    p.add_argument("--b", default=str(REPO / "bimacosr/kernels"), help="default: the working tree's")
     p.add_argument("--flags", default="", help="extra compiler flags for both builds, space separated")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--size", type=int, default=64, help="latent side (multiple of 64)")

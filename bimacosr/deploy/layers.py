@@ -12,7 +12,7 @@ For a linear (and a 1x1 conv) the per-token / per-pixel scale ``s`` factors out 
 with ``X_t`` the zero-padded, stride-subsampled sign map (``sign(0) = 0``) shifted to tap ``t``,
 laid out as ``[B*Ho*Wo, Cin]`` (channels last). Execution modes of the binary branch:
 
-* ``"fused"``: the C++ kernel of ``bimacosr.deploy.kernels`` (docs/kernel.md) -- one pass signs,
+* ``"fused"``: the C++ kernel of ``bimacosr.kernels`` (docs/kernel.md) -- one pass signs,
   bit-packs and scales the NHWC input, an XOR-popcount GEMM sums the taps, and alpha, bias and
   RPReLU are applied in its epilogue. CPU only; compiled on first use.
 * ``"int"`` (the stock PyTorch path): int8 sign maps times the int8 signs by ``torch._int_mm``
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bimacosr.deploy import kernels
+from bimacosr import kernels
 from bimacosr.models.layers import autocast_off
 from bimacosr.quant.bimaco import BiMaCoConv2d, BiMaCoLinear
 

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from bimacosr.deploy import kernels
+from bimacosr import kernels
 
 FLAGS_ENV = "BIMACOSR_TEST_KERNEL_FLAGS"  # extra compiler flags of a test build (the other-path test)
 

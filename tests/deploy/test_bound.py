@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from bimacosr.deploy import DeployBinaryConv2d, DeployBinaryLinear, kernels, set_mode
+from bimacosr import kernels
+from bimacosr.deploy import DeployBinaryConv2d, DeployBinaryLinear, set_mode
 from bimacosr.quant import BiMaCoConv2d, BiMaCoLinear
 
 POWERS = torch.ones(64, dtype=torch.int64) << torch.arange(64)
@@ -87,7 +88,7 @@ def test_kernel_rates_record_every_call_and_replay_it(fused, tiny_bimaco_denoise
     import copy
 
     from bimacosr.deploy import to_deploy
-    from bimacosr.deploy.kernels.rates import kernel_rates, record_calls
+    from bimacosr.deploy.rates import kernel_rates, record_calls
 
     deployed = set_mode(to_deploy(copy.deepcopy(tiny_bimaco_denoiser)), "fused")
     entry = kernels.binary_conv
@@ -126,13 +127,13 @@ def test_kernel_ab_builds_a_copy_of_the_op_that_gives_the_same_outputs(fused, ti
     import importlib.util
 
     from bimacosr.deploy import to_deploy
-    from bimacosr.deploy.kernels.rates import record_calls
+    from bimacosr.deploy.rates import record_calls
     from tests.conftest import REPO
 
     spec = importlib.util.spec_from_file_location("kernel_ab", REPO / "scripts/kernel_ab.py")
     kernel_ab = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kernel_ab)
-    folder = REPO / "bimacosr/deploy/kernels"
+    folder = REPO / "bimacosr/kernels"
     texts = kernel_ab.sources(str(folder))
     assert texts == {name: (folder / name).read_text() for name in kernel_ab.FILES}
     assert set(kernel_ab.sources("HEAD")) == set(kernel_ab.FILES) and "TORCH_LIBRARY(bimacosr," in texts["binary.cpp"]

@@ -10,13 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from bimacosr.deploy import (
-    DeployBinaryConv2d,
-    DeployBinaryLinear,
-    kernels,
-    set_mode,
-    to_deploy,
-)
+from bimacosr import kernels
+from bimacosr.deploy import DeployBinaryConv2d, DeployBinaryLinear, set_mode, to_deploy
 from bimacosr.deploy.check import LAYER_TOLERANCE
 from bimacosr.quant import BiMaCoConv2d, BiMaCoLinear
 from tests.deploy.conftest import FLAGS_ENV

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch.utils.cpp_extension
 
-from bimacosr.deploy import kernels
+from bimacosr import kernels
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,7 +85,7 @@ def test_a_verified_build_is_loaded_without_a_lock(cache, monkeypatch):
     assert kernels._build() == (first, "") and cache.loaded == [str(library(first))]
 
 
-PROBE = ("import torch; from bimacosr.deploy import kernels; assert kernels.available(), kernels.status(); "
+PROBE = ("import torch; from bimacosr import kernels; assert kernels.available(), kernels.status(); "
          "print(torch.ops.bimacosr.path())")
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from bimacosr.deploy import kernels
+from bimacosr import kernels
 
 
 @dataclass
