@@ -44,7 +44,8 @@ def build_variants(names: list[str]) -> dict[str, tuple[torch.nn.Module, torch.d
     when the fused kernel is unavailable."""
     from bimacosr.build import build_denoiser_from_config
     from bimacosr.config import load_config
-    from bimacosr import kernels, set_mode, to_deploy
+    from bimacosr import kernels
+    from bimacosr.deploy import set_mode, to_deploy
     from bimacosr.smoke import randomize
 
     torch.manual_seed(0)

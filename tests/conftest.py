@@ -152,3 +152,17 @@ def tiny_pipeline(smoke_config, tiny_bimaco_denoiser, tiny_vq):
 
     schedule = build.build_schedule(smoke_config)
     return SRPipeline(tiny_bimaco_denoiser, tiny_vq, schedule, sf=schedule.sf)
+
+
+KERNEL_FLAGS_ENV = "BIMACOSR_TEST_KERNEL_FLAGS"  # extra compiler flags of a kernel test build (tests/deploy/test_kernel.py)
+
+
+@pytest.fixture(scope="session")
+def fused() -> None:
+    """The compiled C++ kernels (bimacosr.kernels; built once per session, cached on disk), with the
+    test build's extra flags where the other-path test asks for them; skips where they cannot build."""
+    from bimacosr import kernels
+
+    kernels.FLAGS.extend(os.environ.get(KERNEL_FLAGS_ENV, "").split())
+    if not kernels.available():
+        pytest.skip(kernels.status())

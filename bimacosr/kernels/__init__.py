@@ -34,11 +34,11 @@ from bimacosr.atomic import atomic_write_text, file_digest
 from bimacosr.cpu import cpu_flags
 
 __all__ = ["ENV", "LANES", "available", "binary_conv", "build_dir", "op_arguments", "pack_lowrank",
-           "pack_sparse", "pack_weight_bits", "require", "status"]
+           "pack_sparse", "pack_weight_bits", "require", "status", "window_attention", "window_attention_applies"]
 
 ENV = "BIMACOSR_KERNEL"
 """``off``: never build or use the fused kernel; ``auto`` (default): build it on first use."""
-SOURCES = [Path(__file__).with_name(name) for name in ("binary.cpp", "bound.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("binary.cpp", "bound.cpp", "attention.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("popcount.h", "side.h", "vec.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]  # -fopenmp: at::parallel_for is OpenMP in the headers
 
@@ -154,11 +154,13 @@ def _load() -> None:
         rebuilt = f"; not loaded: {_state['passed_over']}" if _state["passed_over"] else ""
         pairs = torch.ops.bimacosr.side_pairs()
         sides = f"bf16 side branches in bf16 pairs ({pairs})" if pairs else "side branches in float32"
+        attention = (f"bf16 window attention in the kernel ({pairs})" if pairs == NATIVE_PAIRS else
+                     "window attention: PyTorch's")
         line = (f"bimacosr: deploy layers run the fused 1-bit CPU kernel ({torch.ops.bimacosr.path()}; {sides}; "
-                f"ready in {took:.1f} s, built in {_state['folder']}{rebuilt})")
+                f"{attention}; ready in {took:.1f} s, built in {_state['folder']}{rebuilt})")
     else:
         line = (f"bimacosr: fused 1-bit kernel unavailable ({_state['reason']}); deploy layers run "
-                f"the stock PyTorch int8 path")
+                f"the stock PyTorch int8 path, window attention PyTorch's")
     _state["line"] = line
     print(line, file=sys.stderr, flush=True)
 
@@ -179,6 +181,31 @@ def require() -> None:
     """Raise ``RuntimeError`` (with the reason) when the fused kernel cannot run."""
     if not available():
         raise RuntimeError(f"deploy mode 'fused' needs the compiled kernel: {_state['reason']}")
+
+
+NATIVE_PAIRS = "AVX512-BF16"
+"""``side_pairs()`` where bf16 pairs are multiplied by the CPU's own instruction (vdpbf16ps)."""
+
+
+def window_attention_applies(qkv: Tensor, term: Tensor, heads: int) -> bool:
+    """Whether :func:`window_attention` runs this call: bf16 on CPU with the CPU's own bf16 pairs
+    (elsewhere PyTorch's attention is as good), a window and head size the build has, and no
+    gradient wanted (the kernel has no backward). Builds the kernel on the first call."""
+    if qkv.dtype != torch.bfloat16 or qkv.device.type != "cpu" or qkv.dim() != 3 or qkv.shape[2] % (3 * heads):
+        return False
+    if torch.is_grad_enabled() and (qkv.requires_grad or term.requires_grad):
+        return False
+    if not available() or torch.ops.bimacosr.side_pairs() != NATIVE_PAIRS:
+        return False
+    shape = f"{qkv.shape[1]}x{qkv.shape[2] // 3 // heads}"
+    return shape in torch.ops.bimacosr.window_attention_shapes().split(",")
+
+
+def window_attention(qkv: Tensor, term: Tensor, heads: int, scale: float) -> Tensor:
+    """``qkv [B', N, 3*C]`` bf16 (q, k, v of ``heads`` heads side by side), ``term [T, heads, N, N]``
+    float32 -> ``softmax(q k^T * scale + term[b % T]) v`` per window ``b`` and head, ``[B', N, C]``
+    bf16, heads side by side (attention.cpp, docs/kernel.md §6)."""
+    return torch.ops.bimacosr.window_attention(qkv.contiguous(), term.float().contiguous(), heads, scale)
 
 
 LANES = 16

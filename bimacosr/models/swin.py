@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bimacosr import kernels
 from bimacosr.models.layers import GroupNorm32, autocast_off, gelu_fresh, reduced_precision, residual
 from bimacosr.quant.common import eval_cached
 
@@ -101,9 +102,10 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         bw, n, c = x.shape
-        qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
         if reduced_precision(qkv):
             return self.proj(self._fused(qkv, mask))
+        qkv = qkv.reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
         attn = q @ k.transpose(-2, -1)
         attn = attn + self.position_bias().unsqueeze(0)
@@ -115,22 +117,26 @@ class WindowAttention(nn.Module):
         return self.proj((attn @ v).transpose(1, 2).reshape(bw, n, c))
 
     def _fused(self, qkv: Tensor, mask: Tensor | None) -> Tensor:
-        """``softmax(q k^T * scale + bias + mask) v`` of ``qkv [3, B', heads, N, d]`` as
-        ``[B', N, E]``. The added term is at least float32 on CPU (q, k, v stay in their dtype;
-        autocast is off so that it is not rounded), in q's dtype elsewhere."""
-        q, k, v = qkv.unbind(0)
-        bw, heads, n, d = q.shape
-        dtype = torch.promote_types(q.dtype, torch.float32) if q.device.type == "cpu" else q.dtype
+        """``softmax(q k^T * scale + bias + mask) v`` of ``qkv [B', N, 3 E]`` (the qkv layer's output)
+        as ``[B', N, E]``. The added term is at least float32 on CPU (q, k, v stay in their dtype;
+        autocast is off so that it is not rounded), in q's dtype elsewhere. bf16 on a CPU with
+        AVX512-BF16, without gradients: the C++ window attention (bimacosr.kernels, docs/kernel.md
+        §6), the same sums as PyTorch's CPU flash attention; otherwise that attention."""
+        bw, n, e = qkv.shape
+        heads = self.num_heads
+        dtype = torch.promote_types(qkv.dtype, torch.float32) if qkv.device.type == "cpu" else qkv.dtype
         term = eval_cached(self, f"position_bias_{dtype}", (self.relative_position_bias_table,),
                            lambda: self.position_bias().to(dtype).unsqueeze(0).contiguous())
-        if mask is not None:  # per window, repeated over the batch; contiguous, as the kernel reads it
-            nw = mask.shape[0]
-            term = term + mask[:, None].to(dtype)  # [nw, heads, n, n]; out of place: gradients may flow
-            if bw != nw:
-                term = term.repeat(bw // nw, 1, 1, 1)
+        if mask is not None:  # per window: [nw, heads, n, n]; out of place: gradients may flow
+            term = term + mask[:, None].to(dtype)
+        if kernels.window_attention_applies(qkv, term, heads):  # window b adds term[b % nw]
+            return kernels.window_attention(qkv, term, heads, self.scale)
+        q, k, v = qkv.reshape(bw, n, 3, heads, e // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if mask is not None and bw != mask.shape[0]:  # repeated over the batch, contiguous as the kernel reads it
+            term = term.repeat(bw // mask.shape[0], 1, 1, 1)
         with autocast_off(q.device.type):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=term, scale=self.scale)
-        return out.transpose(1, 2).reshape(bw, n, heads * d)
+        return out.transpose(1, 2).reshape(bw, n, e // 3)
 
 
 class ConvMlp(nn.Module):

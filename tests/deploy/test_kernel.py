@@ -14,7 +14,7 @@ from bimacosr import kernels
 from bimacosr.deploy import DeployBinaryConv2d, DeployBinaryLinear, set_mode, to_deploy
 from bimacosr.deploy.check import LAYER_TOLERANCE
 from bimacosr.quant import BiMaCoConv2d, BiMaCoLinear
-from tests.deploy.conftest import FLAGS_ENV
+from tests.conftest import KERNEL_FLAGS_ENV as FLAGS_ENV
 
 TOL = LAYER_TOLERANCE["float32"]
 REPO = Path(__file__).resolve().parents[2]
@@ -385,8 +385,9 @@ def test_every_other_popcount_path_on_a_test_build(fused):
         env = {**os.environ, FLAGS_ENV: flags}
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__,
                                  str(Path(__file__).with_name("test_bound.py")),
+                                 str(REPO / "tests/models/test_fast_forms.py"),
                                  "-k", "equals_the_simulated or zero_weights or all_zero or every_bit or probe "
-                                       "or mixed or bf16",
+                                       "or mixed or bf16 or window_attention_kernel",
                                  "-m", "not slow"],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         output = result.stdout + result.stderr

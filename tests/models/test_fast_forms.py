@@ -32,9 +32,77 @@ def test_fused_window_attention_is_the_originals_maths(batch, shifted):
     x = torch.randn(batch * 4, 64, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = attn(x, mask)  # float64 is not below float32: the original's operations
-        qkv = attn.qkv(x).reshape(batch * 4, 64, 3, 2, 16).permute(2, 0, 3, 1, 4)
-        got = attn.proj(attn._fused(qkv, mask))
+        got = attn.proj(attn._fused(attn.qkv(x), mask))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _flash_and_exact(qkv: torch.Tensor, term: torch.Tensor, heads: int, scale: float):
+    """PyTorch's CPU attention on bf16 ``qkv [B', N, 3C]`` with ``term [T, heads, N, N]`` repeated
+    over the windows; the same in float64; and how far a result may lie from PyTorch's, all
+    ``[B', N, C]``: one bf16 rounding of the result, and one of each exponential (rounded to bf16
+    before the product with v, as there) weighed by its |v|: ``2^-8 softmax @ |v|``."""
+    bw, n, e = qkv.shape
+    q, k, v = qkv.reshape(bw, n, 3, heads, e // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    full = term.repeat(bw // term.shape[0], 1, 1, 1)
+    flash = F.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=scale)
+    q, k, v, full = (t.double() for t in (q, k, v, full))
+    weights = (q @ k.transpose(-1, -2) * scale + full).softmax(-1)
+    exact, spread = weights @ v, weights @ v.abs()
+    flash, exact, spread = (t.transpose(1, 2).reshape(bw, n, e // 3) for t in (flash, exact, spread))
+    ulp = torch.exp2(torch.floor(torch.log2(flash.double().abs().clamp_min(2.0 ** -126))) - 7)
+    return flash, exact, ulp + 2.0 ** -8 * spread
+
+
+@pytest.mark.parametrize("terms", [1, 4])
+def test_window_attention_kernel_sums_as_pytorchs_flash_attention(fused, terms):
+    """The C++ window attention (run on every CPU: with vdpbf16ps where there is one, written out
+    otherwise) against PyTorch's bf16 CPU attention: as close to the float64 result, and within one
+    bf16 rounding of PyTorch's result and of each exponential of it; window b adds term[b % T] (8
+    windows, T = 1 or the 4 windows of a shifted image, repeated over 2 images)."""
+    gen = torch.Generator().manual_seed(terms)
+    heads, n, d = 6, 64, 32
+    qkv = (torch.randn(8, n, 3 * heads * d, generator=gen) * 1.5).bfloat16()
+    term = torch.randn(terms, heads, n, n, generator=gen)
+    term[..., 40:] -= 100.0 * (terms > 1)  # the shift mask's -100
+    got = torch.ops.bimacosr.window_attention(qkv, term, heads, d ** -0.5)
+    flash, exact, bound = _flash_and_exact(qkv, term, heads, d ** -0.5)
+    assert got.dtype == torch.bfloat16 and got.shape == (8, n, heads * d)
+    error, flash_error = (got.double() - exact).abs(), (flash.double() - exact).abs()
+    assert error.max() <= 1.25 * flash_error.max() and error.mean() <= 1.1 * flash_error.mean()
+    assert ((got.double() - flash.double()).abs() <= bound).all()
+    assert (got == flash).float().mean() > 0.8
+
+
+def test_window_attention_kernel_checks_its_inputs(fused):
+    qkv = torch.zeros(2, 64, 3 * 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="no instance for N = 64, D = 16"):
+        torch.ops.bimacosr.window_attention(qkv, torch.zeros(1, 4, 64, 64), 4, 0.25)
+    with pytest.raises(RuntimeError, match="term must be contiguous float32"):
+        torch.ops.bimacosr.window_attention(qkv, torch.zeros(1, 2, 64, 32), 2, 0.25)
+    with pytest.raises(RuntimeError, match="contiguous bfloat16"):
+        torch.ops.bimacosr.window_attention(qkv.float(), torch.zeros(1, 2, 64, 64), 2, 0.25)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_window_attention_under_bf16_takes_the_kernel_where_the_cpu_has_bf16_pairs(shifted):
+    """In inference under bf16 autocast the block's attention runs the C++ kernel on a CPU with
+    AVX512-BF16 (window and head size 64 x 32, as released), PyTorch's attention elsewhere and
+    whenever gradients are wanted; either is PyTorch's bf16 result within the bound of _flash_and_exact."""
+    from bimacosr import kernels
+    attn = randomized(WindowAttention(192, 8, 6))
+    mask = shift_window_mask(16, 16, 8, 4) if shifted else None
+    x = torch.randn(8, 64, 192, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        qkv = attn.qkv(x)
+        term = attn.position_bias().float().unsqueeze(0) + (mask[:, None] if shifted else 0)
+        used = kernels.window_attention_applies(qkv, term, 6)
+        got = attn._fused(qkv, mask)
+    flash, _, bound = _flash_and_exact(qkv, term, 6, attn.scale)
+    assert used == (kernels.available() and torch.ops.bimacosr.side_pairs() == kernels.NATIVE_PAIRS)
+    assert ((got.double() - flash.double()).abs() <= bound).all()
+    assert used or torch.equal(got, flash)
+    qkv_grad = qkv.clone().requires_grad_(True)
+    assert not kernels.window_attention_applies(qkv_grad, term, 6)
 
 
 def test_fused_window_attention_trains_under_bf16_autocast():
