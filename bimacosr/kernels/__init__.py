@@ -1,8 +1,10 @@
-"""The fused 1-bit CPU kernel of the deploy layers (``binary.cpp``, docs/kernel.md) and its loader.
+"""The C++ CPU kernels (docs/kernel.md) and their loader: the fused 1-bit op of the deploy layers
+(``binary.cpp``) and the bf16 window attention of the Swin blocks (``attention.cpp``, §6).
 
 One extension: the layer op (``binary.cpp``) and the bound probe (``bound.cpp``, the plain
-XOR-popcount GEMM that ``rates.py`` times beside it) share the popcount micro-kernel
-(``popcount.h``) and vector helpers (``vec.h``); the layer op's side branches are in ``side.h``.
+XOR-popcount GEMM that ``deploy/rates.py`` times beside it) share the popcount micro-kernel
+(``popcount.h``) and vector helpers (``vec.h``, also the attention's bf16 pairs); the layer op's
+side branches are in ``side.h``.
 The C++ sources are compiled on first use with ``torch.utils.cpp_extension.load`` (``-O3
 -march=native``; g++ and ninja needed) into ``$BIMACOSR_KERNEL_DIR`` or
 ``~/.cache/bimacosr/kernels/<tag>``, where the tag hashes the source, the torch version and this
@@ -17,6 +19,7 @@ process, says which path runs.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -187,11 +190,19 @@ NATIVE_PAIRS = "AVX512-BF16"
 """``side_pairs()`` where bf16 pairs are multiplied by the CPU's own instruction (vdpbf16ps)."""
 
 
+@functools.cache
+def _has_bf16_pairs() -> bool:
+    """Whether this CPU multiplies bf16 pairs itself (AVX512-BF16), read once."""
+    return "avx512_bf16" in cpu_flags()
+
+
 def window_attention_applies(qkv: Tensor, term: Tensor, heads: int) -> bool:
     """Whether :func:`window_attention` runs this call: bf16 on CPU with the CPU's own bf16 pairs
     (elsewhere PyTorch's attention is as good), a window and head size the build has, and no
     gradient wanted (the kernel has no backward). Builds the kernel on the first call."""
     if qkv.dtype != torch.bfloat16 or qkv.device.type != "cpu" or qkv.dim() != 3 or qkv.shape[2] % (3 * heads):
+        return False
+    if not _has_bf16_pairs():  # do not build the kernel for nothing
         return False
     if torch.is_grad_enabled() and (qkv.requires_grad or term.requires_grad):
         return False
