@@ -51,51 +51,79 @@ inline fvec exp_nonpositive(fvec x) {
   return p * two_n;
 }
 
+// The lanes of v combined pairwise, halves first (a tree: no chain of kWidth - 1 dependent steps).
+template <class Op>
+inline float reduce_lanes(fvec v, Op op) {
+  float lanes[kWidth];
+  std::memcpy(lanes, &v, sizeof lanes);
+  for (int half = kWidth / 2; half > 0; half /= 2)
+    for (int l = 0; l < half; ++l) lanes[l] = op(lanes[l], lanes[l + half]);
+  return lanes[0];
+}
+
 // One window b and head h: N queries, keys and values of D dimensions.
 template <int N, int D>
 void attend_head(const bf16* qkv, const float* term, int64_t c, float scale, bf16* out) {
   constexpr int kKeyVecs = N / kWidth, kDimVecs = D / kWidth;
-  static_assert(N % (2 * kWidth) == 0 && D % kWidth == 0 && D % 2 == 0, "N: whole pairs of vectors; D: whole vectors");
+  // queries at a time: their sums are independent chains (one query's 2-4 chains left vdpbf16ps
+  // waiting on its latency); 4 x 4 logit vectors fit AVX-512's 32 registers, AVX2's 16 hold one query's
+  constexpr int kQueries = kWidth == 16 ? 4 : 1;
+  static_assert(N % (2 * kWidth) == 0 && N % 8 == 0 && D % 16 == 0 && D % kWidth == 0,
+                "N: whole pairs of vectors; D: whole vectors and 8 x 8 blocks of pairs");
   const int64_t row = 3 * c;  // qkv's row: q, k, v of every head
   alignas(64) uint32_t kt[D / 2][N];  // kt[d2][j]: dimensions 2 d2, 2 d2 + 1 of key j
   alignas(64) uint32_t vp[N / 2][D];  // vp[j2][e]: dimension e of the two keys of pair j2
-  for (int j = 0; j < N; ++j) {
-    uint32_t words[D / 2];
-    std::memcpy(words, qkv + j * row + c, sizeof words);
-    for (int d2 = 0; d2 < D / 2; ++d2) kt[d2][j] = words[d2];
-  }
+  for (int j0 = 0; j0 < N; j0 += 8)  // k^T: 8 x 8 blocks of words transposed in registers
+    for (int d0 = 0; d0 < D / 2; d0 += 8) {
+      f32x8 r[8];
+      for (int j = 0; j < 8; ++j) std::memcpy(&r[j], qkv + (j0 + j) * row + c + 2 * d0, sizeof r[j]);
+      transpose8(r);
+      for (int d = 0; d < 8; ++d) std::memcpy(&kt[d0 + d][j0], &r[d], sizeof r[d]);
+    }
   for (int j2 = 0; j2 < N / 2; ++j2) {  // pair j2 = w kWidth + l: keys 2 w kWidth + l and (2 w + 1) kWidth + l
     const int a = 2 * (j2 / kWidth) * kWidth + j2 % kWidth, b = a + kWidth;
-    const bf16* va = qkv + a * row + 2 * c;
-    const bf16* vb = qkv + b * row + 2 * c;
-    for (int e = 0; e < D; ++e) vp[j2][e] = uint32_t(va[e].x) | uint32_t(vb[e].x) << 16;
+    for (int e = 0; e < D; e += 8) {
+      u16x8 va, vb;
+      std::memcpy(&va, qkv + a * row + 2 * c + e, sizeof va);
+      std::memcpy(&vb, qkv + b * row + 2 * c + e, sizeof vb);
+      const u32x8 w = __builtin_convertvector(va, u32x8) | __builtin_convertvector(vb, u32x8) << 16;
+      std::memcpy(&vp[j2][e], &w, sizeof w);
+    }
   }
-  for (int i = 0; i < N; ++i) {
-    uint32_t q[D / 2];
-    std::memcpy(q, qkv + i * row, sizeof q);
-    fvec s[kKeyVecs] = {};
+  for (int i0 = 0; i0 < N; i0 += kQueries) {
+    uint32_t q[kQueries][D / 2];
+    for (int r = 0; r < kQueries; ++r) std::memcpy(q[r], qkv + (i0 + r) * row, sizeof q[r]);
+    fvec s[kQueries][kKeyVecs] = {};
     for (int d2 = 0; d2 < D / 2; ++d2)
-      for (int v = 0; v < kKeyVecs; ++v) s[v] = dot_pairs(s[v], loaduv(&kt[d2][v * kWidth]), q[d2]);
-    fvec top = fvec{} - __builtin_inff();
-    for (int v = 0; v < kKeyVecs; ++v) {
-      s[v] = s[v] * scale + loadv(term + i * N + v * kWidth);
-      top = top > s[v] ? top : s[v];
+      for (int v = 0; v < kKeyVecs; ++v) {
+        const uvec k = loaduv(&kt[d2][v * kWidth]);
+        for (int r = 0; r < kQueries; ++r) s[r][v] = dot_pairs(s[r][v], k, q[r][d2]);
+      }
+    uint32_t p[kQueries][N / 2];  // the exponentials as bf16 pairs, in vp's pairing
+    float sum[kQueries];
+    for (int r = 0; r < kQueries; ++r) {
+      fvec top = fvec{} - __builtin_inff();
+      for (int v = 0; v < kKeyVecs; ++v) {
+        s[r][v] = s[r][v] * scale + loadv(term + (i0 + r) * N + v * kWidth);
+        top = top > s[r][v] ? top : s[r][v];
+      }
+      const float m = reduce_lanes(top, [](float a, float b) { return a > b ? a : b; });
+      fvec total = {};
+      for (int v = 0; v < kKeyVecs; ++v) {
+        s[r][v] = exp_nonpositive(s[r][v] - m);
+        total += s[r][v];
+      }
+      sum[r] = reduce_lanes(total, [](float a, float b) { return a + b; });
+      for (int w = 0; w < kKeyVecs / 2; ++w) storeuv(p[r] + w * kWidth, bf16_pairs(s[r][2 * w], s[r][2 * w + 1]));
     }
-    float m = top[0];
-    for (int l = 1; l < kWidth; ++l) m = top[l] > m ? top[l] : m;
-    fvec total = {};
-    for (int v = 0; v < kKeyVecs; ++v) {
-      s[v] = exp_nonpositive(s[v] - m);
-      total += s[v];
-    }
-    float sum = 0.f;
-    for (int l = 0; l < kWidth; ++l) sum += total[l];
-    uint32_t p[N / 2];  // the exponentials as bf16 pairs, in vp's pairing
-    for (int w = 0; w < kKeyVecs / 2; ++w) storeuv(p + w * kWidth, bf16_pairs(s[2 * w], s[2 * w + 1]));
-    fvec o[kDimVecs] = {};
+    fvec o[kQueries][kDimVecs] = {};
     for (int j2 = 0; j2 < N / 2; ++j2)
-      for (int u = 0; u < kDimVecs; ++u) o[u] = dot_pairs(o[u], loaduv(&vp[j2][u * kWidth]), p[j2]);
-    for (int u = 0; u < kDimVecs; ++u) store_lanes(out + i * c + u * kWidth, o[u] / sum);
+      for (int u = 0; u < kDimVecs; ++u) {
+        const uvec v = loaduv(&vp[j2][u * kWidth]);
+        for (int r = 0; r < kQueries; ++r) o[r][u] = dot_pairs(o[r][u], v, p[r][j2]);
+      }
+    for (int r = 0; r < kQueries; ++r)
+      for (int u = 0; u < kDimVecs; ++u) store_lanes(out + (i0 + r) * c + u * kWidth, o[r][u] / sum[r]);
   }
 }
 
