@@ -215,7 +215,10 @@ def window_attention_applies(qkv: Tensor, term: Tensor, heads: int) -> bool:
 def window_attention(qkv: Tensor, term: Tensor, heads: int, scale: float) -> Tensor:
     """``qkv [B', N, 3*C]`` bf16 (q, k, v of ``heads`` heads side by side), ``term [T, heads, N, N]``
     float32 -> ``softmax(q k^T * scale + term[b % T]) v`` per window ``b`` and head, ``[B', N, C]``
-    bf16, heads side by side (attention.cpp, docs/kernel.md §6)."""
+    bf16, heads side by side (attention.cpp, docs/kernel.md §6). Raises ``RuntimeError`` where the
+    kernels cannot build (:func:`window_attention_applies` says when to call it)."""
+    if not available():
+        raise RuntimeError(f"the C++ window attention needs the compiled kernels: {_state['reason']}")
     return torch.ops.bimacosr.window_attention(qkv.contiguous(), term.float().contiguous(), heads, scale)
 
 

@@ -124,6 +124,25 @@ def test_fused_window_attention_trains_under_bf16_autocast():
         torch.testing.assert_close(got, want, rtol=0.1, atol=0.1 * want.abs().max().item())
 
 
+def test_window_attention_falls_back_where_the_kernels_cannot_build(monkeypatch):
+    """Without the compiled kernels (no compiler, BIMACOSR_KERNEL=off) the block runs PyTorch's
+    attention, and asking for the kernel directly names why it cannot."""
+    from bimacosr import kernels
+    monkeypatch.setattr(kernels, "_state", {"ok": False, "reason": "RuntimeError: g++: command not found",
+                                            "line": "bimacosr: fused 1-bit kernel unavailable"})
+    attn = randomized(WindowAttention(192, 8, 6))
+    x = torch.randn(2, 64, 192, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        qkv = attn.qkv(x)
+        term = attn.position_bias().float().unsqueeze(0)
+        assert not kernels.window_attention_applies(qkv, term, 6)
+        got = attn._fused(qkv, None)
+        with pytest.raises(RuntimeError, match="g\\+\\+: command not found"):
+            kernels.window_attention(qkv, term, 6, attn.scale)
+    flash, _, _ = _flash_and_exact(qkv, term, 6, attn.scale)
+    assert torch.equal(got, flash)
+
+
 def test_group_norm_on_bf16_is_one_rounding_of_the_float32_route():
     norm = randomized(GroupNorm32(32, 64))
     x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last).bfloat16()
