@@ -196,7 +196,7 @@ def _has_bf16_pairs() -> bool:
     return "avx512_bf16" in cpu_flags()
 
 
-def window_attention_applies(qkv: Tensor, term: Tensor, heads: int) -> bool:
+def window_attention_applies(qkv: Tensor, bias: Tensor, heads: int) -> bool:
     """Whether :func:`window_attention` runs this call: bf16 on CPU with the CPU's own bf16 pairs
     (elsewhere PyTorch's attention is as good), a window and head size the build has, and no
     gradient wanted (the kernel has no backward). Builds the kernel on the first call."""
@@ -204,7 +204,7 @@ def window_attention_applies(qkv: Tensor, term: Tensor, heads: int) -> bool:
         return False
     if not _has_bf16_pairs():  # do not build the kernel for nothing
         return False
-    if torch.is_grad_enabled() and (qkv.requires_grad or term.requires_grad):
+    if torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad):
         return False
     if not available() or torch.ops.bimacosr.side_pairs() != NATIVE_PAIRS:
         return False
@@ -212,14 +212,17 @@ def window_attention_applies(qkv: Tensor, term: Tensor, heads: int) -> bool:
     return shape in torch.ops.bimacosr.window_attention_shapes().split(",")
 
 
-def window_attention(qkv: Tensor, term: Tensor, heads: int, scale: float) -> Tensor:
-    """``qkv [B', N, 3*C]`` bf16 (q, k, v of ``heads`` heads side by side), ``term [T, heads, N, N]``
-    float32 -> ``softmax(q k^T * scale + term[b % T]) v`` per window ``b`` and head, ``[B', N, C]``
-    bf16, heads side by side (attention.cpp, docs/kernel.md §6). Raises ``RuntimeError`` where the
-    kernels cannot build (:func:`window_attention_applies` says when to call it)."""
+def window_attention(qkv: Tensor, bias: Tensor, mask: Tensor | None, heads: int, scale: float) -> Tensor:
+    """``qkv [B', N, 3*C]`` bf16 (q, k, v of ``heads`` heads side by side), ``bias [heads, N, N]``
+    and ``mask [T, N, N]`` (or None) -> ``softmax(q k^T * scale + (bias + mask[b % T])) v`` per
+    window ``b`` and head, ``[B', N, C]`` bf16, heads side by side (attention.cpp, docs/kernel.md
+    §6); bias and mask in float32. Raises ``RuntimeError`` where the kernels cannot build
+    (:func:`window_attention_applies` says when to call it)."""
     if not available():
         raise RuntimeError(f"the C++ window attention needs the compiled kernels: {_state['reason']}")
-    return torch.ops.bimacosr.window_attention(qkv.contiguous(), term.float().contiguous(), heads, scale)
+    empty = bias.new_empty(0, dtype=torch.float32)
+    return torch.ops.bimacosr.window_attention(qkv.contiguous(), bias.float().contiguous(),
+                                               empty if mask is None else mask.float().contiguous(), heads, scale)
 
 
 LANES = 16

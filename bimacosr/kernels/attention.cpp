@@ -1,13 +1,15 @@
 // Window attention of the Swin blocks under bf16 (docs/kernel.md §6): per window and head,
-// softmax(q k^T * scale + term) v on bf16 pairs (vec.h's dot_pairs: vdpbf16ps with AVX512-BF16,
+// softmax(q k^T * scale + (bias + mask)) v on bf16 pairs (vec.h's dot_pairs: vdpbf16ps with AVX512-BF16,
 // written out in a test build), float32 logits, softmax and sums.
 //
 // bimacosr::window_attention(qkv [B', N, 3*C] bf16 (the qkv layer's output: q, k, v of each head
-//   side by side), term [T, H, N, N] float32 (relative-position bias, plus the shift mask), heads,
-//   scale) -> [B', N, C] bf16 (heads side by side, as the proj layer reads them); window b adds
-//   term[b % T]. As PyTorch's CPU flash attention computes it for bf16: logits summed in float32,
-//   the softmax's exponentials rounded to bf16 for the product with v, that product summed in
-//   float32 and divided by the float32 sum of the exponentials, the result rounded to bf16.
+//   side by side), bias [H, N, N] float32 (the relative-position bias), mask [T, N, N] float32 (the
+//   shift mask of each of an image's T windows) or empty, heads, scale) -> [B', N, C] bf16 (heads
+//   side by side, as the proj layer reads them); window b adds bias + mask[b % T], summed as the
+//   float32 term PyTorch's attention was given. As PyTorch's CPU flash attention computes it for bf16:
+//   logits summed in float32, the softmax's exponentials rounded to bf16 for the product with v,
+//   that product summed in float32 and divided by the float32 sum of the exponentials, the result
+//   rounded to bf16.
 // bimacosr::window_attention_shapes() -> the (N, D) pairs this build has, "64x32" ...
 //
 // One window and head at a time (at::parallel_for over B' x H): k^T as pairs of dimensions
@@ -63,7 +65,7 @@ inline float reduce_lanes(fvec v, Op op) {
 
 // One window b and head h: N queries, keys and values of D dimensions.
 template <int N, int D>
-void attend_head(const bf16* qkv, const float* term, int64_t c, float scale, bf16* out) {
+void attend_head(const bf16* qkv, const float* bias, const float* mask, int64_t c, float scale, bf16* out) {
   constexpr int kKeyVecs = N / kWidth, kDimVecs = D / kWidth;
   // queries at a time: their sums are independent chains (one query's 2-4 chains left vdpbf16ps
   // waiting on its latency); 4 x 4 logit vectors fit AVX-512's 32 registers, AVX2's 16 hold one query's
@@ -104,7 +106,8 @@ void attend_head(const bf16* qkv, const float* term, int64_t c, float scale, bf1
     for (int r = 0; r < kQueries; ++r) {
       fvec top = fvec{} - __builtin_inff();
       for (int v = 0; v < kKeyVecs; ++v) {
-        s[r][v] = s[r][v] * scale + loadv(term + (i0 + r) * N + v * kWidth);
+        const int64_t at = (i0 + r) * N + v * kWidth;
+        s[r][v] = s[r][v] * scale + (mask ? loadv(bias + at) + loadv(mask + at) : loadv(bias + at));
         top = top > s[r][v] ? top : s[r][v];
       }
       const float m = reduce_lanes(top, [](float a, float b) { return a > b ? a : b; });
@@ -129,26 +132,32 @@ void attend_head(const bf16* qkv, const float* term, int64_t c, float scale, bf1
 
 constexpr const char* kShapes = "64x32";  // (N, D) of attend_head's instances below
 
-at::Tensor window_attention(const at::Tensor& qkv, const at::Tensor& term, int64_t heads, double scale) {
+at::Tensor window_attention(const at::Tensor& qkv, const at::Tensor& bias, const at::Tensor& mask, int64_t heads,
+                            double scale) {
   TORCH_CHECK(qkv.dim() == 3 && qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous() && qkv.is_cpu() &&
                   qkv.size(2) % (3 * heads) == 0,
               "window_attention: qkv must be a contiguous bfloat16 CPU tensor [B', N, 3*C], C a multiple of heads");
   const int64_t windows = qkv.size(0), n = qkv.size(1), c = qkv.size(2) / 3, d = c / heads;
-  TORCH_CHECK(term.dim() == 4 && term.scalar_type() == at::kFloat && term.is_contiguous() && term.size(0) > 0 &&
-                  term.size(1) == heads && term.size(2) == n && term.size(3) == n,
-              "window_attention: term must be contiguous float32 [T, heads, N, N], got ", term.sizes());
+  TORCH_CHECK(bias.dim() == 3 && bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.size(0) == heads &&
+                  bias.size(1) == n && bias.size(2) == n,
+              "window_attention: bias must be contiguous float32 [heads, N, N], got ", bias.sizes());
+  const bool masked = mask.numel() > 0;
+  TORCH_CHECK(!masked || (mask.dim() == 3 && mask.scalar_type() == at::kFloat && mask.is_contiguous() &&
+                          mask.size(1) == n && mask.size(2) == n),
+              "window_attention: mask must be empty or contiguous float32 [T, N, N], got ", mask.sizes());
   auto head = n == 64 && d == 32 ? attend_head<64, 32> : nullptr;
   TORCH_CHECK(head != nullptr, "window_attention: no instance for N = ", n, ", D = ", d, " (has ", kShapes, ")");
   at::Tensor out = at::empty({windows, n, c}, qkv.options());
   const bf16* src = qkv.data_ptr<at::BFloat16>();
-  const float* tp = term.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  const float* mp = masked ? mask.data_ptr<float>() : nullptr;
   bf16* dst = out.data_ptr<at::BFloat16>();
-  const int64_t terms = term.size(0);
+  const int64_t terms = masked ? mask.size(0) : 1;
   at::parallel_for(0, windows * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / heads, h = item % heads;
-      head(src + b * n * 3 * c + h * d, tp + ((b % terms) * heads + h) * n * n, c, float(scale),
-           dst + b * n * c + h * d);
+      head(src + b * n * 3 * c + h * d, bp + h * n * n, masked ? mp + (b % terms) * n * n : nullptr, c,
+           float(scale), dst + b * n * c + h * d);
     }
   });
   return out;
@@ -160,7 +169,7 @@ std::string window_attention_shapes() { return kShapes; }
 }  // namespace bimacosr
 
 TORCH_LIBRARY_FRAGMENT(bimacosr, m) {
-  m.def("window_attention(Tensor qkv, Tensor term, int heads, float scale) -> Tensor");
+  m.def("window_attention(Tensor qkv, Tensor bias, Tensor mask, int heads, float scale) -> Tensor");
   m.impl("window_attention", c10::DispatchKey::CPU, TORCH_FN(bimacosr::window_attention));
   m.def("window_attention_shapes() -> str", &bimacosr::window_attention_shapes);
 }

@@ -127,10 +127,10 @@ class WindowAttention(nn.Module):
         dtype = torch.promote_types(qkv.dtype, torch.float32) if qkv.device.type == "cpu" else qkv.dtype
         term = eval_cached(self, f"position_bias_{dtype}", (self.relative_position_bias_table,),
                            lambda: self.position_bias().to(dtype).unsqueeze(0).contiguous())
+        if kernels.window_attention_applies(qkv, term, heads):  # window b adds the bias + mask[b % nw]
+            return kernels.window_attention(qkv, term[0], mask, heads, self.scale)
         if mask is not None:  # per window: [nw, heads, n, n]; out of place: gradients may flow
             term = term + mask[:, None].to(dtype)
-        if kernels.window_attention_applies(qkv, term, heads):  # window b adds term[b % nw]
-            return kernels.window_attention(qkv, term, heads, self.scale)
         q, k, v = qkv.reshape(bw, n, 3, heads, e // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)
         if mask is not None and bw != mask.shape[0]:  # repeated over the batch, contiguous as the kernel reads it
             term = term.repeat(bw // mask.shape[0], 1, 1, 1)

@@ -53,18 +53,20 @@ def _flash_and_exact(qkv: torch.Tensor, term: torch.Tensor, heads: int, scale: f
     return flash, exact, ulp + 2.0 ** -8 * spread
 
 
-@pytest.mark.parametrize("terms", [1, 4])
-def test_window_attention_kernel_sums_as_pytorchs_flash_attention(fused, terms):
+@pytest.mark.parametrize("masks", [0, 4])
+def test_window_attention_kernel_sums_as_pytorchs_flash_attention(fused, masks):
     """The C++ window attention (run on every CPU: with vdpbf16ps where there is one, written out
-    otherwise) against PyTorch's bf16 CPU attention: as close to the float64 result, and within one
-    bf16 rounding of PyTorch's result and of each exponential of it; window b adds term[b % T] (8
-    windows, T = 1 or the 4 windows of a shifted image, repeated over 2 images)."""
-    gen = torch.Generator().manual_seed(terms)
+    otherwise) against PyTorch's bf16 CPU attention given bias + mask as one float32 term: as close
+    to the float64 result, and within one bf16 rounding of PyTorch's result and of each exponential
+    of it; window b adds mask[b % T] (8 windows: no mask, or the 4 windows of a shifted image's mask
+    with its -100, repeated over 2 images)."""
+    gen = torch.Generator().manual_seed(masks)
     heads, n, d = 6, 64, 32
     qkv = (torch.randn(8, n, 3 * heads * d, generator=gen) * 1.5).bfloat16()
-    term = torch.randn(terms, heads, n, n, generator=gen)
-    term[..., 40:] -= 100.0 * (terms > 1)  # the shift mask's -100
-    got = torch.ops.bimacosr.window_attention(qkv, term, heads, d ** -0.5)
+    bias = torch.randn(heads, n, n, generator=gen)
+    mask = -100.0 * (torch.rand(masks, n, n, generator=gen) < 0.3) if masks else None
+    term = bias[None] if mask is None else bias[None] + mask[:, None]
+    got = torch.ops.bimacosr.window_attention(qkv, bias, torch.empty(0) if mask is None else mask, heads, d ** -0.5)
     flash, exact, bound = _flash_and_exact(qkv, term, heads, d ** -0.5)
     assert got.dtype == torch.bfloat16 and got.shape == (8, n, heads * d)
     error, flash_error = (got.double() - exact).abs(), (flash.double() - exact).abs()
@@ -74,13 +76,15 @@ def test_window_attention_kernel_sums_as_pytorchs_flash_attention(fused, terms):
 
 
 def test_window_attention_kernel_checks_its_inputs(fused):
-    qkv = torch.zeros(2, 64, 3 * 64, dtype=torch.bfloat16)
+    qkv, none = torch.zeros(2, 64, 3 * 64, dtype=torch.bfloat16), torch.empty(0)
     with pytest.raises(RuntimeError, match="no instance for N = 64, D = 16"):
-        torch.ops.bimacosr.window_attention(qkv, torch.zeros(1, 4, 64, 64), 4, 0.25)
-    with pytest.raises(RuntimeError, match="term must be contiguous float32"):
-        torch.ops.bimacosr.window_attention(qkv, torch.zeros(1, 2, 64, 32), 2, 0.25)
+        torch.ops.bimacosr.window_attention(qkv, torch.zeros(4, 64, 64), none, 4, 0.25)
+    with pytest.raises(RuntimeError, match="bias must be contiguous float32"):
+        torch.ops.bimacosr.window_attention(qkv, torch.zeros(2, 64, 32), none, 2, 0.25)
+    with pytest.raises(RuntimeError, match="mask must be empty or contiguous float32"):
+        torch.ops.bimacosr.window_attention(qkv, torch.zeros(2, 64, 64), torch.zeros(4, 64, 32), 2, 0.25)
     with pytest.raises(RuntimeError, match="contiguous bfloat16"):
-        torch.ops.bimacosr.window_attention(qkv.float(), torch.zeros(1, 2, 64, 64), 2, 0.25)
+        torch.ops.bimacosr.window_attention(qkv.float(), torch.zeros(2, 64, 64), none, 2, 0.25)
 
 
 @pytest.mark.parametrize("shifted", [False, True])
@@ -94,15 +98,16 @@ def test_window_attention_under_bf16_takes_the_kernel_where_the_cpu_has_bf16_pai
     x = torch.randn(8, 64, 192, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         qkv = attn.qkv(x)
-        term = attn.position_bias().float().unsqueeze(0) + (mask[:, None] if shifted else 0)
-        used = kernels.window_attention_applies(qkv, term, 6)
+        bias = attn.position_bias().float().unsqueeze(0)
+        term = bias + (mask[:, None] if shifted else 0)
+        used = kernels.window_attention_applies(qkv, bias, 6)
         got = attn._fused(qkv, mask)
     flash, _, bound = _flash_and_exact(qkv, term, 6, attn.scale)
     assert used == (kernels.available() and torch.ops.bimacosr.side_pairs() == kernels.NATIVE_PAIRS)
     assert ((got.double() - flash.double()).abs() <= bound).all()
     assert used or torch.equal(got, flash)
     qkv_grad = qkv.clone().requires_grad_(True)
-    assert not kernels.window_attention_applies(qkv_grad, term, 6)
+    assert not kernels.window_attention_applies(qkv_grad, bias, 6)
 
 
 def test_fused_window_attention_trains_under_bf16_autocast():
@@ -138,7 +143,7 @@ def test_window_attention_falls_back_where_the_kernels_cannot_build(monkeypatch)
         assert not kernels.window_attention_applies(qkv, term, 6)
         got = attn._fused(qkv, None)
         with pytest.raises(RuntimeError, match="g\\+\\+: command not found"):
-            kernels.window_attention(qkv, term, 6, attn.scale)
+            kernels.window_attention(qkv, term[0], None, 6, attn.scale)
     flash, _, _ = _flash_and_exact(qkv, term, 6, attn.scale)
     assert torch.equal(got, flash)
 
