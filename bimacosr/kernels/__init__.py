@@ -14,8 +14,8 @@ a later process loads a library only when it matches that record, directly (no l
 cache works), and otherwise builds afresh in the next folder ``<tag>_1``, ``<tag>_2``, ... (a
 truncated library crashed every process with a bus error). When the build fails (no compiler, no
 ninja, a compile error) or ``BIMACOSR_KERNEL=off``, the deploy layers run the stock PyTorch path
-(``torch._int_mm`` per tap, layers.py) instead. Either way one line on stderr, printed once per
-process, says which path runs.
+(``torch._int_mm`` per tap, layers.py) instead, and the Swin blocks PyTorch's attention. Either way
+one line on stderr, printed once per process, says which paths run.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ __all__ = ["ENV", "LANES", "available", "binary_conv", "build_dir", "op_argument
            "pack_sparse", "pack_weight_bits", "require", "status", "window_attention", "window_attention_applies"]
 
 ENV = "BIMACOSR_KERNEL"
-"""``off``: never build or use the fused kernel; ``auto`` (default): build it on first use."""
+"""``off``: never build or use the kernels; ``auto`` (default): build them on first use."""
 SOURCES = [Path(__file__).with_name(name) for name in ("binary.cpp", "bound.cpp", "attention.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("popcount.h", "side.h", "vec.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]  # -fopenmp: at::parallel_for is OpenMP in the headers
