@@ -58,7 +58,7 @@ def test_window_attention_kernel_sums_as_pytorchs_flash_attention(fused, masks):
     """The C++ window attention (run on every CPU: with vdpbf16ps where there is one, written out
     otherwise) against PyTorch's bf16 CPU attention given bias + mask as one float32 term: as close
     to the float64 result, and within one bf16 rounding of PyTorch's result and of each exponential
-    of it; window b adds mask[b % T] (8 windows: no mask, or the 4 windows of a shifted image's mask
+    of it (not bit for bit: PyTorch's exp and blocking differ, and by CPU); window b adds mask[b % T] (8 windows: no mask, or the 4 windows of a shifted image's mask
     with its -100, repeated over 2 images)."""
     gen = torch.Generator().manual_seed(masks)
     heads, n, d = 6, 64, 32
@@ -72,7 +72,6 @@ def test_window_attention_kernel_sums_as_pytorchs_flash_attention(fused, masks):
     error, flash_error = (got.double() - exact).abs(), (flash.double() - exact).abs()
     assert error.max() <= 1.25 * flash_error.max() and error.mean() <= 1.1 * flash_error.mean()
     assert ((got.double() - flash.double()).abs() <= bound).all()
-    assert (got == flash).float().mean() > 0.8
 
 
 def test_window_attention_kernel_checks_its_inputs(fused):
