@@ -225,7 +225,6 @@ def test_log_name_writes_the_original_log(photos, tmp_path, monkeypatch):
     assert "log" not in write_results(result, tmp_path / "plain")
 
 
-
 @pytest.mark.parametrize("device, words", [("banana", "not a device name"), ("cuda:99", "CUDA device")])
 def test_bad_device_is_one_line_before_any_work(photos, tmp_path, capsys, device, words):
     import metric
