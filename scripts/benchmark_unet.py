@@ -5,7 +5,9 @@ Variants: ``fp32`` the FP (SinSR) UNet in float32 | ``fp_bf16`` the same under
 path | ``deploy_float`` its float path (a float conv / matmul of ``s * sign(x)`` with the ±1
 weight) | ``deploy_fused`` the deploy UNet on the fused 1-bit kernel (skipped, with the reason, when
 the kernel cannot be built) | ``deploy_bf16`` the same with its FP parts (attention, norms, the
-two FP convs) under bf16 autocast, as ``--precision bf16`` runs it. All live in one process and
+two FP convs) under bf16 autocast, as ``--precision bf16`` runs it | ``fp_bf16_torch_attention``,
+``deploy_bf16_torch_attention``: those two with PyTorch's attention instead of the C++ window
+attention (``BIMACOSR_ATTENTION=torch``, docs/kernel.md §6; the same model). All live in one process and
 run in rounds, the order rotating each round, so a shared machine's load hits every variant
 alike; wall and process CPU time are reported as min / median / max, and the ratios come from
 the same rounds.
@@ -23,10 +25,12 @@ kernel's and the bound's G binary MAC/s, and over the step the summed kernel / b
 import contextlib
 import copy
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -35,8 +39,11 @@ sys.path.insert(0, str(REPO))
 
 from bimacosr.cli import argument_parser  # noqa: E402
 
-VARIANTS = ("fp32", "fp_bf16", "deploy_int", "deploy_float", "deploy_fused", "deploy_bf16")
+TORCH_ATTENTION = "_torch_attention"  # the variant with BIMACOSR_ATTENTION=torch
+VARIANTS = ("fp32", "fp_bf16", "deploy_int", "deploy_float", "deploy_fused", "deploy_bf16",
+            "fp_bf16" + TORCH_ATTENTION, "deploy_bf16" + TORCH_ATTENTION)
 BF16 = ("fp_bf16", "deploy_bf16")  # default only where the CPU has native bf16
+DEFAULT = VARIANTS[:6]
 
 
 def build_variants(names: list[str]) -> dict[str, tuple[torch.nn.Module, torch.dtype | None]]:
@@ -48,25 +55,28 @@ def build_variants(names: list[str]) -> dict[str, tuple[torch.nn.Module, torch.d
     from bimacosr.deploy import set_mode, to_deploy
     from bimacosr.smoke import randomize
 
+    twins = [n for n in names if n.endswith(TORCH_ATTENTION)]
+    names_built = [n for n in names if n not in twins] + [n.removesuffix(TORCH_ATTENTION) for n in twins]
     torch.manual_seed(0)
     cfg = load_config(REPO / "configs/BiMaCoSR.yaml")
     out: dict[str, tuple[torch.nn.Module, torch.dtype | None]] = {}
-    if {"fp32", "fp_bf16"} & set(names):
+    if {"fp32", "fp_bf16"} & set(names_built):
         fp = randomize(build_denoiser_from_config(cfg, "fp")).eval().requires_grad_(False)
-        out.update({n: (fp, torch.bfloat16 if n == "fp_bf16" else None) for n in ("fp32", "fp_bf16") if n in names})
-    if {"deploy_int", "deploy_float", "deploy_fused", "deploy_bf16"} & set(names):
+        out.update({n: (fp, torch.bfloat16 if n == "fp_bf16" else None) for n in ("fp32", "fp_bf16") if n in names_built})
+    if {"deploy_int", "deploy_float", "deploy_fused", "deploy_bf16"} & set(names_built):
         student = randomize(build_denoiser_from_config(cfg, "student")).eval().requires_grad_(False)
         deploy = to_deploy(student)
-        if "deploy_int" in names:
+        if "deploy_int" in names_built:
             out["deploy_int"] = (set_mode(copy.deepcopy(deploy), "int"), None)
-        if "deploy_float" in names:
+        if "deploy_float" in names_built:
             out["deploy_float"] = (set_mode(copy.deepcopy(deploy), "float"), None)
-        fused = [n for n in ("deploy_fused", "deploy_bf16") if n in names]
+        fused = [n for n in ("deploy_fused", "deploy_bf16") if n in names_built]
         if fused and kernels.available():
             model = set_mode(copy.deepcopy(deploy), "fused")
             out.update({n: (model, torch.bfloat16 if n == "deploy_bf16" else None) for n in fused})
         elif fused:
             print(f"{', '.join(fused)} skipped: {kernels.status()}", file=sys.stderr)
+    out.update({n: out[n.removesuffix(TORCH_ATTENTION)] for n in twins if n.removesuffix(TORCH_ATTENTION) in out})
     return {n: out[n] for n in names if n in out}
 
 
@@ -89,14 +99,17 @@ def run(names: list[str], size: int, rounds: int, batch: int) -> dict:
     x, t, lq = inputs(size, batch)
     for name, (model, autocast) in variants.items():  # warm-up: caches, kernel build, allocator
         step(model, autocast, x, t, lq)
+    from bimacosr import kernels
     wall: dict[str, list[float]] = {n: [] for n in variants}
     cpu: dict[str, list[float]] = {n: [] for n in variants}
     order = list(variants)
     for r in range(rounds):
         for name in order[r % len(order):] + order[:r % len(order)]:
             model, autocast = variants[name]
+            torch_attention = {kernels.ATTENTION_ENV: "torch"} if name.endswith(TORCH_ATTENTION) else {}
             w0, c0 = time.perf_counter(), time.process_time()
-            step(model, autocast, x, t, lq)
+            with mock.patch.dict(os.environ, torch_attention):
+                step(model, autocast, x, t, lq)
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.process_time() - c0)
     rows = {}
@@ -159,15 +172,15 @@ def main() -> None:
 
     ap = argument_parser(__doc__)
     ap.add_argument("--variants", nargs="+", choices=VARIANTS,
-                    default=[v for v in VARIANTS if v not in BF16 or native_bf16()],
-                    help="default: all, fp_bf16 and deploy_bf16 only where this CPU has native bf16 "
+                    default=[v for v in DEFAULT if v not in BF16 or native_bf16()],
+                    help="default: the first six, fp_bf16 and deploy_bf16 only where this CPU has native bf16 "
                          "(emulated: minutes per step)")
     ap.add_argument("--size", type=int, default=64, help="latent side (multiple of 64)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the result here")
-    ap.add_argument("--profile", choices=VARIANTS, help="print a profile of this variant instead")
+    ap.add_argument("--profile", choices=DEFAULT, help="print a profile of this variant instead")
     ap.add_argument("--top", type=int, default=25, help="rows of the profile table")
     ap.add_argument("--kernel-rates", action="store_true",
                     help="per layer, the fused kernel's rate beside the bound probe's (--rounds calls each)")
@@ -185,10 +198,10 @@ def main() -> None:
     result = run(args.variants, args.size, args.rounds, args.batch)
     print(f"UNet step, {args.size}x{args.size} latent, batch {args.batch}, {result['threads']} threads, "
           f"{args.rounds} rounds interleaved (seconds)")
-    print(f"{'variant':14s} {'min':>7s} {'median':>7s} {'max':>7s} {'cpu':>7s} {'vs fp32':>8s} {'vs bf16':>8s}")
+    print(f"{'variant':28s} {'min':>7s} {'median':>7s} {'max':>7s} {'cpu':>7s} {'vs fp32':>8s} {'vs bf16':>8s}")
     for name, row in result["variants"].items():
         ratios = [f"{row[k]:7.2f}x" if k in row else f"{'-':>8s}" for k in ("speedup_vs_fp32", "speedup_vs_fp_bf16")]
-        print(f"{name:14s} {row['wall_min']:7.3f} {row['wall_median']:7.3f} {row['wall_max']:7.3f} "
+        print(f"{name:28s} {row['wall_min']:7.3f} {row['wall_median']:7.3f} {row['wall_max']:7.3f} "
               f"{row['cpu_median']:7.3f} {ratios[0]} {ratios[1]}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

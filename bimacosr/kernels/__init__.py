@@ -36,11 +36,14 @@ from torch import Tensor
 from bimacosr.atomic import atomic_write_text, file_digest
 from bimacosr.cpu import cpu_flags
 
-__all__ = ["ENV", "LANES", "available", "binary_conv", "build_dir", "op_arguments", "pack_lowrank",
+__all__ = ["ATTENTION_ENV", "ENV", "LANES", "available", "binary_conv", "build_dir", "op_arguments", "pack_lowrank",
            "pack_sparse", "pack_weight_bits", "require", "status", "window_attention", "window_attention_applies"]
 
 ENV = "BIMACOSR_KERNEL"
 """``off``: never build or use the kernels; ``auto`` (default): build them on first use."""
+ATTENTION_ENV = "BIMACOSR_ATTENTION"
+"""``torch``: the Swin blocks keep PyTorch's attention (to compare, or on a CPU where it is faster);
+``auto`` (default): the C++ window attention where :func:`window_attention_applies`."""
 SOURCES = [Path(__file__).with_name(name) for name in ("binary.cpp", "bound.cpp", "attention.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("popcount.h", "side.h", "vec.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]  # -fopenmp: at::parallel_for is OpenMP in the headers
@@ -198,12 +201,13 @@ def _has_bf16_pairs() -> bool:
 
 def window_attention_applies(qkv: Tensor, bias: Tensor, heads: int) -> bool:
     """Whether :func:`window_attention` runs this call: bf16 on CPU with the CPU's own bf16 pairs
-    (elsewhere PyTorch's attention is as good), a window and head size the build has, and no
-    gradient wanted (the kernel has no backward). Builds the kernel on the first call."""
+    (elsewhere PyTorch's attention is as good), a window and head size the build has, no gradient
+    wanted (the kernel has no backward), and not ``BIMACOSR_ATTENTION=torch``. Builds the kernel
+    on the first call."""
     if qkv.dtype != torch.bfloat16 or qkv.device.type != "cpu" or qkv.dim() != 3 or qkv.shape[2] % (3 * heads):
         return False
-    if not _has_bf16_pairs():  # do not build the kernel for nothing
-        return False
+    if not _has_bf16_pairs() or os.environ.get(ATTENTION_ENV, "auto").lower() == "torch":
+        return False  # (no build for nothing)
     if torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad):
         return False
     if not available() or torch.ops.bimacosr.side_pairs() != NATIVE_PAIRS:

@@ -109,6 +109,20 @@ def test_window_attention_under_bf16_takes_the_kernel_where_the_cpu_has_bf16_pai
     assert not kernels.window_attention_applies(qkv_grad, bias, 6)
 
 
+def test_window_attention_is_pytorchs_with_bimacosr_attention_torch(monkeypatch):
+    """``BIMACOSR_ATTENTION=torch`` keeps PyTorch's attention in the blocks, bit for bit."""
+    from bimacosr import kernels
+    monkeypatch.setenv(kernels.ATTENTION_ENV, "torch")
+    attn = randomized(WindowAttention(192, 8, 6))
+    x = torch.randn(2, 64, 192, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        qkv = attn.qkv(x)
+        bias = attn.position_bias().float().unsqueeze(0)
+        assert not kernels.window_attention_applies(qkv, bias, 6)
+        got = attn._fused(qkv, None)
+    assert torch.equal(got, _flash_and_exact(qkv, bias, 6, attn.scale)[0])
+
+
 def test_fused_window_attention_trains_under_bf16_autocast():
     """Gradients through the fused form (below float32: train.amp=bf16) reach the bias table and
     the input, as the original's operations' do (the mask term was once built with out=, which
