@@ -75,13 +75,8 @@ void attend_head(const bf16* qkv, const float* bias, const float* mask, int64_t 
   const int64_t row = 3 * c;  // qkv's row: q, k, v of every head
   alignas(64) uint32_t kt[D / 2][N];  // kt[d2][j]: dimensions 2 d2, 2 d2 + 1 of key j
   alignas(64) uint32_t vp[N / 2][D];  // vp[j2][e]: dimension e of the two keys of pair j2
-  for (int j0 = 0; j0 < N; j0 += 8)  // k^T: 8 x 8 blocks of words transposed in registers
-    for (int d0 = 0; d0 < D / 2; d0 += 8) {
-      f32x8 r[8];
-      for (int j = 0; j < 8; ++j) std::memcpy(&r[j], qkv + (j0 + j) * row + c + 2 * d0, sizeof r[j]);
-      transpose8(r);
-      for (int d = 0; d < 8; ++d) std::memcpy(&kt[d0 + d][j0], &r[d], sizeof r[d]);
-    }
+  for (int j0 = 0; j0 < N; j0 += 8)  // k^T in 8 x 8 blocks of words
+    for (int d0 = 0; d0 < D / 2; d0 += 8) transpose_words8(qkv + j0 * row + c + 2 * d0, row, 8, &kt[d0][j0], N);
   for (int j2 = 0; j2 < N / 2; ++j2) {  // pair j2 = w kWidth + l: keys 2 w kWidth + l and (2 w + 1) kWidth + l
     const int a = 2 * (j2 / kWidth) * kWidth + j2 % kWidth, b = a + kWidth;
     for (int e = 0; e < D; e += 8) {

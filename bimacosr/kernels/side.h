@@ -35,15 +35,8 @@ void transpose_pairs(const bf16* x, int64_t n, int64_t c, uint32_t* pt) {
   const int64_t pairs = (c + 1) / 2;
   int64_t c2 = 0;
   for (; 2 * (c2 + 8) <= c; c2 += 8)  // 16 channels of 8 rows: a transpose of 32-bit words
-    for (int64_t q0 = 0; q0 < kPixels; q0 += 8) {
-      f32x8 r[8];
-      for (int64_t i = 0; i < 8; ++i) {
-        r[i] = f32x8{};
-        if (q0 + i < n) std::memcpy(&r[i], x + (q0 + i) * c + 2 * c2, sizeof r[i]);
-      }
-      transpose8(r);
-      for (int64_t j = 0; j < 8; ++j) std::memcpy(pt + (c2 + j) * kPixels + q0, &r[j], sizeof r[j]);
-    }
+    for (int64_t q0 = 0; q0 < kPixels; q0 += 8)
+      transpose_words8(x + q0 * c + 2 * c2, c, n - q0, pt + c2 * kPixels + q0, kPixels);
   for (; c2 < pairs; ++c2)
     for (int64_t q = 0; q < kPixels; ++q) {
       uint32_t word = 0;

@@ -95,7 +95,6 @@ inline void store_lanes(T* p, f32x8 v) { store8(p, v); }
 template <class T>
 inline void store_lanes(T* p, f32x16 v) { store16(p, v); }
 
-
 // The widest float vector of this build: 16 lanes with AVX-512, 8 otherwise.
 #ifdef __AVX512F__
 constexpr int64_t kWidth = 16;
@@ -182,6 +181,18 @@ inline void transpose8(f32x8 r[8]) {
     r[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
     r[j + 4] = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
+}
+
+// An 8 x 8 block of 32-bit words transposed in registers: dst[j * dst_stride + i] = word j of row i,
+// for the 8 rows of bf16 pairs at src, src_stride bf16 apart; rows from `rows` on read as 0.
+inline void transpose_words8(const bf16* src, int64_t src_stride, int64_t rows, uint32_t* dst, int64_t dst_stride) {
+  f32x8 r[8];
+  for (int64_t i = 0; i < 8; ++i) {
+    r[i] = f32x8{};
+    if (i < rows) std::memcpy(&r[i], src + i * src_stride, sizeof r[i]);
+  }
+  transpose8(r);
+  for (int64_t j = 0; j < 8; ++j) std::memcpy(dst + j * dst_stride, &r[j], sizeof r[j]);
 }
 
 }  // namespace bimacosr
