@@ -210,10 +210,16 @@ def window_attention_applies(qkv: Tensor, bias: Tensor, heads: int) -> bool:
         return False  # (no build for nothing)
     if torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad):
         return False
-    if not available() or torch.ops.bimacosr.side_pairs() != NATIVE_PAIRS:
-        return False
-    shape = f"{qkv.shape[1]}x{qkv.shape[2] // 3 // heads}"
-    return shape in torch.ops.bimacosr.window_attention_shapes().split(",")
+    return available() and f"{qkv.shape[1]}x{qkv.shape[2] // 3 // heads}" in _attention_shapes()
+
+
+@functools.cache
+def _attention_shapes() -> frozenset[str]:
+    """The ``NxD`` window and head sizes the loaded build's attention has, where its bf16 pairs are
+    the CPU's own instruction (none otherwise); read once, after :func:`available`."""
+    if torch.ops.bimacosr.side_pairs() != NATIVE_PAIRS:
+        return frozenset()
+    return frozenset(torch.ops.bimacosr.window_attention_shapes().split(","))
 
 
 def window_attention(qkv: Tensor, bias: Tensor, mask: Tensor | None, heads: int, scale: float) -> Tensor:
