@@ -24,7 +24,7 @@ from torch import nn
 from bimacosr.checkpoint import load_state_dict_into, read_state_dict
 from bimacosr.config import REPO_ROOT, ConfigError, load_config, require, to_plain
 from bimacosr.cpu import native_bf16
-from bimacosr.deploy import ExportInfo, deploy_params, export_deploy, load_deploy
+from bimacosr.deploy import deploy_params, load_deploy
 from bimacosr.diffusion import Schedule
 from bimacosr.models import build_denoiser, denoiser_skeleton, is_binarized, split_params
 from bimacosr.models.autoencoder import VQAutoencoder
@@ -34,7 +34,7 @@ from bimacosr.weights import MissingWeightsError, resolve_weight, resolve_weight
 
 __all__ = ["INFERENCE_KEYS", "Precision", "PRECISIONS", "InferenceFiles", "build_autoencoder",
            "build_denoiser_from_config", "build_inference_denoiser", "build_pipeline", "build_schedule",
-           "build_student", "build_teacher", "deployable_denoiser", "export_checkpoint", "freeze",
+           "build_student", "build_teacher", "deployable_denoiser", "freeze",
            "inference_files", "native_bf16", "resolve_precision"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -242,14 +242,6 @@ def deployable_denoiser(ckpt: str | os.PathLike,
                           f"deployed (use e.g. configs/BiMaCoSR.yaml)")
     path = resolve_weight(ckpt, what="BiMaCo checkpoint (--ckpt)")
     return build_inference_denoiser(cfg, InferenceFiles(autoencoder=None, ckpt=path)), params
-
-
-def export_checkpoint(ckpt: str | os.PathLike, config: str | os.PathLike | DictConfig, out: str | os.PathLike,
-                      *, fp16: bool = False) -> ExportInfo:
-    """Write the deploy file ``out`` of a BiMaCo checkpoint trained with ``config``
-    (:func:`deployable_denoiser`, then :func:`bimacosr.deploy.export_deploy`)."""
-    model, params = deployable_denoiser(ckpt, config)
-    return export_deploy(model, params, out, fp16=fp16)
 
 
 def scale_factor(cfg: DictConfig) -> int:

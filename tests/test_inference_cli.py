@@ -131,9 +131,10 @@ def test_torchrun_splits_files_across_processes(workdir):
 
 @pytest.mark.slow
 def test_packed_deploy_file_runs_batched_tiles(workdir):
-    from bimacosr.build import export_checkpoint
+    from bimacosr.build import deployable_denoiser
+    from bimacosr.deploy import export_deploy
 
-    export_checkpoint(workdir / "data/smoke/weights/bimacosr.pth", CONFIG, workdir / "deploy.safetensors")
+    export_deploy(*deployable_denoiser(workdir / "data/smoke/weights/bimacosr.pth", CONFIG), workdir / "deploy.safetensors")
     result = run(workdir, "-i", "big/astronaut.png", "-o", "dep", "--deploy", "deploy.safetensors",
                  "--chop_size", "64", "--chop_stride", "16", "--tile_batch", "4", "--channels_last")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -13,7 +13,7 @@ from bimacosr import build
 from bimacosr.atomic import _umask
 from bimacosr.checkpoint import CheckpointError
 from bimacosr.config import load_config, to_plain
-from bimacosr.build import export_checkpoint
+from bimacosr.build import deployable_denoiser
 from bimacosr.deploy import (DeployBinaryConv2d, DeployBinaryLinear, DeployFileError, export_deploy,
                              load_deploy, set_mode, to_deploy)
 from bimacosr.deploy.check import LAYER_TOLERANCE, layerwise_max_diff
@@ -99,7 +99,7 @@ def test_fp16_side_branches(fixture, fixture_file, tmp_path):
 @pytest.fixture(scope="module")
 def smoke(smoke_assets, tiny_bimaco_denoiser, tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "smoke_deploy.safetensors"
-    info = export_checkpoint(smoke_assets.weights["student"], SMOKE_CONFIG, out)
+    info = export_deploy(*deployable_denoiser(smoke_assets.weights["student"], SMOKE_CONFIG), out)
     return tiny_bimaco_denoiser, info, smoke_assets.weights["student"]
 
 
