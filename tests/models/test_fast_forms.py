@@ -86,21 +86,28 @@ def test_window_attention_kernel_checks_its_inputs(fused):
         torch.ops.bimacosr.window_attention(qkv.float(), torch.zeros(2, 64, 64), none, 2, 0.25)
 
 
+def _block_attention_in_bf16(windows: int, mask: torch.Tensor | None, seed: int):
+    """A released-size block attention (C = 192, 6 heads, 8 x 8 windows) in inference under bf16
+    autocast on ``windows`` random windows: ``(attn, qkv, bias [1, heads, N, N] float32, whether
+    the C++ kernel applies, the attention's output)``."""
+    from bimacosr import kernels
+    attn = randomized(WindowAttention(192, 8, 6))
+    x = torch.randn(windows, 64, 192, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        qkv = attn.qkv(x)
+        bias = attn.position_bias().float().unsqueeze(0)
+        return attn, qkv, bias, kernels.window_attention_applies(qkv, bias, 6), attn._fused(qkv, mask)
+
+
 @pytest.mark.parametrize("shifted", [False, True])
 def test_window_attention_under_bf16_takes_the_kernel_where_the_cpu_has_bf16_pairs(shifted):
     """In inference under bf16 autocast the block's attention runs the C++ kernel on a CPU with
     AVX512-BF16 (window and head size 64 x 32, as released), PyTorch's attention elsewhere and
     whenever gradients are wanted; either is PyTorch's bf16 result within the bound of _flash_and_exact."""
     from bimacosr import kernels
-    attn = randomized(WindowAttention(192, 8, 6))
     mask = shift_window_mask(16, 16, 8, 4) if shifted else None
-    x = torch.randn(8, 64, 192, generator=torch.Generator().manual_seed(2))
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        qkv = attn.qkv(x)
-        bias = attn.position_bias().float().unsqueeze(0)
-        term = bias + (mask[:, None] if shifted else 0)
-        used = kernels.window_attention_applies(qkv, bias, 6)
-        got = attn._fused(qkv, mask)
+    attn, qkv, bias, used, got = _block_attention_in_bf16(8, mask, seed=2)
+    term = bias + (mask[:, None] if shifted else 0)
     flash, _, bound = _flash_and_exact(qkv, term, 6, attn.scale)
     assert used == (kernels.available() and torch.ops.bimacosr.side_pairs() == kernels.NATIVE_PAIRS)
     assert ((got.double() - flash.double()).abs() <= bound).all()
@@ -113,13 +120,8 @@ def test_window_attention_is_pytorchs_with_bimacosr_attention_torch(monkeypatch)
     """``BIMACOSR_ATTENTION=torch`` keeps PyTorch's attention in the blocks, bit for bit."""
     from bimacosr import kernels
     monkeypatch.setenv(kernels.ATTENTION_ENV, "torch")
-    attn = randomized(WindowAttention(192, 8, 6))
-    x = torch.randn(2, 64, 192, generator=torch.Generator().manual_seed(4))
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        qkv = attn.qkv(x)
-        bias = attn.position_bias().float().unsqueeze(0)
-        assert not kernels.window_attention_applies(qkv, bias, 6)
-        got = attn._fused(qkv, None)
+    attn, qkv, bias, used, got = _block_attention_in_bf16(2, None, seed=4)
+    assert not used
     assert torch.equal(got, _flash_and_exact(qkv, bias, 6, attn.scale)[0])
 
 
@@ -148,17 +150,11 @@ def test_window_attention_falls_back_where_the_kernels_cannot_build(monkeypatch)
     from bimacosr import kernels
     monkeypatch.setattr(kernels, "_state", {"ok": False, "reason": "RuntimeError: g++: command not found",
                                             "line": "bimacosr: fused 1-bit kernel unavailable"})
-    attn = randomized(WindowAttention(192, 8, 6))
-    x = torch.randn(2, 64, 192, generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        qkv = attn.qkv(x)
-        term = attn.position_bias().float().unsqueeze(0)
-        assert not kernels.window_attention_applies(qkv, term, 6)
-        got = attn._fused(qkv, None)
-        with pytest.raises(RuntimeError, match="g\\+\\+: command not found"):
-            kernels.window_attention(qkv, term[0], None, 6, attn.scale)
-    flash, _, _ = _flash_and_exact(qkv, term, 6, attn.scale)
-    assert torch.equal(got, flash)
+    attn, qkv, bias, used, got = _block_attention_in_bf16(2, None, seed=3)
+    assert not used
+    with pytest.raises(RuntimeError, match="g\\+\\+: command not found"):
+        kernels.window_attention(qkv, bias[0], None, 6, attn.scale)
+    assert torch.equal(got, _flash_and_exact(qkv, bias, 6, attn.scale)[0])
 
 
 def test_group_norm_on_bf16_is_one_rounding_of_the_float32_route():
