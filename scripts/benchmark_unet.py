@@ -5,9 +5,11 @@ Variants: ``fp32`` the FP (SinSR) UNet in float32 | ``fp_bf16`` the same under
 path | ``deploy_float`` its float path (a float conv / matmul of ``s * sign(x)`` with the ±1
 weight) | ``deploy_fused`` the deploy UNet on the fused 1-bit kernel (skipped, with the reason, when
 the kernel cannot be built) | ``deploy_bf16`` the same with its FP parts (attention, norms, the
-two FP convs) under bf16 autocast, as ``--precision bf16`` runs it | ``fp_bf16_torch_attention``,
-``deploy_bf16_torch_attention``: those two with PyTorch's attention instead of the C++ window
-attention (``BIMACOSR_ATTENTION=torch``, docs/kernel.md §6; the same model). All live in one process and
+two FP convs) under bf16 autocast, as ``--precision bf16`` runs it | twins of those two, the same
+model with one C++ kernel of the FP parts switched off: ``*_torch_attention`` PyTorch's attention
+instead of the C++ window attention (``BIMACOSR_ATTENTION=torch``, docs/kernel.md §6),
+``*_torch_norm`` ATen's GroupNorm and SiLU instead of the C++ GroupNorm
+(``BIMACOSR_NORM=torch``, §7). All live in one process and
 run in rounds, the order rotating each round, so a shared machine's load hits every variant
 alike; wall and process CPU time are reported as min / median / max, and the ratios come from
 the same rounds.
@@ -38,12 +40,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bimacosr.cli import argument_parser  # noqa: E402
+from bimacosr.kernels import ATTENTION_ENV, NORM_ENV  # noqa: E402
 
-TORCH_ATTENTION = "_torch_attention"  # the variant with BIMACOSR_ATTENTION=torch
+TWINS = {"_torch_attention": ATTENTION_ENV, "_torch_norm": NORM_ENV}  # suffix -> the switch it sets to "torch"
 VARIANTS = ("fp32", "fp_bf16", "deploy_int", "deploy_float", "deploy_fused", "deploy_bf16",
-            "fp_bf16" + TORCH_ATTENTION, "deploy_bf16" + TORCH_ATTENTION)
+            *(base + suffix for suffix in TWINS for base in ("fp_bf16", "deploy_bf16")))
 BF16 = ("fp_bf16", "deploy_bf16")  # default only where the CPU has native bf16
 DEFAULT = VARIANTS[:6]
+
+
+def twin_of(name: str) -> tuple[str, str | None]:
+    """``(variant whose model it runs, the switch it sets to "torch")``; ``(name, None)`` for a
+    variant that is not a twin."""
+    for suffix, switch in TWINS.items():
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), switch
+    return name, None
 
 
 def build_variants(names: list[str]) -> dict[str, tuple[torch.nn.Module, torch.dtype | None]]:
@@ -55,8 +67,8 @@ def build_variants(names: list[str]) -> dict[str, tuple[torch.nn.Module, torch.d
     from bimacosr.deploy import set_mode, to_deploy
     from bimacosr.smoke import randomize
 
-    twins = [n for n in names if n.endswith(TORCH_ATTENTION)]
-    names_built = [n for n in names if n not in twins] + [n.removesuffix(TORCH_ATTENTION) for n in twins]
+    twins = {n: twin_of(n)[0] for n in names if twin_of(n)[1]}  # twin -> the variant whose model it runs
+    names_built = [n for n in names if n not in twins] + list(twins.values())
     torch.manual_seed(0)
     cfg = load_config(REPO / "configs/BiMaCoSR.yaml")
     out: dict[str, tuple[torch.nn.Module, torch.dtype | None]] = {}
@@ -76,7 +88,7 @@ def build_variants(names: list[str]) -> dict[str, tuple[torch.nn.Module, torch.d
             out.update({n: (model, torch.bfloat16 if n == "deploy_bf16" else None) for n in fused})
         elif fused:
             print(f"{', '.join(fused)} skipped: {kernels.status()}", file=sys.stderr)
-    out.update({n: out[n.removesuffix(TORCH_ATTENTION)] for n in twins if n.removesuffix(TORCH_ATTENTION) in out})
+    out.update({n: out[base] for n, base in twins.items() if base in out})
     return {n: out[n] for n in names if n in out}
 
 
@@ -99,16 +111,15 @@ def run(names: list[str], size: int, rounds: int, batch: int) -> dict:
     x, t, lq = inputs(size, batch)
     for name, (model, autocast) in variants.items():  # warm-up: caches, kernel build, allocator
         step(model, autocast, x, t, lq)
-    from bimacosr import kernels
     wall: dict[str, list[float]] = {n: [] for n in variants}
     cpu: dict[str, list[float]] = {n: [] for n in variants}
     order = list(variants)
     for r in range(rounds):
         for name in order[r % len(order):] + order[:r % len(order)]:
             model, autocast = variants[name]
-            torch_attention = {kernels.ATTENTION_ENV: "torch"} if name.endswith(TORCH_ATTENTION) else {}
+            switch = twin_of(name)[1]
             w0, c0 = time.perf_counter(), time.process_time()
-            with mock.patch.dict(os.environ, torch_attention):
+            with mock.patch.dict(os.environ, {switch: "torch"} if switch else {}):
                 step(model, autocast, x, t, lq)
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.process_time() - c0)

@@ -1,5 +1,6 @@
 """The C++ CPU kernels (docs/kernel.md) and their loader: the fused 1-bit op of the deploy layers
-(``binary.cpp``) and the bf16 window attention of the Swin blocks (``attention.cpp``, §6).
+(``binary.cpp``), the bf16 window attention of the Swin blocks (``attention.cpp``, §6) and the bf16
+GroupNorm + SiLU of the ResBlocks (``norm.cpp``, §7).
 
 One extension: the layer op (``binary.cpp``) and the bound probe (``bound.cpp``, the plain
 XOR-popcount GEMM that ``deploy/rates.py`` times beside it) share the popcount micro-kernel
@@ -14,7 +15,7 @@ a later process loads a library only when it matches that record, directly (no l
 cache works), and otherwise builds afresh in the next folder ``<tag>_1``, ``<tag>_2``, ... (a
 truncated library crashed every process with a bus error). When the build fails (no compiler, no
 ninja, a compile error) or ``BIMACOSR_KERNEL=off``, the deploy layers run the stock PyTorch path
-(``torch._int_mm`` per tap, layers.py) instead, and the Swin blocks PyTorch's attention. Either way
+(``torch._int_mm`` per tap, layers.py) instead, and the models PyTorch's attention and GroupNorm. Either way
 one line on stderr, printed once per process, says which paths run.
 """
 from __future__ import annotations
@@ -36,15 +37,19 @@ from torch import Tensor
 from bimacosr.atomic import atomic_write_text, file_digest
 from bimacosr.cpu import cpu_flags
 
-__all__ = ["ATTENTION_ENV", "ENV", "LANES", "available", "binary_conv", "build_dir", "op_arguments", "pack_lowrank",
-           "pack_sparse", "pack_weight_bits", "require", "status", "window_attention", "window_attention_applies"]
+__all__ = ["ATTENTION_ENV", "ENV", "LANES", "NORM_ENV", "available", "binary_conv", "build_dir", "group_norm",
+           "group_norm_applies", "op_arguments", "pack_lowrank", "pack_sparse", "pack_weight_bits", "require", "status",
+           "window_attention", "window_attention_applies"]
 
 ENV = "BIMACOSR_KERNEL"
 """``off``: never build or use the kernels; ``auto`` (default): build them on first use."""
 ATTENTION_ENV = "BIMACOSR_ATTENTION"
 """``torch``: the Swin blocks keep PyTorch's attention (to compare, or on a CPU where it is faster);
 ``auto`` (default): the C++ window attention where :func:`window_attention_applies`."""
-SOURCES = [Path(__file__).with_name(name) for name in ("binary.cpp", "bound.cpp", "attention.cpp")]
+NORM_ENV = "BIMACOSR_NORM"
+"""``torch``: the models keep ATen's GroupNorm and SiLU (to compare); ``auto`` (default): the C++
+GroupNorm (+ SiLU) where :func:`group_norm_applies`."""
+SOURCES = [Path(__file__).with_name(name) for name in ("binary.cpp", "bound.cpp", "attention.cpp", "norm.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("popcount.h", "side.h", "vec.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]  # -fopenmp: at::parallel_for is OpenMP in the headers
 
@@ -166,7 +171,7 @@ def _load() -> None:
                 f"{attention}; ready in {took:.1f} s, built in {_state['folder']}{rebuilt})")
     else:
         line = (f"bimacosr: fused 1-bit kernel unavailable ({_state['reason']}); deploy layers run "
-                f"the stock PyTorch int8 path, window attention PyTorch's")
+                f"the stock PyTorch int8 path, window attention and GroupNorm PyTorch's")
     _state["line"] = line
     print(line, file=sys.stderr, flush=True)
 
@@ -233,6 +238,31 @@ def window_attention(qkv: Tensor, bias: Tensor, mask: Tensor | None, heads: int,
     empty = bias.new_empty(0, dtype=torch.float32)
     return torch.ops.bimacosr.window_attention(qkv.contiguous(), bias.float().contiguous(),
                                                empty if mask is None else mask.float().contiguous(), heads, scale)
+
+
+def group_norm_applies(x: Tensor, *affine: Tensor) -> bool:
+    """Whether :func:`group_norm` runs for ``x``: a 4-d channels-last bf16 CPU map, no gradient wanted
+    of it or of the ``affine`` tensors (the kernel has no backward), and not ``BIMACOSR_NORM=torch``.
+    Builds the kernels on the first call."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 4:
+        return False
+    if not x.is_contiguous(memory_format=torch.channels_last) or os.environ.get(NORM_ENV, "auto").lower() == "torch":
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *affine)):
+        return False
+    return available()
+
+
+def group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float, silu: bool = False) -> Tensor:
+    """GroupNorm of a channels-last bf16 map ``x [N, C, H, W]`` with the affine ``weight``, ``bias``
+    (``[C]``, or ``[N, C]`` per image), then SiLU if ``silu``: bf16 in ``x``'s layout, each
+    operation rounded to bf16 as ATen's GroupNorm and SiLU on bf16 round it (norm.cpp,
+    docs/kernel.md §7). Raises ``RuntimeError`` where the kernels cannot build."""
+    if not available():
+        raise RuntimeError(f"the C++ GroupNorm needs the compiled kernels: {_state['reason']}")
+    n, c = x.shape[:2]
+    weight, bias = (t.float().expand(n, c).contiguous() for t in (weight, bias))
+    return torch.ops.bimacosr.group_norm(x, groups, weight, bias, eps, silu)
 
 
 LANES = 16

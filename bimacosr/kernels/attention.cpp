@@ -29,30 +29,6 @@
 namespace bimacosr {
 namespace {
 
-typedef int32_t ivec __attribute__((vector_size(kWidth * 4)));
-
-// exp(x) for x <= 0 (a logit minus its row's maximum), NaN kept: 2^(x log2 e) split into an integer
-// n and f in [-1/2, 1/2], 2^f by a degree-6 polynomial (relative error ~2e-7), 2^n in the exponent
-// bits; below -87.3 (2^-126) the result is the smallest normal times 2^f, as good as 0 in a softmax.
-inline fvec exp_nonpositive(fvec x) {
-  const fvec lowest = fvec{} - 87.3f;
-  x = x < lowest ? lowest : x;
-  const fvec t = x * 1.44269504088896341f;
-  const fvec n = (t + 12582912.f) - 12582912.f;  // to the nearest integer (1.5 * 2^23)
-  const fvec f = t - n;
-  fvec p = fvec{} + 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
-  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
-  fvec two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return p * two_n;
-}
-
 // The lanes of v combined pairwise, halves first (a tree: no chain of kWidth - 1 dependent steps).
 template <class Op>
 inline float reduce_lanes(fvec v, Op op) {
@@ -108,7 +84,7 @@ void attend_head(const bf16* qkv, const float* bias, const float* mask, int64_t 
       const float m = reduce_lanes(top, [](float a, float b) { return a > b ? a : b; });
       fvec total = {};
       for (int v = 0; v < kKeyVecs; ++v) {
-        s[r][v] = exp_nonpositive(s[r][v] - m);
+        s[r][v] = exp_lanes(s[r][v] - m);
         total += s[r][v];
       }
       sum[r] = reduce_lanes(total, [](float a, float b) { return a + b; });

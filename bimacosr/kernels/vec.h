@@ -118,6 +118,77 @@ inline uvec loaduv(const uint32_t* p) {
 
 inline void storeuv(uint32_t* p, uvec v) { std::memcpy(p, &v, sizeof v); }
 
+typedef int32_t ivec __attribute__((vector_size(kWidth * 4)));
+
+// kWidth bf16 values at p, exactly, in float32.
+inline fvec loadv(const bf16* p) {
+  typedef uint16_t u16v __attribute__((vector_size(kWidth * 2)));
+  u16v h;
+  std::memcpy(&h, p, sizeof h);
+  const uvec w = __builtin_convertvector(h, uvec) << 16;
+  fvec v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+
+inline void storev(bf16* p, fvec v) { store_lanes(p, v); }
+
+// v rounded to bf16 as store8 rounds it (to nearest even, NaN as 0xFFFF), in float32.
+inline fvec rounded_bf16(fvec v) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512DQ__)
+  if (__builtin_expect(_mm512_fpclass_ps_mask((__m512)v, 0x01 | 0x20 | 0x80) == 0, 1))  // as store16
+    return (fvec)_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)v)), 16);
+#endif
+  const uvec w = bf16_bits<fvec, uvec>(v) << 16;
+  fvec r;
+  std::memcpy(&r, &w, sizeof r);
+  return r;
+}
+
+// x clamped to [lo, hi] lane by lane, NaN kept (vmaxps / vminps return their second operand then).
+inline fvec clamp_lanes(fvec x, float lo, float hi) {
+#if defined(__AVX512F__)
+  return (fvec)_mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), (__m512)x));
+#elif defined(__AVX__)
+  return (fvec)_mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), (__m256)x));
+#else
+  x = x < lo ? fvec{} + lo : x;
+  return x > hi ? fvec{} + hi : x;
+#endif
+}
+
+// exp(x) for x in [-87.3, 88] (outside it the value at the nearer end; NaN kept): 2^(x log2 e) split
+// into an integer n and f in [-1/2, 1/2], 2^f by a degree-6 polynomial (relative error ~2e-7), 2^n
+// in the exponent bits. Below -87.3 (2^-126) the result stays the smallest normal times 2^f, as good
+// as 0 beside 1 (a softmax's largest term, SiLU's 1 + exp(-x)); above 88 it stays e^88 (~1.7e38).
+// K vectors in place, step by step: their K chains of dependent steps interleave.
+template <int K>
+inline void exp_lanes(fvec (&x)[K]) {
+  fvec n[K], p[K];
+  for (int k = 0; k < K; ++k) {
+    x[k] = clamp_lanes(x[k], -87.3f, 88.f);
+    x[k] *= 1.44269504088896341f;
+    n[k] = (x[k] + 12582912.f) - 12582912.f;  // to the nearest integer (1.5 * 2^23)
+    x[k] -= n[k];                             // f
+    p[k] = fvec{} + 1.535336188319500e-4f;
+  }
+  for (const float coefficient : {1.339887440266574e-3f, 9.618437357674640e-3f, 5.550332471162809e-2f,
+                                  2.402264791363012e-1f, 6.931472028550421e-1f, 1.f})
+    for (int k = 0; k < K; ++k) p[k] = p[k] * x[k] + coefficient;
+  for (int k = 0; k < K; ++k) {
+    const ivec bits = (__builtin_convertvector(n[k], ivec) + 127) << 23;
+    fvec two_n;
+    std::memcpy(&two_n, &bits, sizeof two_n);
+    x[k] = p[k] * two_n;
+  }
+}
+
+inline fvec exp_lanes(fvec x) {
+  fvec one[1] = {x};
+  exp_lanes(one);
+  return one[0];
+}
+
 // bf16 pairs: 32-bit words holding two bf16 values, the even-indexed one (a channel of an NHWC bf16
 // row, a rank of the LRMB) in the low half: docs/kernel.md §4.
 inline fvec low_bf16(uvec w) {

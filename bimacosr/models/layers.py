@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bimacosr import kernels
+
 
 def autocast_dtype(device: str) -> torch.dtype | None:
     """The autocast dtype active for ``device`` ("cpu", "cuda", ...), None when autocast is off there
@@ -66,34 +68,47 @@ def gelu_fresh(h: Tensor) -> Tensor:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back to the input dtype.
+    """GroupNorm computed in float32 and cast back to the input dtype, optionally followed by SiLU.
 
-    A bfloat16 input on CPU goes to the kernel as is: it normalises in float32 and rounds once
-    to bfloat16, without the two conversion passes (the same maths; the statistics may be summed
-    in another order, so a value can differ by one bfloat16 rounding; docs/speed.md §3).
+    A bfloat16 input on CPU is normalised in float32 and rounded once to bfloat16, without the two
+    conversion passes (the same maths; the statistics may be summed in another order, so a value
+    can differ by one bfloat16 rounding; docs/speed.md §3): a channels-last map by the C++ kernel,
+    which also applies the SiLU in the same pass (:func:`bimacosr.kernels.group_norm`), others by
+    ATen's GroupNorm.
     """
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return super().forward(x.float()).type(x.dtype)
+    def forward(self, x: Tensor, silu: bool = False) -> Tensor:
+        return self._normalize(x, self.weight, self.bias, silu)
 
-    def modulated(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        """``self(x) * (1 + scale) + shift`` (the ResBlocks' FiLM; ``scale``, ``shift`` ``[B, C, 1, 1]``).
+    def modulated(self, x: Tensor, scale: Tensor, shift: Tensor, silu: bool = False) -> Tensor:
+        """``self(x) * (1 + scale) + shift``, then SiLU if ``silu`` (the ResBlocks' FiLM; ``scale``,
+        ``shift`` ``[B, C, 1, 1]``).
 
-        One bf16 image on CPU: one GroupNorm whose affine is the product of both (``weight * (1 +
-        scale)``, ``bias * (1 + scale) + shift``, in float32), rounded once; the two elementwise
-        passes go (docs/speed.md §3). Otherwise the original's operations, in place on the fresh
-        normalised tensor unless it records a gradient (the same roundings).
+        bf16 on CPU: one GroupNorm whose affine is the product of both (``weight * (1 + scale)``,
+        ``bias * (1 + scale) + shift``, in float32, per image), rounded once; the two elementwise
+        passes go (docs/speed.md §3). ATen's affine is per channel, so without the kernel only one
+        image takes this form. Otherwise the original's operations, in place on the fresh normalised
+        tensor unless it records a gradient (the same roundings).
         """
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[0] == 1:
-            gain = 1 + scale.float().view(-1)
-            bias = torch.addcmul(shift.float().view(-1), self.bias, gain)
-            return F.group_norm(x, self.num_groups, self.weight * gain, bias, self.eps)
+        fold = x.dtype == torch.bfloat16 and x.device.type == "cpu"
+        if fold and (x.shape[0] == 1 or kernels.group_norm_applies(x, self.weight, scale, shift)):
+            gain = 1 + scale.float().flatten(1)
+            bias = torch.addcmul(shift.float().flatten(1), self.bias, gain)
+            return self._normalize(x, self.weight * gain, bias, silu)
         h = self(x)
-        if h.requires_grad:
-            return h * (1 + scale) + shift
-        return h.mul_(1 + scale).add_(shift)
+        h = h * (1 + scale) + shift if h.requires_grad else h.mul_(1 + scale).add_(shift)
+        return silu_fresh(h) if silu else h
+
+    def _normalize(self, x: Tensor, weight: Tensor, bias: Tensor, silu: bool) -> Tensor:
+        """GroupNorm of ``x`` with the affine ``weight``, ``bias`` (``[C]``, or ``[N, C]`` per image
+        where the kernel runs), then SiLU if ``silu``."""
+        if kernels.group_norm_applies(x, weight, bias):
+            return kernels.group_norm(x, self.num_groups, weight, bias, self.eps, silu)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            h = F.group_norm(x, self.num_groups, weight.view(-1), bias.view(-1), self.eps)
+        else:
+            h = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
+        return silu_fresh(h) if silu else h
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

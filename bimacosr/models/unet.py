@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bimacosr.models.layers import GroupNorm32, reduced_precision, residual, silu_fresh, timestep_embedding
+from bimacosr.models.layers import GroupNorm32, reduced_precision, residual, timestep_embedding
 from bimacosr.models.swin import BasicLayer
 
 
@@ -35,14 +35,14 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.in_layers[2](silu_fresh(self.in_layers[0](x)))
+        h = self.in_layers[2](self.in_layers[0](x, silu=True))
         e = self.emb_layers(emb).type(h.dtype)[..., None, None]
         norm = self.out_layers[0]
         if self.use_scale_shift_norm:
-            h = norm.modulated(h, *e.chunk(2, dim=1))
+            h = norm.modulated(h, *e.chunk(2, dim=1), silu=True)
         else:
-            h = norm(h + e)
-        h = self.out_layers[3](self.out_layers[2](silu_fresh(h)))
+            h = norm(h + e, silu=True)
+        h = self.out_layers[3](self.out_layers[2](h))
         return residual(self.skip_connection(x), h)
 
 
@@ -170,5 +170,5 @@ class UNetModelSwin(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        out = self.out[2](silu_fresh(self.out[0](h)))
+        out = self.out[2](self.out[0](h, silu=True))
         return out.contiguous() if to_channels_last else out

@@ -372,7 +372,8 @@ def test_every_other_popcount_path_on_a_test_build(fused):
     (``-mno-avx512vpopcntdq``), and the portable loop (``-mno-avx2``); on an AVX2 CPU the 8-lane
     path with its popcount emulated (``-DBIMACOSR_EMULATE_LANE_POPCOUNT``) and the portable loop.
     The builds with ``-DBIMACOSR_EMULATE_DOT_PAIRS`` multiply bf16 side branches in written-out
-    pairs, the portable one in float32, so that both forms run wherever the native build has the other."""
+    pairs, the portable one in float32, so that both forms run wherever the native build has the other.
+    Each build also runs the window attention and GroupNorm kernel tests at its vector widths."""
     native = torch.ops.bimacosr.path()
     if native not in ("AVX-512 VPOPCNTDQ popcount", "AVX2 nibble-table popcount"):
         pytest.skip(f"a CPU without AVX2 ({native}) builds no other path")
@@ -387,7 +388,7 @@ def test_every_other_popcount_path_on_a_test_build(fused):
                                  str(Path(__file__).with_name("test_bound.py")),
                                  str(REPO / "tests/models/test_fast_forms.py"),
                                  "-k", "equals_the_simulated or zero_weights or all_zero or every_bit or probe "
-                                       "or mixed or bf16 or window_attention_kernel",
+                                       "or mixed or bf16 or window_attention_kernel or group_norm_kernel",
                                  "-m", "not slow"],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         output = result.stdout + result.stderr

@@ -183,6 +183,117 @@ def test_modulated_group_norm(batch, dtype):
         torch.testing.assert_close(got.double(), want, rtol=2 ** -8, atol=1e-5)
 
 
+def _bf16_ulp(v: torch.Tensor) -> torch.Tensor:
+    """One bf16 rounding step at each value of ``v`` (float64): 2^(floor(log2 |v|) - 7)."""
+    return torch.exp2(torch.floor(torch.log2(v.double().abs().clamp_min(2.0 ** -126))) - 7)
+
+
+def _group_norm_inputs(shape, groups, offset, seed):
+    """A channels-last bf16 map ``shape`` (values ~3 · N(0, 1) + ``offset``) and a per-image affine."""
+    gen = torch.Generator().manual_seed(seed)
+    n, c = shape[:2]
+    x = (torch.randn(shape, generator=gen) * 3 + offset).to(torch.bfloat16, memory_format=torch.channels_last)
+    return x, torch.randn(n, c, generator=gen), torch.randn(n, c, generator=gen)
+
+
+# (shape, groups): whole vectors; a partial last vector with 16 lanes; one with 8 and 16 lanes; many pixels
+GROUP_NORM_SHAPES = [((2, 64, 8, 8), 32), ((1, 40, 5, 7), 8), ((1, 36, 3, 5), 4), ((1, 96, 33, 33), 32)]
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("shape, groups", GROUP_NORM_SHAPES)
+def test_group_norm_kernel_rounds_as_atens_group_norm_and_silu(fused, shape, groups, silu):
+    """The C++ GroupNorm (+ SiLU) of a channels-last bf16 map (norm.cpp, run on every CPU: its
+    vector widths are the build's) against ATen's GroupNorm and SiLU on bf16, image by image (the
+    affine is per image): every value within one bf16 rounding of ATen's (two with the SiLU: of its
+    input and its output; the statistics are summed in another order), nearly all identical, and
+    the layout kept."""
+    from bimacosr import kernels
+    x, weight, bias = _group_norm_inputs(shape, groups, 0.5, seed=sum(shape))
+    got = kernels.group_norm(x, groups, weight, bias, 1e-5, silu)
+    norm = torch.cat([F.group_norm(x[i:i + 1], groups, weight[i], bias[i], 1e-5) for i in range(shape[0])])
+    want = F.silu(norm) if silu else norm
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    bound = _bf16_ulp(want) + (_bf16_ulp(norm) if silu else 0)
+    assert ((got.double() - want.double()).abs() <= bound).all()
+    assert (got == want).double().mean() > 0.99
+
+
+def test_group_norm_kernel_statistics_keep_a_large_mean(fused):
+    """Values far from 0 (mean 200, spread 3): the statistics are summed from each channel's first
+    value, so the variance does not cancel; the result is one bf16 rounding of the float64 GroupNorm."""
+    from bimacosr import kernels
+    x, weight, bias = _group_norm_inputs((2, 64, 16, 16), 32, 200.0, seed=5)
+    got = kernels.group_norm(x, 32, weight, bias, 1e-5)
+    exact = torch.cat([F.group_norm(x[i:i + 1].double(), 32, weight[i].double(), bias[i].double(), 1e-5)
+                       for i in range(2)])
+    assert ((got.double() - exact).abs() <= _bf16_ulp(exact) / 2 + 1e-4 * exact.abs() + 1e-6).all()
+
+
+def test_group_norm_kernel_checks_its_inputs(fused):
+    from bimacosr import kernels
+    x, weight, bias = _group_norm_inputs((1, 64, 4, 4), 32, 0.0, seed=1)
+    with pytest.raises(RuntimeError, match="channels-last bfloat16"):
+        torch.ops.bimacosr.group_norm(x.contiguous(), 32, weight, bias, 1e-5, False)
+    with pytest.raises(RuntimeError, match="channels-last bfloat16"):
+        torch.ops.bimacosr.group_norm(x.float(), 32, weight, bias, 1e-5, False)
+    with pytest.raises(RuntimeError, match="64 channels are not 24 equal groups"):
+        torch.ops.bimacosr.group_norm(x, 24, weight, bias, 1e-5, False)
+    with pytest.raises(RuntimeError, match=r"weight and bias must be contiguous float32 \[N, C\]"):
+        torch.ops.bimacosr.group_norm(x, 32, weight[:, :32], bias, 1e-5, False)
+    empty = x[:, :, :0]
+    assert kernels.group_norm(empty, 32, weight, bias, 1e-5).shape == empty.shape
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+def test_group_norm_kernel_runs_in_the_resblocks_without_gradients(fused, monkeypatch, modulated):
+    """GroupNorm32 on a channels-last bf16 map takes the kernel with its SiLU (the FiLM folded into
+    a per-image affine: a batch too), ATen's operations when gradients are wanted or with
+    ``BIMACOSR_NORM=torch``; both within one bf16 rounding of each operation of the other."""
+    from bimacosr import kernels
+    calls = []
+    op = kernels.group_norm
+    monkeypatch.setattr(kernels, "group_norm", lambda *a, **k: calls.append(a[0].shape) or op(*a, **k))
+    norm = randomized(GroupNorm32(32, 64))
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 64, 8, 8, generator=gen).to(torch.bfloat16, memory_format=torch.channels_last)
+    scale, shift = (torch.randn(2, 64, 1, 1, generator=gen).bfloat16() for _ in range(2))
+
+    def run() -> torch.Tensor:
+        return norm.modulated(x, scale, shift, silu=True) if modulated else norm(x, silu=True)
+
+    with torch.no_grad():
+        got = run()
+        monkeypatch.setenv(kernels.NORM_ENV, "torch")
+        aten = run()
+    assert calls == [x.shape]
+    monkeypatch.delenv(kernels.NORM_ENV)
+    assert torch.equal(run().detach(), aten)  # gradients wanted: ATen's operations
+    assert calls == [x.shape]
+    if modulated:  # ATen's route for a batch: GroupNorm, FiLM and SiLU, each rounded to bf16
+        exact = F.group_norm(x.double(), 32, norm.weight.double(), norm.bias.double(), norm.eps)
+        exact = F.silu(exact * (1 + scale.double()) + shift.double())
+        assert ((got.double() - exact).abs() <= 2 * _bf16_ulp(exact) + 1e-6).all()
+    else:
+        assert ((got.double() - aten.double()).abs() <= 2 * _bf16_ulp(aten)).all()
+
+
+def test_group_norm_falls_back_where_the_kernels_cannot_build(monkeypatch):
+    """Without the compiled kernels GroupNorm32 runs ATen's GroupNorm and SiLU, bit for bit, and
+    asking for the kernel directly names why it cannot."""
+    from bimacosr import kernels
+    monkeypatch.setattr(kernels, "_state", {"ok": False, "reason": "RuntimeError: g++: command not found",
+                                            "line": "bimacosr: fused 1-bit kernel unavailable"})
+    norm = randomized(GroupNorm32(32, 64))
+    x, weight, bias = _group_norm_inputs((1, 64, 4, 4), 32, 0.0, seed=2)
+    with torch.no_grad():
+        got = norm(x, silu=True)
+    assert torch.equal(got, F.silu(F.group_norm(x, 32, norm.weight, norm.bias, norm.eps)))
+    with pytest.raises(RuntimeError, match="g\\+\\+: command not found"):
+        kernels.group_norm(x, 32, weight, bias, 1e-5)
+
+
 def test_residual_keeps_the_layout_of_the_original_sum():
     x = torch.randn(1, 32, 4, 4)
     h = torch.randn(1, 32, 4, 4).to(memory_format=torch.channels_last)
