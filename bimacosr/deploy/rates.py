@@ -9,7 +9,6 @@ with the layer's binary MACs, ``pixels x Cout x Cin x taps``, so their rates com
 """
 from __future__ import annotations
 
-import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -23,24 +22,24 @@ from bimacosr import kernels
 
 @dataclass
 class Call:
-    """One ``binary_conv`` call: the layer's name and its arguments by name (``x``, ``cout``, ...)."""
+    """One ``binary_conv`` call: the layer's name and the op's positional arguments
+    (:func:`bimacosr.kernels.op_arguments`: ``x, wbits, wmask, cout, ..., k, stride, padding``)."""
 
     name: str
-    args: dict
+    args: tuple
 
     @property
     def shape(self) -> dict[str, int]:
         """``pixels`` (output), ``cin``, ``cout``, ``taps``, ``words`` per tap, ``macs`` (binary)."""
-        a = self.args
-        b, h, w, cin = a["x"].shape
-        k, stride, pad = a["kernel"], a["stride"], a["padding"]
+        x, cout, (k, stride, pad) = self.args[0], self.args[3], self.args[-3:]
+        b, h, w, cin = x.shape
         ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
         pixels, taps = b * ho * wo, k * k
-        return {"pixels": pixels, "cin": cin, "cout": a["cout"], "taps": taps, "words": (cin + 63) // 64,
-                "macs": pixels * a["cout"] * cin * taps}
+        return {"pixels": pixels, "cin": cin, "cout": cout, "taps": taps, "words": (cin + 63) // 64,
+                "macs": pixels * cout * cin * taps}
 
     def run(self) -> Tensor:
-        return kernels.binary_conv(**self.args)
+        return kernels.binary_conv_op(*self.args)
 
 
 def record_calls(model: nn.Module, run: Callable[[], object]) -> list[Call]:
@@ -51,23 +50,17 @@ def record_calls(model: nn.Module, run: Callable[[], object]) -> list[Call]:
     current = [""]
     hooks = [m.register_forward_pre_hook(lambda mod, a, name=name: current.__setitem__(0, name))
              for name, m in model.named_modules() if isinstance(m, (DeployBinaryConv2d, DeployBinaryLinear))]
-    original = kernels.binary_conv
+    original = kernels.binary_conv_op
 
-    signature = inspect.signature(original)
+    def recording(*args):
+        calls.append(Call(current[0], (args[0].clone(), *args[1:])))  # the model may add a residual into x later
+        return original(*args)
 
-    def recording(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        named = dict(bound.arguments)
-        named["x"] = named["x"].clone()  # the model may later add a residual into it in place
-        calls.append(Call(current[0], named))
-        return original(*args, **kwargs)
-
-    kernels.binary_conv = recording
+    kernels.binary_conv_op = recording
     try:
         run()
     finally:
-        kernels.binary_conv = original
+        kernels.binary_conv_op = original
         for h in hooks:
             h.remove()
     return calls

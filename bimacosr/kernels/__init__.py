@@ -37,7 +37,8 @@ from torch import Tensor
 from bimacosr.atomic import atomic_write_text, file_digest
 from bimacosr.cpu import cpu_flags
 
-__all__ = ["ATTENTION_ENV", "ENV", "LANES", "NORM_ENV", "available", "binary_conv", "build_dir", "group_norm",
+__all__ = ["ATTENTION_ENV", "ENV", "LANES", "NORM_ENV", "available", "binary_conv", "binary_conv_op", "build_dir",
+           "group_norm",
            "group_norm_applies", "op_arguments", "pack_lowrank", "pack_sparse", "pack_weight_bits", "require", "status",
            "window_attention", "window_attention_applies"]
 
@@ -331,11 +332,17 @@ def binary_conv(x: Tensor, bits: Tensor, mask: Tensor, cout: int, alpha: Tensor,
     epilogue, ``alpha * sum_t s_t * dot_t + shift``, then RPReLU (``slope``, ``beta1``) if given,
     then the side branches on the same pixel if given (``lowrank`` from :func:`pack_lowrank`,
     ``sparse`` from :func:`pack_sparse`; only where ``Ho, Wo == H, W``)."""
-    return torch.ops.bimacosr.binary_conv(*op_arguments(x, bits, mask, cout, alpha, shift, slope, beta1, kernel,
-                                                        stride, padding, lowrank, sparse))
+    return binary_conv_op(*op_arguments(x, bits, mask, cout, alpha, shift, slope, beta1, kernel, stride, padding,
+                                        lowrank, sparse))
 
 
-def op_arguments(x: Tensor, bits: Tensor, mask: Tensor, cout: int, alpha: Tensor, shift: Tensor,
+def binary_conv_op(*args: object) -> Tensor:
+    """``torch.ops.bimacosr.binary_conv`` on its positional arguments (:func:`op_arguments`): every
+    call of the deploy layers comes through here (``deploy/rates.py`` records them here)."""
+    return torch.ops.bimacosr.binary_conv(*args)
+
+
+def op_arguments(x: Tensor | None, bits: Tensor, mask: Tensor, cout: int, alpha: Tensor, shift: Tensor,
                  slope: Tensor | None, beta1: Tensor | None, kernel: int, stride: int, padding: int,
                  lowrank: tuple[Tensor, Tensor] | None = None,
                  sparse: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple:

@@ -178,6 +178,41 @@ def test_fused_layer_reads_and_writes_bf16_as_the_float_route_would(fused, make,
     assert not torch.equal(out, route.to(torch.bfloat16))  # the pairs were used
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_calls_go_straight_to_the_kernel_on_a_plan_made_once(fused, monkeypatch, dtype):
+    """A call the kernel reads as it is (float32, or bf16 with the side branches in the kernel) runs
+    the op on the layer's cached arguments: the output of the checked route bit for bit, one op
+    call, the plan made once per mode, dtype and height; another mode, the Downsample's shortcut or
+    float16 have no plan and take their routes."""
+    calls = []
+    op = kernels.binary_conv_op
+    monkeypatch.setattr(kernels, "binary_conv_op", lambda *a: calls.append(a[0].shape) or op(*a))
+    convs = [DeployBinaryConv2d.from_simulated(_randomize(BiMaCoConv2d.from_float(nn.Conv2d(64, 48, k, st, k // 2)), 1))
+             for k, st in ((3, 1), (1, 1))]
+    linear = DeployBinaryLinear.from_simulated(BiMaCoLinear.from_float(nn.Linear(70, 40)))
+    for layer, x in ((convs[0], _input((2, 64, 5, 7), 1)), (convs[1], _input((1, 64, 4, 4), 2)),
+                     (linear, _input((3, 4, 70), 3))):
+        x = x.to(dtype, memory_format=torch.channels_last) if x.dim() == 4 else x.to(dtype)
+        with torch.inference_mode():
+            want = layer._forward(x)  # the route with its checks (autocast is off here)
+            calls.clear()
+            got = [layer(x), layer(x)]
+        assert len(calls) == 2 and all(torch.equal(g, want) and g.dtype == dtype for g in got)
+        plans = [key for key in layer._cache if key[0] == "plan"]
+        assert len(plans) == 1 and layer._cache[plans[0]] is not None
+        with torch.inference_mode():
+            assert torch.equal(set_mode(layer, "int")(x), layer._forward(x.float()).to(dtype))
+        assert layer._cache[("plan", "int", "auto", dtype, *plans[0][4:])] is None
+        set_mode(layer, "auto")
+    shortcut = DeployBinaryConv2d.from_simulated(BiMaCoConv2d.from_float(nn.Conv2d(64, 64, 3, 2, 1)))
+    with torch.inference_mode():
+        shortcut(_input((1, 64, 6, 4), 5).to(dtype))
+        linear(_input((2, 70), 6).half())
+    cpu = torch.device("cpu")
+    assert shortcut._cache[("plan", "auto", "auto", dtype, 6, cpu)] is None
+    assert linear._cache[("plan", "auto", "auto", torch.float16, 0, cpu)] is None
+
+
 def _lowrank_on(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     """The layer's LRMB on ``x`` (stride 1) in the layer's output layout, float64: as the float route
     computes it, with its factors and first product rounded to bf16 (the kernel's pairs), and the
