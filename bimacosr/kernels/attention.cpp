@@ -29,14 +29,21 @@
 namespace bimacosr {
 namespace {
 
-// The lanes of v combined pairwise, halves first (a tree: no chain of kWidth - 1 dependent steps).
+// The lanes of v combined pairwise, halves first (a tree: no chain of kWidth - 1 dependent steps),
+// on vector halves: op works on vectors and on floats.
 template <class Op>
 inline float reduce_lanes(fvec v, Op op) {
-  float lanes[kWidth];
-  std::memcpy(lanes, &v, sizeof lanes);
-  for (int half = kWidth / 2; half > 0; half /= 2)
-    for (int l = 0; l < half; ++l) lanes[l] = op(lanes[l], lanes[l + half]);
-  return lanes[0];
+  typedef float f32x4 __attribute__((vector_size(16)));
+  typedef float f32x2 __attribute__((vector_size(8)));
+#ifdef __AVX512F__
+  const f32x8 h8 = op(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                      __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+#else
+  const f32x8 h8 = v;
+#endif
+  const f32x4 h4 = op(__builtin_shufflevector(h8, h8, 0, 1, 2, 3), __builtin_shufflevector(h8, h8, 4, 5, 6, 7));
+  const f32x2 h2 = op(__builtin_shufflevector(h4, h4, 0, 1), __builtin_shufflevector(h4, h4, 2, 3));
+  return op(h2[0], h2[1]);
 }
 
 // One window b and head h: N queries, keys and values of D dimensions.
@@ -81,13 +88,12 @@ void attend_head(const bf16* qkv, const float* bias, const float* mask, int64_t 
         s[r][v] = s[r][v] * scale + (mask ? loadv(bias + at) + loadv(mask + at) : loadv(bias + at));
         top = top > s[r][v] ? top : s[r][v];
       }
-      const float m = reduce_lanes(top, [](float a, float b) { return a > b ? a : b; });
+      const float m = reduce_lanes(top, [](auto a, auto b) { return a > b ? a : b; });
+      for (int v = 0; v < kKeyVecs; ++v) s[r][v] -= m;
+      exp_lanes(s[r]);  // the query's kKeyVecs vectors side by side
       fvec total = {};
-      for (int v = 0; v < kKeyVecs; ++v) {
-        s[r][v] = exp_lanes(s[r][v] - m);
-        total += s[r][v];
-      }
-      sum[r] = reduce_lanes(total, [](float a, float b) { return a + b; });
+      for (int v = 0; v < kKeyVecs; ++v) total += s[r][v];
+      sum[r] = reduce_lanes(total, [](auto a, auto b) { return a + b; });
       for (int w = 0; w < kKeyVecs / 2; ++w) storeuv(p[r] + w * kWidth, bf16_pairs(s[r][2 * w], s[r][2 * w + 1]));
     }
     fvec o[kQueries][kDimVecs] = {};
