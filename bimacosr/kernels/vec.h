@@ -41,14 +41,18 @@ inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
 // bits are the same on every build.
 using bf16 = c10::BFloat16;
 
-inline f32x8 load8(const bf16* p) {
-  u16x8 h;
+template <class V, class U>  // a float vector and the uint32 vector of its width, from bf16 at p, exactly
+inline V load_bf16_lanes(const bf16* p) {
+  typedef uint16_t H __attribute__((vector_size(sizeof(V) / 2)));
+  H h;
   std::memcpy(&h, p, sizeof h);
-  const u32x8 w = __builtin_convertvector(h, u32x8) << 16;
-  f32x8 v;
+  const U w = __builtin_convertvector(h, U) << 16;
+  V v;
   std::memcpy(&v, &w, sizeof v);
   return v;
 }
+
+inline f32x8 load8(const bf16* p) { return load_bf16_lanes<f32x8, u32x8>(p); }
 
 // The bf16 bits of each float (in the low 16 bits of its lane): to nearest even, NaN as 0xFFFF.
 template <class F, class U>  // a float vector and the uint32 vector of its width
@@ -120,16 +124,7 @@ inline void storeuv(uint32_t* p, uvec v) { std::memcpy(p, &v, sizeof v); }
 
 typedef int32_t ivec __attribute__((vector_size(kWidth * 4)));
 
-// kWidth bf16 values at p, exactly, in float32.
-inline fvec loadv(const bf16* p) {
-  typedef uint16_t u16v __attribute__((vector_size(kWidth * 2)));
-  u16v h;
-  std::memcpy(&h, p, sizeof h);
-  const uvec w = __builtin_convertvector(h, uvec) << 16;
-  fvec v;
-  std::memcpy(&v, &w, sizeof v);
-  return v;
-}
+inline fvec loadv(const bf16* p) { return load_bf16_lanes<fvec, uvec>(p); }
 
 inline void storev(bf16* p, fvec v) { store_lanes(p, v); }
 
