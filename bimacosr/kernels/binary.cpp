@@ -52,7 +52,8 @@ namespace {
 template <class T>  // float or bf16
 void pack_rows(const T* x, int64_t rows, int64_t c, int64_t words, uint64_t* bits,
                uint64_t* mask, float* scale, int32_t* nonzero) {
-  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+  // by rows of at least 8192 values a thread: the deep levels' 64 wide rows went to one thread
+  at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / c), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const T* row = x + m * c;
       float total = 0.f;
