@@ -9,7 +9,7 @@
 //   rounded y, rounded to bf16 again (as ATen's SiLU on that GroupNorm's output). The affine is per
 //   image, so the ResBlocks' FiLM (weight·(1 + scale), bias·(1 + scale) + shift) folds into it.
 //
-// Two passes over x, each an at::parallel_for: the statistics, per task kChunk pixels of one image
+// Two passes over x, each an at::parallel_for: the statistics, per task up to kChunk pixels of one image
 // summed per channel in float32 (x - x[pixel 0] and its square: no cancellation of a large mean),
 // added up per image in double; then y, pixel by pixel. A row whose channels are not whole vectors
 // is read and written through a zero-padded copy, so every lane runs the same vector code.
@@ -28,7 +28,7 @@
 namespace bimacosr {
 namespace {
 
-constexpr int64_t kChunk = 64;  // pixels per statistics task: their float32 sums are added into double
+constexpr int64_t kChunk = 64;  // pixels per statistics task at most: their float32 sums are added into double
 
 // Row p of x [M, c] as whole vectors: x's own memory, or a copy in pad [kWidth * ceil(c / kWidth)]
 // (zeros past c) when c is not a multiple of kWidth.
@@ -99,8 +99,10 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
 
   // per image: the origin (its pixel 0, zero padded) and the sums [parts, N, 2, cp] of each part of
   // the tasks (kChunk pixels of one image), one part per thread
-  const int64_t chunks = (hw + kChunk - 1) / kChunk, tasks = n * chunks;
-  const int64_t parts = std::min<int64_t>(at::get_num_threads(), tasks);
+  const int64_t threads = at::get_num_threads();
+  const int64_t span = std::min(kChunk, std::max<int64_t>(8, (hw + threads - 1) / threads));  // small maps: every thread
+  const int64_t chunks = (hw + span - 1) / span, tasks = n * chunks;
+  const int64_t parts = std::min(threads, tasks);
   std::vector<float> origin(n * cp, 0.f);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t k = 0; k < c; ++k) origin[i * cp + k] = float(src[i * hw * c + k]);
@@ -110,7 +112,7 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
     std::vector<float> chunk(2 * cp);
     for (int64_t part = begin; part < end; ++part)
       for (int64_t task = part * tasks / parts; task < (part + 1) * tasks / parts; ++task) {
-        const int64_t i = task / chunks, p0 = task % chunks * kChunk, p1 = std::min(hw, p0 + kChunk);
+        const int64_t i = task / chunks, p0 = task % chunks * span, p1 = std::min(hw, p0 + span);
         const bf16* image = src + i * hw * c;
         int64_t v = 0;
         for (; v + 8 <= cp / kWidth; v += 8) chunk_sums<8>(image, c, p0, p1, v, origin.data() + i * cp, pad.data(), chunk.data(), cp);
@@ -153,7 +155,7 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
     }
   }
 
-  at::parallel_for(0, n * hw, kChunk, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n * hw, std::max<int64_t>(1, 8192 / cp), [&](int64_t begin, int64_t end) {  // >= 8192 values a thread
     std::vector<bf16> pad(cp), res(cp);
     for (int64_t m = begin; m < end; ++m) {
       const int64_t i = m / hw;
