@@ -1,6 +1,6 @@
 """The C++ CPU kernels (docs/kernel.md) and their loader: the fused 1-bit op of the deploy layers
 (``binary.cpp``), the bf16 window attention of the Swin blocks (``attention.cpp``, §6) and the bf16
-GroupNorm + SiLU of the ResBlocks (``norm.cpp``, §7).
+GroupNorm (+ SiLU) of both models' channels-last maps (``norm.cpp``, §7).
 
 One extension: the layer op (``binary.cpp``) and the bound probe (``bound.cpp``, the plain
 XOR-popcount GEMM that ``deploy/rates.py`` times beside it) share the popcount micro-kernel
@@ -38,9 +38,8 @@ from bimacosr.atomic import atomic_write_text, file_digest
 from bimacosr.cpu import cpu_flags
 
 __all__ = ["ATTENTION_ENV", "ENV", "LANES", "NORM_ENV", "available", "binary_conv", "binary_conv_op", "build_dir",
-           "group_norm",
-           "group_norm_applies", "op_arguments", "pack_lowrank", "pack_sparse", "pack_weight_bits", "require", "status",
-           "window_attention", "window_attention_applies"]
+           "group_norm", "group_norm_applies", "op_arguments", "pack_lowrank", "pack_sparse", "pack_weight_bits",
+           "require", "status", "window_attention", "window_attention_applies"]
 
 ENV = "BIMACOSR_KERNEL"
 """``off``: never build or use the kernels; ``auto`` (default): build them on first use."""
@@ -347,7 +346,8 @@ def op_arguments(x: Tensor | None, bits: Tensor, mask: Tensor, cout: int, alpha:
                  lowrank: tuple[Tensor, Tensor] | None = None,
                  sparse: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple:
     """:func:`binary_conv`'s arguments in the op's positional form (empty tensors for what a layer
-    lacks), for ``torch.ops.bimacosr.binary_conv`` or another build of it (scripts/kernel_ab.py)."""
+    lacks), for :func:`binary_conv_op` or another build of the op (scripts/kernel_ab.py); a deploy
+    layer keeps those after ``x`` (``x=None``) as its plan."""
     empty = alpha.new_empty(0)
     first_t, second_t = lowrank if lowrank is not None else (empty, empty)
     rowptr, cols, vals = sparse if sparse is not None else (empty.long(), empty.long(), empty)
