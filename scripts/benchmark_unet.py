@@ -109,18 +109,21 @@ def inputs(size: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 def run(names: list[str], size: int, rounds: int, batch: int) -> dict:
     variants = build_variants(names)
     x, t, lq = inputs(size, batch)
-    for name, (model, autocast) in variants.items():  # warm-up: caches, kernel build, allocator
-        step(model, autocast, x, t, lq)
+
+    def run_step(name: str) -> None:  # a twin with its switch set, for its own step only
+        switch = twin_of(name)[1]
+        with mock.patch.dict(os.environ, {switch: "torch"} if switch else {}):
+            step(*variants[name], x, t, lq)
+
+    for name in variants:  # warm-up: caches, kernel build, allocator
+        run_step(name)
     wall: dict[str, list[float]] = {n: [] for n in variants}
     cpu: dict[str, list[float]] = {n: [] for n in variants}
     order = list(variants)
     for r in range(rounds):
         for name in order[r % len(order):] + order[:r % len(order)]:
-            model, autocast = variants[name]
-            switch = twin_of(name)[1]
             w0, c0 = time.perf_counter(), time.process_time()
-            with mock.patch.dict(os.environ, {switch: "torch"} if switch else {}):
-                step(model, autocast, x, t, lq)
+            run_step(name)
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.process_time() - c0)
     rows = {}

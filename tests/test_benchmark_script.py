@@ -30,3 +30,42 @@ def test_realesrgan_runs_as_a_pipeline_and_the_table_compares_with_it():
     lines = bench.table(rows).splitlines()
     assert lines[0].endswith("| total / Real-ESRGAN |")
     assert lines[2].endswith("| 3.00x |") and lines[3].endswith("| 1.00x |")
+
+
+def test_unet_benchmark_twins_run_their_base_model_with_one_kernel_switched_off(monkeypatch):
+    """scripts/benchmark_unet.py: a twin (``*_torch_attention``, ``*_torch_norm``) times its base
+    variant's model with that kernel's switch set to ``torch`` during its own steps only."""
+    import os
+
+    from bimacosr import kernels
+
+    spec = importlib.util.spec_from_file_location("benchmark_unet", REPO / "scripts/benchmark_unet.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.twin_of("deploy_bf16_torch_norm") == ("deploy_bf16", kernels.NORM_ENV)
+    assert bench.twin_of("fp_bf16_torch_attention") == ("fp_bf16", kernels.ATTENTION_ENV)
+    assert bench.twin_of("deploy_bf16") == ("deploy_bf16", None)
+    assert {"fp_bf16_torch_norm", "deploy_bf16_torch_attention"} <= set(bench.VARIANTS)
+    seen: list[tuple[str | None, str | None]] = []
+
+    class Model(torch.nn.Module):
+        def forward(self, x, t, lq):
+            seen.append((os.environ.get(kernels.NORM_ENV), os.environ.get(kernels.ATTENTION_ENV)))
+            return x
+
+    model = Model()
+    built = []
+    monkeypatch.setattr(bench, "build_variants", lambda names: built.extend(names) or
+                        {n: (model, None) for n in names})
+    monkeypatch.delenv(kernels.NORM_ENV, raising=False)
+    monkeypatch.delenv(kernels.ATTENTION_ENV, raising=False)
+    result = bench.run(["deploy_bf16", "deploy_bf16_torch_norm", "deploy_bf16_torch_attention"], 8, 3, 1)
+    assert set(result["variants"]) == {"deploy_bf16", "deploy_bf16_torch_norm", "deploy_bf16_torch_attention"}
+    assert built == ["deploy_bf16", "deploy_bf16_torch_norm", "deploy_bf16_torch_attention"]
+    # the warm-up in order, then 3 rounds rotated: the (norm, attention) switches each step saw
+    order = built
+    ran = order + [n for r in range(3) for n in order[r:] + order[:r]]
+    want = {"deploy_bf16": (None, None), "deploy_bf16_torch_norm": ("torch", None),
+            "deploy_bf16_torch_attention": (None, "torch")}
+    assert seen == [want[n] for n in ran]
+    assert os.environ.get(kernels.NORM_ENV) is None and os.environ.get(kernels.ATTENTION_ENV) is None
