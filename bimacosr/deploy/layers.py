@@ -146,6 +146,12 @@ class _DeployBinary(nn.Module):
                 self._buffers[name] = buf.float()
         return self
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        """Loading new values clears the caches made from the old ones (packed signs, side branch
+        forms, plans): a used layer would otherwise mix them with the new buffers."""
+        self._cache = {}
+        super()._load_from_state_dict(*args, **kwargs)
+
     def __getstate__(self) -> dict:
         """Copies and pickles leave the runtime cache behind (CSR tensors cannot be deep-copied)."""
         state = self.__dict__.copy()
@@ -285,11 +291,9 @@ class DeployBinaryConv2d(_DeployBinary):
         taps = signs.detach().to(torch.int8).flatten(2).permute(2, 1, 0)  # [k*k, Cin, Cout]
         self.register_buffer("taps", taps.contiguous())
         beta0, slope, beta1 = (_vector(t, self.out_channels, "RPReLU") for t in rprelu)
-        shift0 = beta0 if bias is None else self.bias + beta0  # bias and beta0 added once
         self.register_buffer("rprelu_bias0", beta0)
         self.register_buffer("rprelu_slope", slope)
         self.register_buffer("rprelu_bias1", beta1)
-        self.register_buffer("shift0", shift0, persistent=False)
 
     @classmethod
     def from_simulated(cls, layer: BiMaCoConv2d, mode: str = "auto",
@@ -325,8 +329,12 @@ class DeployBinaryConv2d(_DeployBinary):
         k, st, p = self.kernel_size, self.stride, self.padding
         bits, mask = self._weight_bits(self.taps)
         lowrank, sparse = self._kernel_side(use_lora=h == (h + 2 * p - k) // st + 1)
-        return kernels.op_arguments(None, bits, mask, self.out_channels, self.alpha, self.shift0, self.rprelu_slope,
+        return kernels.op_arguments(None, bits, mask, self.out_channels, self.alpha, self._shift(), self.rprelu_slope,
                                     self.rprelu_bias1, k, st, p, lowrank, sparse)[1:]
+
+    def _shift(self) -> Tensor:
+        """The epilogue's shift before RPReLU: bias + beta0, added once (cached)."""
+        return self._cached(("shift",), lambda: self.rprelu_bias0 if self.bias is None else self.bias + self.rprelu_bias0)
 
     def _shortcut(self, h: int) -> bool:
         """Whether an input ``h`` pixels high takes the avg-pool / nearest shortcut (``Cin ==
@@ -350,14 +358,14 @@ class DeployBinaryConv2d(_DeployBinary):
         if path == "fused":
             bits, mask = self._weight_bits(self.taps)
             lowrank, sparse = self._kernel_side(use_lora=h == ho) if fuse_side else (None, None)
-            y = kernels.binary_conv(xh, bits, mask, self.out_channels, self.alpha, self.shift0,
+            y = kernels.binary_conv(xh, bits, mask, self.out_channels, self.alpha, self._shift(),
                                     self.rprelu_slope, self.rprelu_bias1, k, st, p, lowrank,
                                     sparse).view(-1, self.out_channels)
         else:
             scale = xm.abs().mean(dim=1).view(b, h, w)  # s, per pixel
             y = self._binary_int(xm, scale, b, h, w, ho, wo) if path == "int" else \
                 self._binary_float(x, scale)
-            y.mul_(self.alpha).add_(self.shift0)  # [B*Ho*Wo, Cout]
+            y.mul_(self.alpha).add_(self._shift())  # [B*Ho*Wo, Cout]
             y = F.prelu(y, self.rprelu_slope).add_(self.rprelu_bias1)
         if shortcut:
             out = y.view(b, ho, wo, -1).permute(0, 3, 1, 2)

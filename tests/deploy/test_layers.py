@@ -152,3 +152,22 @@ def test_to_deploy_and_set_mode_on_a_model():
         set_mode(deployed, "int4")
     with torch.inference_mode():  # copies drop the runtime caches (a CSR tensor cannot be copied)
         torch.testing.assert_close(copy.deepcopy(set_mode(deployed, "int", "sparse"))(x), ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["auto", "int"])
+def test_a_used_layer_loads_new_values_whole(mode):
+    """load_state_dict into a layer that has run replaces what it computed from the old values
+    (packed signs, side branch forms, the epilogue's shift, the kernel plan): its output is then
+    the other layer's, not a mix."""
+    pairs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        conv = _randomize(BiMaCoConv2d.from_float(nn.Conv2d(16, 16, 3, 1, 1)), seed)
+        linear = _randomize(BiMaCoLinear.from_float(nn.Linear(20, 12)), seed)
+        pairs.append((DeployBinaryConv2d.from_simulated(conv, mode), DeployBinaryLinear.from_simulated(linear, mode)))
+    for used, other, x in zip(pairs[0], pairs[1], (_input((1, 16, 8, 7), 2), _input((3, 20), 3))):
+        with torch.inference_mode():
+            before, want = used(x), other(x)
+            used.load_state_dict(other.state_dict())
+            got = used(x)
+        assert not torch.equal(before, want) and torch.equal(got, want)
