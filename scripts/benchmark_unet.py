@@ -58,6 +58,12 @@ def twin_of(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+def switched(name: str) -> contextlib.AbstractContextManager:
+    """The environment a variant's steps run in: a twin's switch set to ``torch``, nothing else."""
+    switch = twin_of(name)[1]
+    return mock.patch.dict(os.environ, {switch: "torch"} if switch else {})
+
+
 def build_variants(names: list[str]) -> dict[str, tuple[torch.nn.Module, torch.dtype | None]]:
     """``name -> (UNet, autocast dtype or None)``; ``deploy_fused`` is left out (with a notice)
     when the fused kernel is unavailable."""
@@ -110,9 +116,8 @@ def run(names: list[str], size: int, rounds: int, batch: int) -> dict:
     variants = build_variants(names)
     x, t, lq = inputs(size, batch)
 
-    def run_step(name: str) -> None:  # a twin with its switch set, for its own step only
-        switch = twin_of(name)[1]
-        with mock.patch.dict(os.environ, {switch: "torch"} if switch else {}):
+    def run_step(name: str) -> None:
+        with switched(name):
             step(*variants[name], x, t, lq)
 
     for name in variants:  # warm-up: caches, kernel build, allocator
@@ -144,9 +149,10 @@ def profile(name: str, size: int, batch: int, top: int) -> str:
 
     model, autocast = build_variants([name])[name]
     x, t, lq = inputs(size, batch)
-    step(model, autocast, x, t, lq)
-    with prof(activities=[ProfilerActivity.CPU]) as p:
+    with switched(name):
         step(model, autocast, x, t, lq)
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            step(model, autocast, x, t, lq)
     return p.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 
@@ -194,7 +200,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the result here")
-    ap.add_argument("--profile", choices=DEFAULT, help="print a profile of this variant instead")
+    ap.add_argument("--profile", choices=VARIANTS, help="print a profile of this variant instead")
     ap.add_argument("--top", type=int, default=25, help="rows of the profile table")
     ap.add_argument("--kernel-rates", action="store_true",
                     help="per layer, the fused kernel's rate beside the bound probe's (--rounds calls each)")

@@ -33,8 +33,9 @@ def test_realesrgan_runs_as_a_pipeline_and_the_table_compares_with_it():
 
 
 def test_unet_benchmark_twins_run_their_base_model_with_one_kernel_switched_off(monkeypatch):
-    """scripts/benchmark_unet.py: a twin (``*_torch_attention``, ``*_torch_norm``) times its base
-    variant's model with that kernel's switch set to ``torch`` during its own steps only."""
+    """scripts/benchmark_unet.py: a twin (``*_torch_attention``, ``*_torch_norm``) times (and
+    profiles) its base variant's model with that kernel's switch set to ``torch`` during its own
+    steps only."""
     import os
 
     from bimacosr import kernels
@@ -68,4 +69,7 @@ def test_unet_benchmark_twins_run_their_base_model_with_one_kernel_switched_off(
     want = {"deploy_bf16": (None, None), "deploy_bf16_torch_norm": ("torch", None),
             "deploy_bf16_torch_attention": (None, "torch")}
     assert seen == [want[n] for n in ran]
+    seen.clear()
+    bench.profile("deploy_bf16_torch_attention", 8, 1, 5)  # --profile: warm-up and profiled step alike
+    assert seen == [(None, "torch")] * 2
     assert os.environ.get(kernels.NORM_ENV) is None and os.environ.get(kernels.ATTENTION_ENV) is None
