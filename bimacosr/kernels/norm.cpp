@@ -39,7 +39,7 @@ inline const bf16* padded_row(const bf16* x, int64_t p, int64_t c, bf16* pad) {
 }
 
 // The sums of d = x - origin and of d^2 over pixels [p0, p1) of one image, for the channels of the K
-// vectors from vector v, in registers (float32: a chunk's kChunk pixels), written to s[channel] and
+// vectors from vector v, in registers (float32: at most kChunk pixels), written to s[channel] and
 // s[cp + channel].
 template <int K>
 __attribute__((always_inline)) inline void chunk_sums(const bf16* image, int64_t c, int64_t p0, int64_t p1,
@@ -98,7 +98,7 @@ at::Tensor group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& wei
   bf16* dst = out.data_ptr<at::BFloat16>();
 
   // per image: the origin (its pixel 0, zero padded) and the sums [parts, N, 2, cp] of each part of
-  // the tasks (kChunk pixels of one image), one part per thread
+  // the tasks (up to kChunk pixels of one image), one part per thread
   const int64_t threads = at::get_num_threads();
   const int64_t span = std::min(kChunk, std::max<int64_t>(8, (hw + threads - 1) / threads));  // small maps: every thread
   const int64_t chunks = (hw + span - 1) / span, tasks = n * chunks;
