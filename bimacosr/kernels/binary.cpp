@@ -231,7 +231,6 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
     const std::vector<uint64_t> zero_row(words, 0), ones_row(words, ~uint64_t(0));  // a row adding 0; no mask
     alignas(64) int32_t dots[kLanes];
     alignas(64) T tail[kRows][kLanes];  // the last block's outputs
-    alignas(64) float lanes[kLanes * kPixels];  // side_block's scratch
     alignas(64) float side_out[kPixels * kLanes];  // the side branches of one block [pixel, lane]
     std::vector<TapRows> tap_rows(kPixels / kRows * taps);
     alignas(64) float s_valid[kPixels];  // sum_t s_t * valid_t of each pixel (TapRows)
@@ -259,7 +258,7 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
         const int64_t o0 = blk * kLanes;
         const bool zeros = kWeightZeros && p.block_zeros[blk];
         if (sd.any())
-          side_block(sd, tile, lowt, blocks * kLanes, o0, lanes, side_out);
+          side_block(sd, tile, lowt, blocks * kLanes, o0, side_out);
         for (int64_t q0 = 0; q0 < n; q0 += kRows) {
           flanes acc[kRows][kHalves];  // the 16 outputs of each pixel (popcount.h)
           for (int r = 0; r < kRows; ++r)

@@ -109,45 +109,48 @@ void lowrank_tile(const E* xt, int64_t cin, const E* first, int64_t rank8, E* lo
     }
 }
 
-// Output lanes per pass of side_block: 8 x 2 accumulators of 16 with AVX-512 (16 of its 32 registers;
-// 4 x 2 measured 1-2 % slower over a step, kernel_ab.py), 2 x 4 of 8 otherwise.
-constexpr int64_t kSideLanes = kWidth == 16 ? 8 : 2;
+// Pixel vectors per pass of side_block, each pass 8 output lanes: 8 x 2 accumulators of 16 with
+// AVX-512 (16 of its 32 registers), 8 x 1 of 8 with AVX2's 16 registers.
+constexpr int64_t kSideVecs = kWidth == 16 ? 2 : 1;
 
 // Both side branches of one weight block on one tile, computed per output lane over the tile's
 // pixels (one FMA per LRMB rank / SMB nonzero for kWidth pixels; in pairs one vdpbf16ps per two
 // ranks) from xt [Cin, kPixels] and lowt [rank8, kPixels] (pairs: [ceil(Cin/2), kPixels] and
-// [rank8/2, kPixels]), then transposed: out [kPixels, 16]. `lanes` is scratch [16, kPixels].
+// [rank8/2, kPixels]), transposed in registers: out [kPixels, 16].
 template <class T>
 void side_block(const Side<T>& sd, const TileElem<T>* xt, const TileElem<T>* lowt, int64_t width, int64_t o0,
-                float* lanes, float* out) {
-  constexpr int64_t kVecs = kPixels / kWidth;
-  for (int64_t j0 = 0; j0 < kLanes; j0 += kSideLanes) {
-    fvec a[kSideLanes][kVecs] = {};  // independent FMA chains: the rank loop is not latency bound
-    if constexpr (kPairs<T>)
-      for (int64_t r = 0; r < sd.rank / 2; ++r)
-        for (int64_t i = 0; i < kVecs; ++i) {
-          const uvec v = loaduv(lowt + r * kPixels + kWidth * i);
-          for (int64_t jj = 0; jj < kSideLanes; ++jj) a[jj][i] = dot_pairs(a[jj][i], v, sd.second[r * width + o0 + j0 + jj]);
-        }
-    else
-      for (int64_t r = 0; r < sd.rank; ++r)
-        for (int64_t i = 0; i < kVecs; ++i) {
-          const fvec v = loadv(lowt + r * kPixels + kWidth * i);
-          for (int64_t jj = 0; jj < kSideLanes; ++jj) a[jj][i] += sd.second[r * width + o0 + j0 + jj] * v;
-        }
-    if (sd.rowptr != nullptr)
-      for (int64_t jj = 0; jj < kSideLanes; ++jj)
-        for (int64_t u = sd.rowptr[o0 + j0 + jj]; u < sd.rowptr[o0 + j0 + jj + 1]; ++u)
-          for (int64_t i = 0; i < kVecs; ++i) a[jj][i] += sd.vals[u] * tile_column(xt, sd.cols[u], kWidth * i);
-    for (int64_t jj = 0; jj < kSideLanes; ++jj)
-      for (int64_t i = 0; i < kVecs; ++i) storev(lanes + (j0 + jj) * kPixels + kWidth * i, a[jj][i]);
-  }
+                float* out) {
   for (int64_t j0 = 0; j0 < kLanes; j0 += 8)
-    for (int64_t q0 = 0; q0 < kPixels; q0 += 8) {
-      f32x8 r[8];
-      for (int64_t i = 0; i < 8; ++i) r[i] = load8(lanes + (j0 + i) * kPixels + q0);
-      transpose8(r);
-      for (int64_t i = 0; i < 8; ++i) store8(out + (q0 + i) * kLanes + j0, r[i]);
+    for (int64_t p0 = 0; p0 < kPixels; p0 += kSideVecs * kWidth) {
+      fvec a[8][kSideVecs] = {};  // independent FMA chains: the rank loop is not latency bound
+      const auto* second = sd.second + o0 + j0;
+      if constexpr (kPairs<T>)
+        for (int64_t r = 0; r < sd.rank / 2; ++r)
+          for (int64_t i = 0; i < kSideVecs; ++i) {
+            const uvec v = loaduv(lowt + r * kPixels + p0 + kWidth * i);
+            for (int64_t jj = 0; jj < 8; ++jj) a[jj][i] = dot_pairs(a[jj][i], v, second[r * width + jj]);
+          }
+      else
+        for (int64_t r = 0; r < sd.rank; ++r)
+          for (int64_t i = 0; i < kSideVecs; ++i) {
+            const fvec v = loadv(lowt + r * kPixels + p0 + kWidth * i);
+            for (int64_t jj = 0; jj < 8; ++jj) a[jj][i] += second[r * width + jj] * v;
+          }
+      if (sd.rowptr != nullptr)
+#pragma GCC unroll 8  // constant indices into a, which then stays in registers over each lane's nonzeros
+        for (int64_t jj = 0; jj < 8; ++jj)
+          for (int64_t u = sd.rowptr[o0 + j0 + jj]; u < sd.rowptr[o0 + j0 + jj + 1]; ++u)
+            for (int64_t i = 0; i < kSideVecs; ++i)
+              a[jj][i] += sd.vals[u] * tile_column(xt, sd.cols[u], p0 + kWidth * i);
+#pragma GCC unroll 2  // constant indices into a, as above
+      for (int64_t i = 0; i < kSideVecs; ++i)
+#pragma GCC unroll 2
+        for (int64_t h = 0; h < kWidth / 8; ++h) {  // 8 lanes x 8 pixels at a time
+          f32x8 r[8];
+          for (int64_t jj = 0; jj < 8; ++jj) r[jj] = lanes8(a[jj][i], h);
+          transpose8(r);
+          for (int64_t q = 0; q < 8; ++q) store8(out + (p0 + kWidth * i + 8 * h + q) * kLanes + j0, r[q]);
+        }
     }
 }
 

@@ -231,6 +231,17 @@ inline fvec dot_pairs(fvec acc, uvec a, uint32_t b) {
 }
 #endif
 
+// Lanes 8 h .. 8 h + 7 of v (h = 0 .. kWidth / 8 - 1).
+inline f32x8 lanes8(fvec v, int64_t h) {
+#ifdef __AVX512F__
+  return h == 0 ? __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+                : __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  (void)h;
+  return v;
+#endif
+}
+
 // Transpose of 8 rows of 8 floats in registers (unpack, 2x2 blocks, 128-bit halves).
 inline void transpose8(f32x8 r[8]) {
   f32x8 t[8], u[8];
