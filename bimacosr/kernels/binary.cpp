@@ -48,7 +48,10 @@ namespace bimacosr {
 namespace {
 
 // One pass over the rows of x [M, C]: sign bits, nonzero mask (both [M, Wd]), s = mean |x| and
-// the nonzero count per row.
+// the nonzero count per row. The |x| sums run in two vectors of kWidth lanes (two chains of
+// additions), channel c in vector (c / kWidth) % 2 up to the last whole pair of vectors, in the first
+// after it; their lanes added in order at the end (bf16 and float32 rows alike: the same s for the
+// same values).
 template <class T>  // float or bf16
 void pack_rows(const T* x, int64_t rows, int64_t c, int64_t words, uint64_t* bits,
                uint64_t* mask, float* scale, int32_t* nonzero) {
@@ -58,10 +61,7 @@ void pack_rows(const T* x, int64_t rows, int64_t c, int64_t words, uint64_t* bit
       const T* row = x + m * c;
       float total = 0.f;
       int32_t count = 0;
-#ifdef __AVX2__
-      __m256 acc = _mm256_setzero_ps();
-      const __m256 zero = _mm256_setzero_ps(), minus0 = _mm256_set1_ps(-0.f);
-#endif
+      fvec acc[2] = {};
       for (int64_t w = 0; w < words; ++w) {
         const int64_t c0 = w * 64, c1 = std::min(c, c0 + 64);
         uint64_t pos = 0, nz = 0;
@@ -74,16 +74,23 @@ void pack_rows(const T* x, int64_t rows, int64_t c, int64_t words, uint64_t* bit
                                _mm512_cmplt_epi16_mask(h, _mm512_set1_epi16(0x7F81));
             pos |= p << (i - c0);
             nz |= uint64_t(_mm512_test_epi16_mask(h, _mm512_set1_epi16(0x7FFF))) << (i - c0);  // != 0: NaN too
-            for (int64_t k = i; k < i + 32; k += 8)
-              acc = _mm256_add_ps(acc, _mm256_andnot_ps(minus0, (__m256)load8(row + k)));
+            acc[0] += abs_lanes(loadv(row + i));
+            acc[1] += abs_lanes(loadv(row + i + kWidth));
           }
 #endif
 #ifdef __AVX2__
-        for (; i + 8 <= c1; i += 8) {
-          const __m256 v = (__m256)load8(row + i);
-          acc = _mm256_add_ps(acc, _mm256_andnot_ps(minus0, v));
-          pos |= uint64_t(uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ)))) << (i - c0);
-          nz |= uint64_t(uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_UQ)))) << (i - c0);
+        for (; i + 2 * kWidth <= c1; i += 2 * kWidth)  // pairs of vectors, then one more
+          for (int h = 0; h < 2; ++h) {
+            const fvec v = loadv(row + i + kWidth * h);
+            acc[h] += abs_lanes(v);
+            pos |= positive_bits(v) << (i + kWidth * h - c0);
+            nz |= nonzero_bits(v) << (i + kWidth * h - c0);
+          }
+        for (; i + kWidth <= c1; i += kWidth) {
+          const fvec v = loadv(row + i);
+          acc[0] += abs_lanes(v);
+          pos |= positive_bits(v) << (i - c0);
+          nz |= nonzero_bits(v) << (i - c0);
         }
 #endif
         for (; i < c1; ++i) {
@@ -96,11 +103,7 @@ void pack_rows(const T* x, int64_t rows, int64_t c, int64_t words, uint64_t* bit
         mask[m * words + w] = nz;
         count += __builtin_popcountll(nz);
       }
-#ifdef __AVX2__
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, acc);
-      for (float lane : lanes) total += lane;
-#endif
+      for (int64_t j = 0; j < kWidth; ++j) total += acc[0][j] + acc[1][j];
       scale[m] = total / float(c);
       nonzero[m] = count;
     }

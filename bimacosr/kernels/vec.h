@@ -140,6 +140,34 @@ inline fvec rounded_bf16(fvec v) {
   return r;
 }
 
+#ifdef __AVX2__
+// Bit i set where lane i of v is > 0 (positive_bits), or != 0 with NaN counted (nonzero_bits).
+inline uint64_t positive_bits(fvec v) {
+#ifdef __AVX512F__
+  return _mm512_cmp_ps_mask((__m512)v, _mm512_setzero_ps(), _CMP_GT_OQ);
+#else
+  return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps((__m256)v, _mm256_setzero_ps(), _CMP_GT_OQ)));
+#endif
+}
+
+inline uint64_t nonzero_bits(fvec v) {
+#ifdef __AVX512F__
+  return _mm512_cmp_ps_mask((__m512)v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+#else
+  return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps((__m256)v, _mm256_setzero_ps(), _CMP_NEQ_UQ)));
+#endif
+}
+#endif
+
+// |v| lane by lane (the sign bit cleared).
+inline fvec abs_lanes(fvec v) {
+  uvec w;
+  std::memcpy(&w, &v, sizeof w);
+  w &= 0x7FFFFFFFu;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+
 // x clamped to [lo, hi] lane by lane, NaN kept (vmaxps / vminps return their second operand then).
 inline fvec clamp_lanes(fvec x, float lo, float hi) {
 #if defined(__AVX512F__)

@@ -256,7 +256,7 @@ def test_bf16_inputs_with_zeros_denormals_infinities_and_nan_pack_as_their_float
     """The bf16 input's sign bits and nonzero mask (read from the 16-bit patterns where the CPU has
     AVX-512BW) are those of the same values in float32: +0 and -0 are zero, denormals are not,
     +inf is positive, NaN is nonzero and not positive; placed inside whole 32-channel groups, in the
-    8-channel loop and in the last word's scalar tail."""
+    vector loop (16 or 8 channels) and in the last word's scalar tail."""
     gen = torch.Generator().manual_seed(6)
     rows, cin, cout = 12, 150, 24
     x = torch.randn(1, 1, rows, cin, generator=gen)
