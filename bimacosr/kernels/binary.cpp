@@ -18,7 +18,7 @@
 //   dot = popcount(N) - 2 * popcount((P_x ^ P_w) & N),  N = N_x & N_w.
 //   Padding taps (outside the image) contribute 0, as do pixels whose scale s = mean|x| is 0.
 //   A bf16 x with dot_pairs (AVX512-BF16): the LRMB with first_t, second_t and x @ first_t rounded
-//   to bf16 (kPairs).
+//   to bf16, the SMB with smb_vals rounded to bf16 (kPairs).
 //
 // bimacosr::path() -> the popcount this build uses (AVX-512 VPOPCNTDQ, AVX2 table, portable).
 // bimacosr::side_pairs() -> how bf16 side branches multiply bf16 pairs ("AVX512-BF16", the test
@@ -395,7 +395,7 @@ at::Tensor binary_conv(const at::Tensor& x, const at::Tensor& wbits, const at::T
     Side<T> side;
     side.x = xp;
     side.cin = c;
-    std::vector<uint32_t> first2, second2;  // the factors as bf16 pairs (kPairs)
+    std::vector<uint32_t> first2, second2, vals2;  // the factors and SMB values as bf16 pairs (kPairs)
     if (rank) {
       if constexpr (kPairs<T>) {
         first2 = row_pairs(first_t.data_ptr<float>(), c, rank);
@@ -410,6 +410,12 @@ at::Tensor binary_conv(const at::Tensor& x, const at::Tensor& wbits, const at::T
       side.rowptr = smb_rowptr.data_ptr<int64_t>();
       side.cols = smb_cols.data_ptr<int64_t>();
       side.vals = smb_vals.data_ptr<float>();
+      if constexpr (kPairs<T>) {
+        const int64_t* cols = smb_cols.data_ptr<int64_t>();
+        vals2.resize(nnz);
+        for (int64_t u = 0; u < nnz; ++u) vals2[u] = uint32_t(bf16(side.vals[u]).x) << (16 * (cols[u] & 1));
+        side.val_pairs = vals2.data();
+      }
     }
     (weight_zeros ? gemm<true, T> : gemm<false, T>)(problem, ep, side, yp);
   };

@@ -56,13 +56,8 @@ constexpr bool kPairs = kHasDotPairs && std::is_same_v<T, bf16>;
 template <class T>
 using TileElem = std::conditional_t<kPairs<T>, uint32_t, float>;
 
-// Channel c of a transposed tile, pixels p .. p + kWidth - 1, in float32.
+// Channel c of a transposed float32 tile, pixels p .. p + kWidth - 1.
 inline fvec tile_column(const float* xt, int64_t c, int64_t p) { return loadv(xt + c * kPixels + p); }
-
-inline fvec tile_column(const uint32_t* pt, int64_t c, int64_t p) {  // a tile of channel pairs
-  const uvec w = loaduv(pt + (c >> 1) * kPixels + p) << uint32_t(16 - 16 * (c & 1));  // no branch
-  return high_bf16(w);
-}
 
 template <class T>
 struct Side {  // the side branches, on the output pixel's own input (rank 0 / no SMB: none)
@@ -74,6 +69,7 @@ struct Side {  // the side branches, on the output pixel's own input (rank 0 / n
   const int64_t* rowptr = nullptr;  // SMB, CSR by output channel: [OB*16 + 1]
   const int64_t* cols = nullptr;    // [n] input channels
   const float* vals = nullptr;      // [n]
+  const uint32_t* val_pairs = nullptr;  // pairs: [n] each value rounded to bf16 in its column's half of a pair
   bool any() const { return rank > 0 || rowptr != nullptr; }
 };
 
@@ -141,7 +137,11 @@ void side_block(const Side<T>& sd, const TileElem<T>* xt, const TileElem<T>* low
         for (int64_t jj = 0; jj < 8; ++jj)
           for (int64_t u = sd.rowptr[o0 + j0 + jj]; u < sd.rowptr[o0 + j0 + jj + 1]; ++u)
             for (int64_t i = 0; i < kSideVecs; ++i)
-              a[jj][i] += sd.vals[u] * tile_column(xt, sd.cols[u], p0 + kWidth * i);
+              if constexpr (kPairs<T>)  // x[c] * v: the word's other channel meets a 0
+                a[jj][i] = dot_pairs(a[jj][i], loaduv(xt + (sd.cols[u] >> 1) * kPixels + p0 + kWidth * i),
+                                     sd.val_pairs[u]);
+              else
+                a[jj][i] += sd.vals[u] * tile_column(xt, sd.cols[u], p0 + kWidth * i);
 #pragma GCC unroll 2  // constant indices into a, as above
       for (int64_t i = 0; i < kSideVecs; ++i)
 #pragma GCC unroll 2

@@ -154,8 +154,9 @@ def test_fused_linear_with_every_bit_differing(fused):
 def test_fused_layer_reads_and_writes_bf16_as_the_float_route_would(fused, make, shape):
     """A bf16 input goes to the kernel as is: the same bf16 values as float32 in, rounded out. Where
     the build multiplies bf16 side branches in bf16 pairs (``side_pairs()``), the LRMB's factors and
-    its first product are rounded to bf16 as well (docs/kernel.md §4): the output is then the float
-    route with that LRMB, within one bf16 rounding; otherwise it is the float route bit for bit."""
+    first product and the SMB's values are rounded to bf16 as well (docs/kernel.md §4): the output is
+    then the float route with those side branches, within one bf16 rounding; otherwise it is the
+    float route bit for bit."""
     torch.manual_seed(3)
     sim = make()
     layer = (DeployBinaryConv2d if isinstance(sim, BiMaCoConv2d) else DeployBinaryLinear).from_simulated(sim, "fused")
@@ -165,11 +166,11 @@ def test_fused_layer_reads_and_writes_bf16_as_the_float_route_would(fused, make,
         out = layer(x)
         route = layer._forward(x.float())
     assert out.dtype == torch.bfloat16
-    lowrank = _lowrank_on(layer, x)
-    if not torch.ops.bimacosr.side_pairs() or lowrank is None:
+    side = _side_on(layer, x)
+    if not torch.ops.bimacosr.side_pairs() or side is None:
         assert torch.equal(out, route.to(torch.bfloat16))
         return
-    in_float32, in_pairs, bound = lowrank
+    in_float32, in_pairs, bound = side
     expected = route.double() - in_float32 + in_pairs
     ulp = torch.exp2(torch.floor(torch.log2(expected.abs().clamp_min(2.0 ** -126))) - 7)  # of bf16
     error = (out.double() - expected).abs()
@@ -213,20 +214,22 @@ def test_layer_calls_go_straight_to_the_kernel_on_a_plan_made_once(fused, monkey
     assert linear._cache[("plan", "auto", "auto", torch.float16, 0, cpu)] is None
 
 
-def _lowrank_on(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-    """The layer's LRMB on ``x`` (stride 1) in the layer's output layout, float64: as the float route
-    computes it, with its factors and first product rounded to bf16 (the kernel's pairs), and the
-    most one bf16 rounding of the first product can move it; None without an LRMB there."""
+def _side_on(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """The layer's side branches on ``x`` (stride 1) in the layer's output layout, float64: as the
+    float route computes them, as the kernel's pairs do (the LRMB's factors and first product and
+    the SMB's values rounded to bf16), and the most one bf16 rounding of the first product can move
+    them; None without side branches there."""
     if layer.lora_first is None or (isinstance(layer, DeployBinaryConv2d) and layer.stride != 1):
         return None
     first, second = layer.lora_first.double(), layer.lora_second.double()
+    sparse = layer.smb_dense().double() if layer.smb_values is not None else torch.zeros_like(second @ first)
     rows = (x.movedim(1, -1) if x.dim() == 4 else x).double()
     low = rows @ first.t()
     low_pairs = (rows @ first.bfloat16().double().t()).float().bfloat16().double()
-    in_pairs = low_pairs @ second.bfloat16().double().t()
+    in_pairs = low_pairs @ second.bfloat16().double().t() + rows @ sparse.bfloat16().double().t()
     bound = 2.0 ** -8 * low_pairs.abs() @ second.abs().t()
     back = (lambda t: t.movedim(-1, 1)) if x.dim() == 4 else (lambda t: t)
-    return back(low @ second.t()), back(in_pairs), back(bound)
+    return back(low @ second.t() + rows @ sparse.t()), back(in_pairs), back(bound)
 
 
 def test_bf16_outputs_round_as_torch_also_for_nan_denormal_and_overflow(fused):
@@ -277,6 +280,22 @@ def test_bf16_inputs_with_zeros_denormals_infinities_and_nan_pack_as_their_float
         want = kernels.binary_conv(x.float(), bits, mask, cout, alpha, shift, None, None, 1, 1, 0)
     assert torch.isfinite(want[0, 0, :2]).all() and not torch.isfinite(want[0, 0, 2:]).all()
     assert torch.equal(out.view(torch.int16), want.to(torch.bfloat16).view(torch.int16))
+
+
+def test_bf16_sparse_values_round_to_bf16_where_side_branches_run_in_pairs(fused):
+    """A bf16 call's SMB multiplies its values rounded to bf16 where the build multiplies bf16 side
+    branches in pairs (``side_pairs()``, docs/kernel.md §4), the float32 values otherwise: with
+    1 + 2^-10 on channel 0 and 2^-8 - 1 on channel 3 of an all-ones input (the binary branch 0:
+    alpha = shift = 0), output 0 is 2^-8 in pairs and 2^-8 + 2^-10 in float32, both exact in bf16."""
+    cin, cout = 8, 16
+    x = torch.ones(1, 1, 2, cin, dtype=torch.bfloat16)
+    bits, mask = kernels.pack_weight_bits(torch.ones(1, cin, cout, dtype=torch.int8))
+    zero = torch.zeros(cout)
+    sparse = kernels.pack_sparse(torch.tensor([[0, 0], [0, 3]]), torch.tensor([1 + 2 ** -10, 2 ** -8 - 1]), cout)
+    with torch.inference_mode():
+        out = kernels.binary_conv(x, bits, mask, cout, zero, zero, None, None, 1, 1, 0, sparse=sparse).float()
+    assert (out[..., 0] == (2 ** -8 if torch.ops.bimacosr.side_pairs() else 2 ** -8 + 2 ** -10)).all()
+    assert (out[..., 1:] == 0).all()
 
 
 @pytest.fixture
