@@ -31,6 +31,10 @@ otherwise; ``side="dense"`` (default on CUDA) merges both into one dense matrix.
 ``Cin == Cout`` and the height changes, LRMB only at equal heights, RPReLU on the binary branch
 only) are the simulated layer's. Every layer computes in float32 with autocast disabled (inputs
 of any float dtype, also under ``torch.autocast``) and returns the input's dtype.
+
+Under ``torch.compile`` (``--compile``) the layers run eagerly (``torch.compiler.disable``): their
+cached plans and the fused op are opaque to dynamo, which compiled each layer's forward anew and
+gave up past its recompile limit with a warning (docs/speed.md §1).
 """
 from __future__ import annotations
 
@@ -310,6 +314,7 @@ class DeployBinaryConv2d(_DeployBinary):
         k = self.kernel_size
         return self.taps.permute(2, 1, 0).reshape(self.out_channels, self.in_channels, k, k)
 
+    @torch.compiler.disable  # see the module docstring
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects [B, {self.in_channels}, H, W], got "
@@ -436,6 +441,7 @@ class DeployBinaryLinear(_DeployBinary):
         """The int8 signs ``[Cout, Cin]``."""
         return self.signs_t.t()
 
+    @torch.compiler.disable  # see the module docstring
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects [..., {self.in_features}], got "

@@ -1,5 +1,6 @@
 """Deploy layers vs the simulated BiMaCo layers on random shapes; int path vs float path."""
 import copy
+import logging
 
 import pytest
 import torch
@@ -171,3 +172,28 @@ def test_a_used_layer_loads_new_values_whole(mode):
             used.load_state_dict(other.state_dict())
             got = used(x)
         assert not torch.equal(before, want) and torch.equal(got, want)
+
+
+def test_a_compiled_model_runs_its_deploy_layers_eagerly(fused):
+    """``torch.compile`` (``--compile``) leaves the deploy layers to eager mode: dynamo would
+    otherwise compile their forward once per layer (the fused op and the cached plan are opaque to
+    it) and give up past its recompile limit with a warning, on every model of more than 8 layers."""
+    torch.manual_seed(0)
+    layers = nn.Sequential(*[DeployBinaryLinear.from_simulated(BiMaCoLinear.from_float(nn.Linear(16 + i, 17 + i)), "fused")
+                             for i in range(10)])
+    x = torch.randn(4, 16)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    logger.addHandler(handler)
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            out = torch.compile(layers, backend="eager")(x)
+            want = layers(x)
+    finally:
+        logger.removeHandler(handler)
+        torch._dynamo.reset()
+    assert torch.equal(out, want)
+    assert not [r.getMessage() for r in records if "recompile" in r.getMessage()]
