@@ -9,7 +9,8 @@ Kit (session-scoped, built once, shared; treat them as read-only):
 written once; copy them with ``smoke_assets.copy_to(dest)`` before writing next to them),
 ``tiny_fp_denoiser``, ``tiny_bimaco_denoiser``, ``tiny_vq``, ``tiny_pipeline`` (the smoke models
 with the smoke weights, in eval mode), and ``fixture_denoiser(relpath)`` (a reference fixture's
-model with its weights, and the fixture data).
+model with its weights, and the fixture data); ``compiled_run`` (a model under dynamo, and its
+recompile warnings).
 """
 import os
 import shutil
@@ -78,6 +79,26 @@ def animation(path: Path, values: tuple[int, ...] = (10, 120, 240)) -> Path:
     frames = [Image.fromarray(np.full((6, 8), v, np.uint8)) for v in values]
     frames[0].save(path, save_all=True, append_images=frames[1:])
     return path
+
+
+def compiled_run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """``torch.compile(model, backend="eager")(x)`` under inference mode (dynamo only: the same ops
+    as eager mode) and the recompile warnings dynamo logged meanwhile."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    logger.addHandler(handler)
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            out = torch.compile(model, backend="eager")(x)
+    finally:
+        logger.removeHandler(handler)
+        torch._dynamo.reset()
+    return out, [r.getMessage() for r in records if "recompile" in r.getMessage()]
 
 
 # -- tiny-model kit: configs/smoke.yaml --------------------------------------------------------

@@ -50,8 +50,10 @@ class RPReLU(nn.Module):
 def eval_cached(module: nn.Module, name: str, sources: tuple[Tensor, ...], make: Callable[[], Tensor]) -> Tensor:
     """``make()``, computed once and reused while ``module`` is in eval mode with gradients off
     and ``sources`` are unchanged (same storage and version): inference binarizes each weight once,
-    not at every call. Training (or any call with gradients) always recomputes."""
-    if module.training or torch.is_grad_enabled():
+    not at every call. Training (or any call with gradients) always recomputes, and so does a model
+    under ``torch.compile``, which traces ``make`` into its graph (the cache's storage and version
+    checks are not traceable: dynamo recompiled per layer and gave up past its recompile limit)."""
+    if module.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return make()
     key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources) + (torch.is_inference_mode_enabled(),)
     cache = module.__dict__.setdefault("_eval_cache", {})

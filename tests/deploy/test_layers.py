@@ -1,6 +1,5 @@
 """Deploy layers vs the simulated BiMaCo layers on random shapes; int path vs float path."""
 import copy
-import logging
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ from torch import nn
 
 from bimacosr.deploy import DeployBinaryConv2d, DeployBinaryLinear, int_matmul, set_mode, to_deploy
 from bimacosr.quant import BiMaCoConv2d, BiMaCoLinear
+from tests.conftest import compiled_run
 
 TOL = 1e-4
 MODES = [("int", "sparse"), ("int", "dense"), ("float", "sparse"), ("float", "dense")]
@@ -182,18 +182,7 @@ def test_a_compiled_model_runs_its_deploy_layers_eagerly(fused):
     layers = nn.Sequential(*[DeployBinaryLinear.from_simulated(BiMaCoLinear.from_float(nn.Linear(16 + i, 17 + i)), "fused")
                              for i in range(10)])
     x = torch.randn(4, 16)
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("torch._dynamo.convert_frame")
-    logger.addHandler(handler)
-    torch._dynamo.reset()
-    try:
-        with torch.inference_mode():
-            out = torch.compile(layers, backend="eager")(x)
-            want = layers(x)
-    finally:
-        logger.removeHandler(handler)
-        torch._dynamo.reset()
-    assert torch.equal(out, want)
-    assert not [r.getMessage() for r in records if "recompile" in r.getMessage()]
+    out, recompiles = compiled_run(layers, x)
+    with torch.inference_mode():
+        assert torch.equal(out, layers(x))
+    assert not recompiles

@@ -11,7 +11,7 @@ from bimacosr.quant import LAYERS, BiMaCoConv2d, BiMaCoLinear, binarize, convert
 from bimacosr.quant.bimaco import SparseBranch
 from bimacosr.quant.binarize import binarize_activation, binarize_weight
 from bimacosr.quant.common import QuantLayer
-from tests.conftest import FIXTURES, REPO
+from tests.conftest import FIXTURES, REPO, compiled_run
 
 RELEASED = to_plain(load_config(REPO / "configs/BiMaCoSR.yaml").model.params)
 
@@ -150,3 +150,16 @@ def test_eval_inference_binarizes_once_and_notices_weight_changes():
     layer.train()
     layer(x).sum().backward()  # training never uses the cache: gradients flow
     assert layer.weight.grad is not None and layer.skip_connection.values.grad is not None
+
+
+def test_a_compiled_model_binarizes_in_its_graph_without_recompiles():
+    """Under ``torch.compile`` (``--compile``) the eval-mode cache of binarized weights steps aside
+    (``eval_cached``): dynamo traces the binarization into the graph instead of recompiling each
+    layer on the cache's storage and version checks and giving up past its recompile limit."""
+    torch.manual_seed(0)
+    layers = nn.Sequential(*[BiMaCoLinear.from_float(nn.Linear(16 + i, 17 + i)) for i in range(10)]).eval()
+    x = torch.randn(4, 16)
+    out, recompiles = compiled_run(layers, x)
+    with torch.inference_mode():
+        assert torch.equal(out, layers(x))
+    assert not recompiles
