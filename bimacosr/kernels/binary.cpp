@@ -83,14 +83,14 @@ void pack_rows(const T* x, int64_t rows, int64_t c, int64_t words, uint64_t* bit
           for (int h = 0; h < 2; ++h) {
             const fvec v = loadv(row + i + kWidth * h);
             acc[h] += abs_lanes(v);
-            pos |= positive_bits(v) << (i + kWidth * h - c0);
-            nz |= nonzero_bits(v) << (i + kWidth * h - c0);
+            pos |= bits_against_zero<_CMP_GT_OQ>(v) << (i + kWidth * h - c0);
+            nz |= bits_against_zero<_CMP_NEQ_UQ>(v) << (i + kWidth * h - c0);
           }
         for (; i + kWidth <= c1; i += kWidth) {
           const fvec v = loadv(row + i);
           acc[0] += abs_lanes(v);
-          pos |= positive_bits(v) << (i - c0);
-          nz |= nonzero_bits(v) << (i - c0);
+          pos |= bits_against_zero<_CMP_GT_OQ>(v) << (i - c0);
+          nz |= bits_against_zero<_CMP_NEQ_UQ>(v) << (i - c0);
         }
 #endif
         for (; i < c1; ++i) {

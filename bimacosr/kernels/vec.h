@@ -141,20 +141,14 @@ inline fvec rounded_bf16(fvec v) {
 }
 
 #ifdef __AVX2__
-// Bit i set where lane i of v is > 0 (positive_bits), or != 0 with NaN counted (nonzero_bits).
-inline uint64_t positive_bits(fvec v) {
+// Bit i set where lane i of v compares true with 0 under kPredicate: _CMP_GT_OQ (> 0) or
+// _CMP_NEQ_UQ (!= 0, NaN included).
+template <int kPredicate>
+inline uint64_t bits_against_zero(fvec v) {
 #ifdef __AVX512F__
-  return _mm512_cmp_ps_mask((__m512)v, _mm512_setzero_ps(), _CMP_GT_OQ);
+  return _mm512_cmp_ps_mask((__m512)v, _mm512_setzero_ps(), kPredicate);
 #else
-  return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps((__m256)v, _mm256_setzero_ps(), _CMP_GT_OQ)));
-#endif
-}
-
-inline uint64_t nonzero_bits(fvec v) {
-#ifdef __AVX512F__
-  return _mm512_cmp_ps_mask((__m512)v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-#else
-  return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps((__m256)v, _mm256_setzero_ps(), _CMP_NEQ_UQ)));
+  return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps((__m256)v, _mm256_setzero_ps(), kPredicate)));
 #endif
 }
 #endif
