@@ -223,14 +223,32 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
     }
   });
   const int64_t tasks = chunks * groups;
+  constexpr int64_t per = kPairs<T> ? 2 : 1;  // channels / ranks per tile element
+  const int64_t tile_len = side.any() ? (side.cin + per - 1) / per * kPixels : 0, lowt_len = side.rank / per * kPixels;
+  auto side_tiles = [&](int64_t m0, TileElem<T>* tile, TileElem<T>* lowt) {  // x^T and low^T of one chunk
+    const int64_t n = std::min(kPixels, pixels - m0);
+    if constexpr (kPairs<T>)
+      transpose_pairs(side.x + m0 * side.cin, n, side.cin, tile);
+    else
+      transpose_tile(side.x + m0 * side.cin, n, side.cin, tile);
+    if (side.rank) lowrank_tile(tile, side.cin, side.first, side.rank, lowt);
+  };
+  // With several tasks per chunk (few pixels: the 8² level, the time embedding), each chunk's
+  // tiles are made once, before the tasks, and shared; otherwise each task makes its chunk's.
+  const bool shared = side.any() && groups > 1;
+  std::vector<TileElem<T>> shared_tiles(shared ? chunks * tile_len : 0), shared_lowts(shared ? chunks * lowt_len : 0);
+  if (shared)
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c)
+        side_tiles(c * kPixels, shared_tiles.data() + c * tile_len, shared_lowts.data() + c * lowt_len);
+    });
   parallel_tasks(tasks, [&](const auto& next) {
     const Problem p = pr;  // locals: no reloads through the captured reference
     const Side<T> sd = side;
-    constexpr int64_t per = kPairs<T> ? 2 : 1;  // channels / ranks per tile element
     // x^T and low^T: each thread's, kept from call to call (written whole before they are read)
     static thread_local std::vector<TileElem<T>> tile_store, lowt_store;
-    TileElem<T>* tile = scratch(tile_store, sd.any() ? (sd.cin + per - 1) / per * kPixels : 0);
-    TileElem<T>* lowt = scratch(lowt_store, sd.rank / per * kPixels);
+    TileElem<T>* own_tile = scratch(tile_store, shared ? 0 : tile_len);
+    TileElem<T>* own_lowt = scratch(lowt_store, shared ? 0 : lowt_len);
     const std::vector<uint64_t> zero_row(words, 0), ones_row(words, ~uint64_t(0));  // a row adding 0; no mask
     alignas(64) int32_t dots[kLanes];
     alignas(64) T tail[kRows][kLanes];  // the last block's outputs
@@ -241,13 +259,9 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
     for (int64_t task; (task = next()) < tasks;) {
       const int64_t m0 = (task / groups) * kPixels, n = std::min(kPixels, pixels - m0);
       const int64_t b0 = (task % groups) * group, b1 = std::min(blocks, b0 + group);
-      if (sd.any()) {
-        if constexpr (kPairs<T>)
-          transpose_pairs(sd.x + m0 * sd.cin, n, sd.cin, tile);
-        else
-          transpose_tile(sd.x + m0 * sd.cin, n, sd.cin, tile);
-      }
-      if (sd.rank) lowrank_tile(tile, sd.cin, sd.first, sd.rank, lowt);
+      const TileElem<T>* tile = shared ? shared_tiles.data() + m0 / kPixels * tile_len : own_tile;
+      const TileElem<T>* lowt = shared ? shared_lowts.data() + m0 / kPixels * lowt_len : own_lowt;
+      if (sd.any() && !shared) side_tiles(m0, own_tile, own_lowt);
       const int32_t* src = sources.data() + m0 * taps;
       for (int64_t q0 = 0; q0 < n; q0 += kRows) {  // the rows of each (pixel group, tap), for every block
         std::fill(s_valid + q0, s_valid + q0 + kRows, 0.f);

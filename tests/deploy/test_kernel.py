@@ -121,8 +121,9 @@ def test_fused_linear_equals_the_simulated_layer(fused, cin, cout, shape, bias):
 @pytest.mark.parametrize("rows", [40, 300])
 def test_fused_side_branches_in_both_task_splits(fused, threads, rows):
     """With side branches a task takes all output blocks of its 32 pixels when there are at least
-    4 tiles per thread (300 rows: 10 tiles), else 4 blocks as without them (40 rows: 2 tiles, the
-    transposed tile built once per task); partial last tile and partial last block either way."""
+    4 tiles per thread (300 rows: 10 tiles, each task transposing its own), else fewer, as without
+    them (40 rows: 2 tiles, transposed once each before the tasks and shared); partial last tile and
+    partial last block either way."""
     torch.manual_seed(rows)
     sim = _randomize(BiMaCoLinear.from_float(nn.Linear(200, 72)), rows)
     before = torch.get_num_threads()
