@@ -111,7 +111,7 @@ constexpr int64_t kSideVecs = kWidth == 16 ? 2 : 1;
 
 // Both side branches of one weight block on one tile, computed per output lane over the tile's
 // pixels (one FMA per LRMB rank / SMB nonzero for kWidth pixels; in pairs one vdpbf16ps per two
-// ranks) from xt [Cin, kPixels] and lowt [rank8, kPixels] (pairs: [ceil(Cin/2), kPixels] and
+// ranks / per nonzero) from xt [Cin, kPixels] and lowt [rank8, kPixels] (pairs: [ceil(Cin/2), kPixels] and
 // [rank8/2, kPixels]), transposed in registers: out [kPixels, 16].
 template <class T>
 void side_block(const Side<T>& sd, const TileElem<T>* xt, const TileElem<T>* lowt, int64_t width, int64_t o0,
