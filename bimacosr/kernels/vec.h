@@ -200,12 +200,6 @@ inline void exp_lanes(fvec (&x)[K]) {
   }
 }
 
-inline fvec exp_lanes(fvec x) {
-  fvec one[1] = {x};
-  exp_lanes(one);
-  return one[0];
-}
-
 // bf16 pairs: 32-bit words holding two bf16 values, the even-indexed one (a channel of an NHWC bf16
 // row, a rank of the LRMB) in the low half: docs/kernel.md §4.
 inline fvec low_bf16(uvec w) {
