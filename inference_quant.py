@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> InferenceOptions:
     add("--suffix", help="output name suffix: a.png -> a_<suffix>.png")
     add("--ext", choices=("png", "jpg", "webp", "auto"), help="output format (auto: the input's)")
     add("--device", help="cpu, cuda, cuda:1, ... (default: CUDA if present)")
-    add("--precision", choices=PRECISIONS, help="auto: fp16 autoencoder on CUDA, bf16 on CPUs that have it, else fp32")
+    add("--precision", choices=PRECISIONS, help="auto: fp16 autoencoder on CUDA, bf16 on CPUs that have it, "
+        "else fp32-fast (Winograd convolutions); fp32: the original's operations")
     p.add_argument("--fp32", action="store_true", help="same as --precision fp32")
     p.add_argument("--compare", action="store_true", help="also write <name>_compare.png side-by-side views")
     p.add_argument("--skip_existing", action="store_true", help="skip images whose output exists (resume)")

@@ -37,37 +37,43 @@ __all__ = ["INFERENCE_KEYS", "Precision", "PRECISIONS", "InferenceFiles", "build
            "build_student", "build_teacher", "deployable_denoiser", "freeze",
            "inference_files", "native_bf16", "resolve_precision"]
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "fp32-fast", "bf16", "fp16")
 INFERENCE_KEYS = ("model.params", "diffusion.params", "autoencoder.params", "autoencoder.ckpt_path")
 """The config keys an inference run reads."""
 
 
 @dataclass(frozen=True)
 class Precision:
-    """How the pipeline runs: ``name`` (fp32 / bf16 / fp16), the autoencoder's weight dtype, the
-    autocast dtype of the floating-point work (None: plain fp32) and the autoencoder's memory
-    format (channels-last under bf16 on CPU: oneDNN's convolutions run it 5-10 % faster there, and
-    bf16 is approximate anyway; fp32 stays contiguous, which the fixtures match bit for bit). The
-    binary branch of the deploy layers is exact integer arithmetic whatever the precision."""
+    """How the pipeline runs: ``name`` (fp32 / fp32-fast / bf16 / fp16), the autoencoder's weight
+    dtype, the autocast dtype of the floating-point work (None: plain fp32), the autoencoder's
+    memory format (channels-last under bf16 on CPU: oneDNN's convolutions run it 5-10 % faster
+    there, and bf16 is approximate anyway; fp32 stays contiguous, which the fixtures match bit for
+    bit) and ``fast_float32`` (``fp32-fast``: float32 in faster forms of the same maths,
+    :func:`bimacosr.models.layers.fast_float32`). The binary branch of the deploy layers is exact
+    integer arithmetic whatever the precision."""
 
     name: str
     autoencoder_dtype: torch.dtype
     autocast: torch.dtype | None
     autoencoder_format: torch.memory_format = torch.contiguous_format
+    fast_float32: bool = False
 
 
 def resolve_precision(name: str, device: torch.device, cfg: DictConfig | None = None) -> Precision:
     """``auto``: on CUDA what the original does (fp16 autoencoder when ``autoencoder.use_fp16``,
     the default; denoiser fp32); on CPU bf16 autocast where the CPU has native bf16
-    (:func:`native_bf16`), else fp32. ``fp16`` needs CUDA (the original's half autoencoder);
-    ``bf16`` is autocast of encoder, denoiser and decoder on any device."""
+    (:func:`native_bf16`), else ``fp32-fast``. ``fp32`` is the original's float32 operations;
+    ``fp32-fast`` float32 with the autoencoder's 3x3 convolutions as Winograd transforms and its
+    swish in one pass (within ~1e-5 relative of ``fp32``, docs/deviations.md D16). ``fp16`` needs
+    CUDA (the original's half autoencoder); ``bf16`` is autocast of encoder, denoiser and decoder
+    on any device."""
     if name not in PRECISIONS:
         raise ValueError(f"--precision must be one of {PRECISIONS}, got {name!r}")
     if name == "auto":
         if device.type == "cuda":
             name = "fp16" if cfg is None or cfg.autoencoder.use_fp16 else "fp32"
         else:
-            name = "bf16" if device.type == "cpu" and native_bf16() else "fp32"
+            name = ("bf16" if native_bf16() else "fp32-fast") if device.type == "cpu" else "fp32"
     if name == "fp16":
         if device.type != "cuda":
             raise ValueError("--precision fp16 needs a CUDA device (it halves the autoencoder as the "
@@ -76,7 +82,7 @@ def resolve_precision(name: str, device: torch.device, cfg: DictConfig | None = 
     if name == "bf16":
         fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
         return Precision("bf16", torch.float32, torch.bfloat16, fmt)
-    return Precision("fp32", torch.float32, None)
+    return Precision(name, torch.float32, None, fast_float32=name == "fp32-fast")
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -225,7 +231,8 @@ def build_pipeline(cfg: DictConfig, files: InferenceFiles, device: torch.device,
     if compile:
         denoiser = torch.compile(denoiser)
     schedule = build_schedule(cfg, device)
-    return SRPipeline(denoiser, vq, schedule, sampler=sampler, sf=schedule.sf, autocast=prec.autocast)
+    return SRPipeline(denoiser, vq, schedule, sampler=sampler, sf=schedule.sf, autocast=prec.autocast,
+                      fast_float32=prec.fast_float32)
 
 
 def deployable_denoiser(ckpt: str | os.PathLike,

@@ -35,7 +35,7 @@ from bimacosr.visualize import compare_panel
 
 __all__ = ["UI_PRECISIONS", "Result", "Upscaler", "build_ui", "check_upload"]
 
-UI_PRECISIONS = ("auto", "fp32", "bf16")
+UI_PRECISIONS = ("auto", "fp32", "fp32-fast", "bf16")
 
 
 def check_upload(path: str | os.PathLike, max_side: int) -> tuple[int, int]:
@@ -130,7 +130,8 @@ class Upscaler:
                 vq = base.autoencoder
                 if prec.autoencoder_dtype != torch.float32 or prec.autoencoder_format != torch.contiguous_format:
                     vq = copy.deepcopy(vq).to(dtype=prec.autoencoder_dtype, memory_format=prec.autoencoder_format)
-                self._pipes[prec.name] = dataclasses.replace(base, autoencoder=vq, autocast=prec.autocast)
+                self._pipes[prec.name] = dataclasses.replace(base, autoencoder=vq, autocast=prec.autocast,
+                                                             fast_float32=prec.fast_float32)
             return self._pipes[prec.name], prec.name
 
     def __call__(self, path: str | os.PathLike, tile: int = default("chop_size"), seed: int = default("seed"),

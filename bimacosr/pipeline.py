@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from bimacosr.diffusion import Schedule, prior_sample, sample_ancestral, sample_ddim, sample_one_step
 from bimacosr.models.autoencoder import VQAutoencoder
 from bimacosr.models.first_stage import decode_first_stage, encode_first_stage
+from bimacosr.models.layers import fast_float32
 
 NoiseFn = Callable[[Tensor], Tensor]
 SAMPLERS = {"one_step": sample_one_step, "ddim": sample_ddim, "ancestral": sample_ancestral}
@@ -67,6 +68,7 @@ class SRPipeline:
     to (64 for the released UNet: the latent must be a multiple of 64). ``autocast`` runs the
     encoder, denoiser and decoder under ``torch.autocast`` with that dtype (bf16 on CPUs that
     compute it natively; see ``build.resolve_precision``); None keeps the modules' own dtypes.
+    ``fast_float32`` runs them inside :func:`~bimacosr.models.layers.fast_float32` (``fp32-fast``).
     """
 
     denoiser: nn.Module
@@ -76,6 +78,7 @@ class SRPipeline:
     sf: int = 4
     min_size: int = 64
     autocast: torch.dtype | None = None
+    fast_float32: bool = False
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -96,7 +99,8 @@ class SRPipeline:
         h, w = y0.shape[-2:]
         lq = pad_to_multiple(y0, self.min_size)
         dtype = self.autocast or torch.float32
-        with torch.autocast(lq.device.type, dtype=dtype, enabled=self.autocast is not None):
+        with (torch.autocast(lq.device.type, dtype=dtype, enabled=self.autocast is not None),
+              fast_float32(self.fast_float32)):
             z_y = encode_first_stage(self.autoencoder, lq, up_sample=True, sf=self.sf).float()
             x_t = prior_sample(z_y, self.schedule, noise_fn(z_y))
 

@@ -20,12 +20,14 @@ def test_native_bf16_reads_the_cpu_flags(tmp_path):
     assert not build.native_bf16(tmp_path / "missing")  # no /proc (macOS, sandbox): fp32
 
 
-@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32-fast")])
 def test_auto_on_cpu_uses_bf16_only_where_native(monkeypatch, smoke_config, native, expected):
     monkeypatch.setattr(build, "native_bf16", lambda: native)
     prec = build.resolve_precision("auto", torch.device("cpu"), smoke_config)
     assert prec.name == expected and prec.autoencoder_dtype == torch.float32
     assert prec.autocast == (torch.bfloat16 if native else None)
+    assert prec.fast_float32 == (not native)
+    assert build.resolve_precision("auto", torch.device("meta"), smoke_config).name == "fp32"  # CPU-only forms
 
 
 def test_auto_on_cuda_follows_the_original_fp16_autoencoder(smoke_config):
@@ -42,6 +44,8 @@ def test_explicit_precisions_and_refusals():
                                                                    torch.channels_last)
     assert build.resolve_precision("bf16", torch.device("cuda")).autoencoder_format == torch.contiguous_format
     assert build.resolve_precision("fp32", cpu) == build.Precision("fp32", torch.float32, None)
+    assert build.resolve_precision("fp32-fast", cpu) == build.Precision("fp32-fast", torch.float32, None,
+                                                                        fast_float32=True)
     with pytest.raises(ValueError, match="fp16 needs a CUDA device.*bf16 or fp32"):
         build.resolve_precision("fp16", cpu)
     with pytest.raises(ValueError, match="must be one of"):
@@ -88,3 +92,28 @@ def test_the_autoencoder_memory_format_follows_the_precision(smoke_config, preci
     weight = vq.encoder.conv_in.weight
     assert weight.is_contiguous(memory_format=torch.channels_last) == (precision == "bf16")
     assert weight.is_contiguous() == (precision == "fp32")
+
+
+def test_fp32_fast_pipeline_runs_winograd_and_stays_at_float32(smoke_config, tiny_fp_denoiser, tiny_vq,
+                                                                monkeypatch):
+    """``fp32-fast`` (``auto`` on CPUs without native bf16): the pipeline runs the autoencoder's
+    3x3 convolutions through NNPACK and lands within float32 rounding of ``fp32``'s image (an FP
+    denoiser: a random binary one turns any rounding into sign flips, as another CPU does)."""
+    from bimacosr.models import layers
+    from bimacosr.pipeline import SRPipeline
+    if not layers.nnpack_available():
+        pytest.skip("NNPACK needs x86-64 with AVX2 and FMA3, or ARM NEON")
+    calls = []
+    real = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(1) or real(*a))
+    schedule = build.build_schedule(smoke_config)
+    lr = torch.rand(1, 3, 24, 20, generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for name in ("fp32", "fp32-fast"):
+        prec = build.resolve_precision(name, torch.device("cpu"))
+        pipe = SRPipeline(tiny_fp_denoiser, tiny_vq, schedule, sf=schedule.sf, autocast=prec.autocast,
+                          fast_float32=prec.fast_float32)
+        outs[name] = pipe(lr, generator=torch.Generator().manual_seed(0))
+        assert (len(calls) > 0) == (name == "fp32-fast")
+    assert not layers.fast_float32_enabled()  # the context ends with the call
+    assert (outs["fp32"] - outs["fp32-fast"]).abs().max() < 1e-4

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bimacosr import kernels
-from bimacosr.models.layers import autocast_dtype, autocast_off, reduced_precision, residual, silu_fresh
+from bimacosr.models.layers import (WinogradConv2d, autocast_dtype, autocast_off, fast_float32_enabled,
+                                    reduced_precision, residual, silu_fresh)
 from bimacosr.quant.common import eval_cached
 
 
@@ -27,29 +28,30 @@ def Normalize(channels: int) -> nn.GroupNorm:
 
 def norm_swish(norm: nn.GroupNorm, x: Tensor) -> Tensor:
     """``swish(norm(x))`` with swish(h) = h·sigmoid(h). In float32 the original's two operations;
-    below float32 one ``silu`` on the fresh normalised tensor, in place unless it records a
-    gradient (one rounding instead of two, one pass over memory instead of three); a channels-last
-    bf16 map on CPU takes both in one C++ pass with the same roundings
-    (:func:`bimacosr.kernels.group_norm`)."""
+    below float32 and in :func:`~bimacosr.models.layers.fast_float32` one ``silu`` on the fresh
+    normalised tensor, in place unless it records a gradient (one rounding instead of two, one pass
+    over memory instead of three: 6-10x faster in float32); a channels-last bf16 map on CPU takes
+    both in one C++ pass with the same roundings (:func:`bimacosr.kernels.group_norm`)."""
     if kernels.group_norm_applies(x, norm.weight, norm.bias):
         return kernels.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True)
     h = norm(x)
-    if reduced_precision(h):
+    if reduced_precision(h) or fast_float32_enabled():
         return silu_fresh(h)
     return h * torch.sigmoid(h)
 
 
 class ResnetBlock(nn.Module):
     """norm1 → swish → conv1 → norm2 → swish → dropout → conv2, plus a 1x1 ``nin_shortcut`` when the
-    width changes. No timestep embedding (the original builds none: ``temb_channels`` = 0)."""
+    width changes. No timestep embedding (the original builds none: ``temb_channels`` = 0). The
+    3x3 convs are :class:`~bimacosr.models.layers.WinogradConv2d` (Winograd in ``fp32-fast``)."""
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
         self.norm1 = Normalize(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
+        self.conv1 = WinogradConv2d(in_channels, out_channels)
         self.norm2 = Normalize(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
+        self.conv2 = WinogradConv2d(out_channels, out_channels)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1, 1, 0)
 
@@ -160,12 +162,13 @@ class Upsample(nn.Module):
     the input, whose weights are the 3x3 taps summed per phase (a, b). That is one stride-2
     transposed convolution (padding 1) with the (C, C, 4, 4) kernel of :func:`_fold_taps` along
     both axes, which writes the four interleaved phases itself; the kernel is summed in float32.
-    float32 runs the original's two operations.
+    float32 runs the original's two operations (in ``fp32-fast`` the conv on the upsampled map is
+    Winograd's: 1.4-1.8x faster there than this phase form in float32, docs/speed.md §2).
     """
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
+        self.conv = WinogradConv2d(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
         if not reduced_precision(x):

@@ -3,7 +3,10 @@ precision test that chooses between the original's operations and their faster f
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +39,68 @@ def reduced_precision(x: Tensor) -> bool:
     if x.dtype in (torch.float16, torch.bfloat16):
         return True
     return autocast_dtype(x.device.type) not in (None, torch.float32)
+
+
+_FAST_FLOAT32 = contextvars.ContextVar("bimacosr_fast_float32", default=False)
+
+
+@contextlib.contextmanager
+def fast_float32(enabled: bool = True):
+    """Inside, float32 work of the layers that offer one runs in a faster form of the same maths
+    (``--precision fp32-fast``; docs/deviations.md D16): :class:`WinogradConv2d` through NNPACK's
+    Winograd transforms and the autoencoder's swish as one ``silu``. The float32 roundings differ
+    (relative 1e-6 to 1e-5 a convolution); outside, float32 keeps the original's operations."""
+    token = _FAST_FLOAT32.set(enabled)
+    try:
+        yield
+    finally:
+        _FAST_FLOAT32.reset(token)
+
+
+def fast_float32_enabled() -> bool:
+    """Whether the innermost :func:`fast_float32` is on."""
+    return _FAST_FLOAT32.get()
+
+
+@functools.cache
+def nnpack_available() -> bool:
+    """Whether PyTorch's NNPACK works on this CPU (x86-64 with AVX2 and FMA3, or ARM NEON); the
+    call also initialises it, which its convolution needs first."""
+    return bool(torch.backends.nnpack.is_available())
+
+
+_nnpack_failed: list[str] = []
+
+
+class WinogradConv2d(nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, 3, 1, 1)``, the same parameters and state_dict keys,
+    whose float32 CPU inference inside :func:`fast_float32` runs through NNPACK's Winograd
+    F(6x6, 3x3) transforms (``torch._nnpack_spatial_convolution``): 2-3x fewer cycles than
+    oneDNN's direct float32 convolution at the autoencoder's shapes, within ~1e-5 relative of it
+    (docs/speed.md §2). Everything else (other dtypes, autocast below float32, gradients, a
+    channels-last input, no NNPACK) is ``nn.Conv2d``'s. NNPACK sizes its thread pool once, from
+    ``torch.get_num_threads()`` at its first call."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 3, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._winograd_applies(x):
+            try:
+                return torch._nnpack_spatial_convolution(x, self.weight, self.bias, [1, 1], [1, 1])
+            except RuntimeError as err:  # e.g. NNPACK's workspace allocation: oneDNN computes the same
+                if not _nnpack_failed:
+                    _nnpack_failed.append(str(err))
+                    print(f"bimacosr: NNPACK's Winograd convolution failed ({err}); oneDNN's direct "
+                          f"convolution runs instead", file=sys.stderr, flush=True)
+        return super().forward(x)
+
+    def _winograd_applies(self, x: Tensor) -> bool:
+        return (fast_float32_enabled() and x.device.type == "cpu" and x.dim() == 4
+                and x.dtype == self.weight.dtype == torch.float32 and x.is_contiguous()
+                and not reduced_precision(x) and self.padding_mode == "zeros"
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                and nnpack_available())
 
 
 def residual(x: Tensor, h: Tensor) -> Tensor:
