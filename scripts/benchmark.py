@@ -4,7 +4,8 @@ Variants (released architecture, random weights: speed does not depend on the va
 ``resshift`` FP UNet, 15 ancestral steps, fp32 | ``sinsr`` FP UNet, one step, fp32 (the reference,
 as the original runs it on CPU) | ``sinsr_bf16`` the same under bf16 autocast (the best plain FP
 option) | ``sim`` BiMaCo UNet as trained (simulated binarization) | ``deploy`` the packed 1-bit file
-with this project's defaults (``--precision auto``, the fused kernel when it builds) |
+with this project's defaults (``--precision auto``: bf16 where native, else ``fp32-fast``; the
+fused kernel when it builds) |
 ``realesrgan`` Real-ESRGAN x4plus (RRDBNet, 23 blocks, from ``spandrel``), what users would pick
 instead, in the best precision this CPU has (bf16 channels-last where bf16 is native, else fp32);
 its network time is in the UNet column.
@@ -46,10 +47,12 @@ STAGES = ("encode", "unet", "decode", "total")
 
 
 def precision_of(variant: str, cfg, device: torch.device) -> build.Precision:
-    """``deploy`` and ``realesrgan``: the best this device has (``auto``); ``sinsr_bf16``: bf16;
-    the others fp32."""
+    """``deploy``: this project's default (``auto``: ``fp32-fast`` on CPUs without native bf16);
+    ``realesrgan``: ``auto`` as PyTorch runs it (bf16 where native, else plain fp32);
+    ``sinsr_bf16``: bf16; the others fp32."""
     name = "auto" if variant in ("deploy", "realesrgan") else "bf16" if variant == "sinsr_bf16" else "fp32"
-    return build.resolve_precision(name, device, cfg)
+    prec = build.resolve_precision(name, device, cfg)
+    return build.resolve_precision("fp32", device) if variant == "realesrgan" and prec.fast_float32 else prec
 
 
 class RealESRGAN:
@@ -87,7 +90,7 @@ def build_variant(variant: str, cfg, device: torch.device, deploy_file: Path) ->
                                  memory_format=prec.autoencoder_format)
     schedule = build.build_schedule(cfg, device)
     return SRPipeline(denoiser, vq, schedule, sampler="ancestral" if variant == "resshift" else "one_step",
-                      sf=schedule.sf, autocast=prec.autocast)
+                      sf=schedule.sf, autocast=prec.autocast, fast_float32=prec.fast_float32)
 
 
 def export_random_deploy(cfg, path: Path) -> None:

@@ -71,8 +71,10 @@ class AttnBlock(nn.Module):
     original uses the equivalent xformers kernel there). Elsewhere in float32: the original's
     exact operation order (qᵀk bmm, then ·C^-½, softmax, bmm with v), split into query blocks of at
     most ``max_weights`` weight entries, which reproduces the reference CPU outputs bit for bit.
-    Below float32 (:func:`reduced_precision`): :func:`_attend_tokens` on token-major views of q, k
-    and v, in query blocks of at most ``max_weights_reduced`` weight entries (a cache-sized block).
+    Below float32 (:func:`reduced_precision`) and in ``fp32-fast``: :func:`_attend_tokens` on
+    token-major views of q, k and v, in query blocks of at most ``max_weights_reduced`` weight
+    entries (a cache-sized block; in float32 1.25x faster than the original's order at 4096
+    tokens), its output in the input's memory format.
     """
 
     max_weights = 1 << 24  # per query block in float32: 64 MiB of weights
@@ -89,11 +91,12 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         hn = self.norm(x)
-        if reduced_precision(x) and not x.is_cuda:
+        if (reduced_precision(x) or fast_float32_enabled()) and not x.is_cuda:
             # (B, C, H, W) -> (B, HW, C) tokens: views (no copy) of channels-last maps
             q, k, v = (m(hn).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))
             out = _attend_tokens(q, k, v, max(1, self.max_weights_reduced // (h * w)))
-            return residual(x, self.proj_out(out.transpose(1, 2).unflatten(2, (h, w))))
+            out = out.transpose(1, 2).unflatten(2, (h, w)).contiguous(memory_format=_memory_format(x))
+            return residual(x, self.proj_out(out))
         q, k, v = (m(hn).reshape(b, c, h * w) for m in (self.q, self.k, self.v))
         if x.is_cuda:
             # (B, C, HW) -> (B, 1, HW, C): one head, HW tokens

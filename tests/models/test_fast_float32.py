@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bimacosr.models import layers
+from bimacosr.models import autoencoder, layers
 from bimacosr.models.autoencoder import ResnetBlock, Upsample, VQAutoencoder, norm_swish
 from bimacosr.models.layers import WinogradConv2d, fast_float32, fast_float32_enabled
 from tests.models.test_autoencoder import SMALL
@@ -110,8 +110,9 @@ def test_norm_swish_is_one_silu_in_fast_float32():
 
 
 def test_fast_float32_autoencoder_is_float32_within_its_rounding(monkeypatch):
-    """A tiny random autoencoder (two Upsamples): every ResnetBlock and Upsample conv goes through
-    NNPACK, and encode / decode stay within float32 rounding of the original's operations
+    """A tiny random autoencoder (two Upsamples, two mid attentions): every ResnetBlock and
+    Upsample conv goes through NNPACK (the attention hands them NCHW maps), the attention runs in
+    query blocks, and encode / decode stay within float32 rounding of the original's operations
     (released size at 256²: rel. rms ~1e-6, 111-119 dB PSNR; the fixture's outputs move by
     1.3e-5 to 6.5e-5, bf16 by ~0.1)."""
     torch.manual_seed(12)
@@ -121,6 +122,9 @@ def test_fast_float32_autoencoder_is_float32_within_its_rounding(monkeypatch):
         isinstance(m, Upsample) for m in vq.modules())
     x = torch.rand(1, 3, 64, 48) * 2 - 1
     calls = _spy(monkeypatch)
+    attends = []
+    real_attend = autoencoder._attend_tokens
+    monkeypatch.setattr(autoencoder, "_attend_tokens", lambda *a: attends.append(1) or real_attend(*a))
     with torch.inference_mode():
         ref_h = vq.encode(x)
         ref_y = vq.decode(ref_h)
@@ -128,7 +132,7 @@ def test_fast_float32_autoencoder_is_float32_within_its_rounding(monkeypatch):
         with fast_float32():
             h = vq.encode(x)
             y = vq.decode(ref_h)
-    assert len(calls) == convs
+    assert len(calls) == convs and len(attends) == 2
     assert _rel_rms(h, ref_h) < 1e-5 and _rel_rms(y, ref_y) < 1e-5
     assert (y - ref_y).abs().max() < 1e-4
 
