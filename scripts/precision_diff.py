@@ -1,11 +1,12 @@
-"""How much the SR image moves when the pipeline runs in bf16 instead of fp32, on real photographs.
+"""How much the SR image moves when the pipeline runs in bf16 (or fp32-fast) instead of fp32, on photographs.
 
 Builds the released architecture with random weights (or loads --ckpt / --deploy and the config's
 autoencoder when given), super-resolves LR crops of scikit-image photographs once in fp32 and once
-under bf16 autocast with the same noise, and prints PSNR and max |difference| of the uint8 images.
-With random weights this is evidence about the arithmetic only, not about image quality.
+in ``--precision`` (bf16 autocast, or ``fp32-fast``: Winograd convolutions) with the same noise,
+and prints PSNR and max |difference| of the uint8 images. With random weights this is evidence
+about the arithmetic only, not about image quality.
 
-    python scripts/precision_diff.py --size 64 [--photos astronaut coffee chelsea] [--deploy]
+    python scripts/precision_diff.py --size 64 [--photos astronaut coffee chelsea] [--deploy] [--precision fp32-fast]
 """
 from __future__ import annotations
 
@@ -50,19 +51,20 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64, help="LR crop side (pixels)")
     p.add_argument("--photos", nargs="+", default=["astronaut", "coffee", "chelsea"])
     p.add_argument("--deploy", action="store_true", help="the packed 1-bit deploy denoiser")
+    p.add_argument("--precision", choices=("bf16", "fp32-fast"), default="bf16", help="compared with fp32")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     pipe = random_pipeline(cfg, args.deploy, None)
-    print("| photo | LR | SR | PSNR bf16 vs fp32 (dB) | max abs (of 255) |\n|---|---|---|---|---|")
+    print(f"| photo | LR | SR | PSNR {args.precision} vs fp32 (dB) | max abs (of 255) |\n|---|---|---|---|---|")
     for name in args.photos:
         lr_np = downscale(photo(name), 4)[: args.size, : args.size]
         lr = torch.from_numpy(np.ascontiguousarray(lr_np)).permute(2, 0, 1)[None].float() / 255
         outs = []
-        for prec_name in ("fp32", "bf16"):  # as --precision runs them: autocast, autoencoder layout
+        for prec_name in ("fp32", args.precision):  # as --precision runs them: autocast, autoencoder layout
             prec = build.resolve_precision(prec_name, torch.device("cpu"))
-            pipe.autocast = prec.autocast
+            pipe.autocast, pipe.fast_float32 = prec.autocast, prec.fast_float32
             pipe.autoencoder.to(memory_format=prec.autoencoder_format)
             outs.append(to_uint8(pipe(lr, generator=torch.Generator().manual_seed(0))))
         diff = int(np.abs(outs[0].astype(int) - outs[1].astype(int)).max())
