@@ -1,0 +1,46 @@
+"""Run another script as on a lesser CPU class than this machine's, for the per-class speed rows.
+
+``avx2``: AVX2 only (an AMD Zen 3): ATen, oneDNN and MKL held to AVX2, the 1-bit kernel built
+``-mno-avx512f`` (its AVX2 table path), no native bf16, so ``--precision auto`` is ``fp32-fast``.
+``avx512``: AVX-512 without bf16 (Intel Ice Lake / Cascade Lake): the kernel built
+``-mno-avx512bf16``, no native bf16. The timings are this machine's cores at that instruction
+set, not another CPU's; say so beside every figure (docs/speed.md, *Per CPU class*).
+
+    python scripts/as_cpu.py avx2 scripts/benchmark.py --variants sinsr deploy realesrgan --sizes 64
+"""
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+CLASSES = {
+    "avx2": ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+             "-mno-avx512f", ("avx512", "amx")),
+    "avx512": ({}, "-mno-avx512bf16", ("avx512_bf16", "amx")),
+}
+
+
+def main() -> None:
+    if len(sys.argv) < 3 or sys.argv[1] not in CLASSES:
+        sys.exit(f"usage: python scripts/as_cpu.py {{{','.join(CLASSES)}}} SCRIPT [ARGS ...]")
+    env, flag, hidden = CLASSES[sys.argv[1]]
+    os.environ.update(env)  # before torch is imported: ATen reads its capability once, at load
+
+    from bimacosr import build, cpu, kernels
+
+    real_flags = cpu.cpu_flags
+
+    def flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> list[str]:
+        return [f for f in real_flags(cpuinfo) if not f.startswith(hidden)]
+
+    cpu.cpu_flags = kernels.cpu_flags = flags  # the kernel's build tag and bf16 routes
+    build.native_bf16 = lambda *_: False  # precision auto
+    kernels.FLAGS.append(flag)
+    script, sys.argv = sys.argv[2], sys.argv[2:]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
