@@ -48,8 +48,9 @@ _FAST_FLOAT32 = contextvars.ContextVar("bimacosr_fast_float32", default=False)
 def fast_float32(enabled: bool = True):
     """Inside, float32 work of the layers that offer one runs in a faster form of the same maths
     (``--precision fp32-fast``; docs/deviations.md D16): :class:`WinogradConv2d` through NNPACK's
-    Winograd transforms and the autoencoder's swish as one ``silu``. The float32 roundings differ
-    (relative 1e-6 to 1e-5 a convolution); outside, float32 keeps the original's operations."""
+    Winograd transforms, the autoencoder's swish as one ``silu`` and its attention in query blocks.
+    The float32 roundings differ (relative 1e-6 to 1e-5 a convolution); outside, float32 keeps the
+    original's operations."""
     token = _FAST_FLOAT32.set(enabled)
     try:
         yield
@@ -79,7 +80,12 @@ class WinogradConv2d(nn.Conv2d):
     oneDNN's direct float32 convolution at the autoencoder's shapes, within ~1e-5 relative of it
     (docs/speed.md §2). Everything else (other dtypes, autocast below float32, gradients, a
     channels-last input, no NNPACK) is ``nn.Conv2d``'s. NNPACK sizes its thread pool once, from
-    ``torch.get_num_threads()`` at its first call."""
+    ``torch.get_num_threads()`` at its first call. Its workspace is ~3.6x its input, so a map of
+    more than ``band_elements`` values is convolved in bands of rows (each with its neighbour rows
+    as halo): at most ~230 MB of workspace instead of 3.6 GB for a 1 GB map (the decoder's at the
+    default 256-pixel tile)."""
+
+    band_elements = 1 << 24
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 3, 1, 1)
@@ -87,13 +93,27 @@ class WinogradConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self._winograd_applies(x):
             try:
-                return torch._nnpack_spatial_convolution(x, self.weight, self.bias, [1, 1], [1, 1])
+                return self._winograd(x)
             except RuntimeError as err:  # e.g. NNPACK's workspace allocation: oneDNN computes the same
                 if not _nnpack_failed:
                     _nnpack_failed.append(str(err))
                     print(f"bimacosr: NNPACK's Winograd convolution failed ({err}); oneDNN's direct "
                           f"convolution runs instead", file=sys.stderr, flush=True)
         return super().forward(x)
+
+    def _winograd(self, x: Tensor) -> Tensor:
+        """NNPACK's convolution of ``x`` [N, C, H, W], in bands of at least 16 rows."""
+        n, c, h, w = x.shape
+        rows = max(16, self.band_elements // max(n * c * w, 1))
+        if rows >= h:
+            return torch._nnpack_spatial_convolution(x, self.weight, self.bias, [1, 1], [1, 1])
+        out = x.new_empty(n, self.out_channels, h, w)
+        for top in range(0, h, rows):
+            bottom = min(top + rows, h)
+            first, last = max(top - 1, 0), min(bottom + 1, h)  # the band and its halo rows
+            band = torch._nnpack_spatial_convolution(x[:, :, first:last], self.weight, self.bias, [1, 1], [1, 1])
+            out[:, :, top:bottom] = band[:, :, top - first: bottom - first]
+        return out
 
     def _winograd_applies(self, x: Tensor) -> bool:
         return (fast_float32_enabled() and x.device.type == "cpu" and x.dim() == 4

@@ -56,6 +56,23 @@ def test_winograd_conv_is_the_convolution_within_float32_rounding(monkeypatch, s
         assert torch.equal(conv(x), y)  # the same machine and input: the same bits
 
 
+def test_a_large_map_is_convolved_in_bands_with_halo_rows(monkeypatch):
+    """Above ``band_elements`` the rows go to NNPACK in bands (its workspace is ~3.6x its input);
+    each band reads its neighbour rows, so no row, the bands' edges included, is off by more than
+    float32 rounding. The bands are 16 rows here (at least 16, whatever the budget)."""
+    conv = WinogradConv2d(16, 8).eval().requires_grad_(False)
+    x = torch.randn(2, 16, 50, 37, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(WinogradConv2d, "band_elements", 1)
+    calls = _spy(monkeypatch)
+    with fast_float32():
+        y = conv(x)
+    assert calls == [(2, 16, 17, 37), (2, 16, 18, 37), (2, 16, 18, 37), (2, 16, 3, 37)]
+    ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    row_err = (y.double() - ref).abs().amax(dim=(0, 1, 3)) / ref.abs().max()
+    assert y.shape == ref.shape and row_err.max() < 2e-5  # a missing halo row would be off by ~1e-1
+    assert _rel_rms(y, ref) < 2e-5
+
+
 def test_winograd_conv_leaves_every_other_input_to_the_original(monkeypatch):
     """Gradients, a channels-last map, bf16, autocast, no NNPACK: ``nn.Conv2d``'s result, bit for bit."""
     conv = WinogradConv2d(16, 16).eval()
