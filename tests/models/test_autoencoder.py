@@ -152,6 +152,7 @@ def test_attention_below_float32_matches_sdpa_within_bf16_rounding(layout, monke
     x = torch.randn(2, 64, 7, 9).contiguous(memory_format=layout)
     ref = _sdpa_reference(attn, x)
     outs = []
+    attn.min_queries = 1
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         for max_weights in (63 * 5, 63 * 16, 1 << 22):  # 5 and 16 queries per block, one block
             attn.max_weights_reduced = max_weights
@@ -351,3 +352,18 @@ def test_bf16_autoencoder_matches_float32_within_bf16_rounding(monkeypatch) -> N
     for (fast, stock, ref) in zip(outs["fast"], outs["stock"], (ref_h, ref_y)):
         assert fast.dtype == torch.bfloat16 and fast.shape == ref.shape
         assert rel_rms(fast, ref) <= 1.2 * rel_rms(stock, ref) and rel_rms(fast, ref) < 0.05
+
+
+def test_attention_query_blocks_hold_at_least_min_queries(monkeypatch) -> None:
+    """The weight budget sets the block, but never below ``min_queries`` (smaller blocks slowed
+    the GEMMs at the default tile's 65536 tokens)."""
+    attn = AttnBlock(32).eval().requires_grad_(False)
+    blocks = []
+    real = autoencoder._attend_tokens
+    monkeypatch.setattr(autoencoder, "_attend_tokens", lambda q, k, v, block: blocks.append(block) or real(q, k, v, block))
+    x = torch.randn(1, 32, 16, 20)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        attn(x)
+        attn.max_weights_reduced = 320 * 10
+        attn(x)
+    assert blocks == [(1 << 22) // 320, 256]
