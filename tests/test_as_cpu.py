@@ -28,5 +28,6 @@ def test_a_script_runs_as_on_the_lesser_cpu_class(tmp_path, cls, want):
 
 
 def test_an_unknown_class_is_refused():
-    res = subprocess.run([sys.executable, str(REPO / "scripts/as_cpu.py"), "sse", "x.py"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, str(REPO / "scripts/as_cpu.py"), "sse", "x.py"],
+                         capture_output=True, text=True)
     assert res.returncode != 0 and "avx2,avx512" in res.stderr

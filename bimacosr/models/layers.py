@@ -111,8 +111,9 @@ class WinogradConv2d(nn.Conv2d):
         for top in range(0, h, rows):
             bottom = min(top + rows, h)
             first, last = max(top - 1, 0), min(bottom + 1, h)  # the band and its halo rows
-            band = torch._nnpack_spatial_convolution(x[:, :, first:last], self.weight, self.bias, [1, 1], [1, 1])
-            out[:, :, top:bottom] = band[:, :, top - first: bottom - first]
+            band = x[:, :, first:last]
+            out[:, :, top:bottom] = torch._nnpack_spatial_convolution(
+                band, self.weight, self.bias, [1, 1], [1, 1])[:, :, top - first: bottom - first]
         return out
 
     def _winograd_applies(self, x: Tensor) -> bool:

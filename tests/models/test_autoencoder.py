@@ -360,7 +360,8 @@ def test_attention_query_blocks_hold_at_least_min_queries(monkeypatch) -> None:
     attn = AttnBlock(32).eval().requires_grad_(False)
     blocks = []
     real = autoencoder._attend_tokens
-    monkeypatch.setattr(autoencoder, "_attend_tokens", lambda q, k, v, block: blocks.append(block) or real(q, k, v, block))
+    monkeypatch.setattr(autoencoder, "_attend_tokens",
+                        lambda q, k, v, block: blocks.append(block) or real(q, k, v, block))
     x = torch.randn(1, 32, 16, 20)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         attn(x)
