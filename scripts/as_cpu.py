@@ -10,9 +10,12 @@ set, not another CPU's; say so beside every figure (docs/speed.md, *Per CPU clas
 """
 from __future__ import annotations
 
+import argparse
 import os
 import runpy
 import sys
+
+from bimacosr.cli import argument_parser  # imports no torch: the environment below still applies
 
 CLASSES = {
     "avx2": ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
@@ -22,9 +25,12 @@ CLASSES = {
 
 
 def main() -> None:
-    if len(sys.argv) < 3 or sys.argv[1] not in CLASSES:
-        sys.exit(f"usage: python scripts/as_cpu.py {{{','.join(CLASSES)}}} SCRIPT [ARGS ...]")
-    env, flag, hidden = CLASSES[sys.argv[1]]
+    p = argument_parser(__doc__.split("\n\n")[0])
+    p.add_argument("cpu_class", choices=CLASSES, help="the CPU class to run as")
+    p.add_argument("script", help="the script to run")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    args = p.parse_args()
+    env, flag, hidden = CLASSES[args.cpu_class]
     os.environ.update(env)  # before torch is imported: ATen reads its capability once, at load
 
     from bimacosr import build, cpu, kernels
@@ -37,9 +43,9 @@ def main() -> None:
     cpu.cpu_flags = kernels.cpu_flags = flags  # the kernel's build tag and bf16 routes
     build.native_bf16 = lambda *_: False  # precision auto
     kernels.FLAGS.append(flag)
-    script, sys.argv = sys.argv[2], sys.argv[2:]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
+    sys.argv = [args.script, *args.args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
+    runpy.run_path(args.script, run_name="__main__")
 
 
 if __name__ == "__main__":
