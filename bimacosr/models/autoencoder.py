@@ -74,7 +74,8 @@ class AttnBlock(nn.Module):
     Below float32 (:func:`reduced_precision`) and in ``fp32-fast``: :func:`_attend_tokens` on
     token-major views of q, k and v, in query blocks of at most ``max_weights_reduced`` weight
     entries (a cache-sized block) but at least ``min_queries`` (smaller blocks slowed the GEMMs:
-    at 65536 tokens, the default tile's latent, 112 against 79 s a float32 attention), its output
+    at 65536 tokens, the default tile's latent, 64-query blocks took 1.5x as long in float32 and
+    1.1-1.3x in bf16, docs/speed.md §2), its output
     in the input's memory format. In float32 that is 1.25x (4096 tokens) to 1.5x (16384) faster
     than the original's order.
     """
