@@ -228,7 +228,10 @@ def plan(opts: InferenceOptions) -> Plan:
         raise ConfigError(f"--scale {opts.scale} but {config} is a x{sf} model (diffusion.params.sf)")
     sampler = apply_schedule_flags(cfg, opts)
     precision = "fp32" if opts.fp32 else opts.precision
-    build.resolve_precision(precision, device, cfg)  # e.g. fp16 without CUDA
+    if build.resolve_precision(precision, device, cfg).name == "bf16" and device.type == "cpu" \
+            and not build.native_bf16():  # e.g. fp16 without CUDA raised in resolve_precision
+        print("note: this CPU has no native bf16 (AVX512-BF16 or AMX), so --precision bf16 is "
+              "emulated and slower than fp32-fast, which --precision auto picks here", flush=True)
     return Plan(cfg, build.inference_files(cfg, ckpt, opts.deploy), device, sampler, precision)
 
 

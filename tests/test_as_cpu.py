@@ -19,12 +19,25 @@ print(torch.backends.cpu.get_cpu_capability(), build.resolve_precision("auto", t
     ("avx2", ["AVX2", "fp32-fast", "-mno-avx512f", "False", "False"]),
     ("avx512", [None, "fp32-fast", "-mno-avx512bf16", None, "False"]),
 ])
-def test_a_script_runs_as_on_the_lesser_cpu_class(tmp_path, cls, want):
+@pytest.mark.parametrize("as_module", [False, True])
+def test_a_script_runs_as_on_the_lesser_cpu_class(tmp_path, cls, want, as_module):
+    """As a script, or as a module from the working directory (``--module pytest`` runs the suite)."""
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    out = subprocess.run([sys.executable, str(REPO / "scripts/as_cpu.py"), cls, str(probe)],
+    target = ["--module", "probe"] if as_module else [str(probe)]
+    out = subprocess.run([sys.executable, str(REPO / "scripts/as_cpu.py"), cls, *target],
                          capture_output=True, text=True, check=True, cwd=tmp_path).stdout.split()
     assert len(out) == 5 and all(w is None or o == w for o, w in zip(out, want)), out
+
+
+def test_a_cpuinfo_file_other_than_the_machines_keeps_its_flags(tmp_path):
+    """Only this machine's flags are hidden: the suite's own cpuinfo files read as written."""
+    probe = tmp_path / "probe.py"
+    (tmp_path / "cpuinfo").write_text("flags\t: avx2 avx512f avx512_bf16\n")
+    probe.write_text("from bimacosr import build\nprint(build.native_bf16(), build.native_bf16('cpuinfo'))\n")
+    out = subprocess.run([sys.executable, str(REPO / "scripts/as_cpu.py"), "avx2", str(probe)],
+                         capture_output=True, text=True, check=True, cwd=tmp_path).stdout.split()
+    assert out == ["False", "True"]
 
 
 def test_an_unknown_class_is_refused():

@@ -66,6 +66,21 @@ def test_cli_precision_flag_and_fp32_alias(smoke_assets, tmp_path, monkeypatch):
         inference_quant.parse_args(base + ["--precision", "int8"])
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_without_native_bf16_is_noted(smoke_assets, tmp_path, monkeypatch, capsys, native):
+    """An explicit bf16 on a CPU that emulates it says so before anything loads; auto never picks it there."""
+    root = smoke_assets.copy_to(tmp_path)
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(build, "native_bf16", lambda: native)
+    base = ["-i", "lr", "-o", "out", "--config", str(REPO / "configs/smoke.yaml"),
+            "--ckpt", str(smoke_assets.weights["student"]), "--device", "cpu"]
+    capsys.readouterr()
+    for flags in (["--precision", "bf16"], ["--precision", "auto"], ["--precision", "fp32-fast"]):
+        plan(inference_quant.parse_args(base + flags))
+        note = "no native bf16" in capsys.readouterr().out
+        assert note == (not native and flags[1] == "bf16"), flags
+
+
 @pytest.mark.slow  # emulated bf16 on CPUs without it is slow (the autoencoder at 256²)
 def test_bf16_pipeline_through_a_deploy_model(smoke_config, tiny_bimaco_denoiser, tiny_vq, tmp_path):
     from bimacosr.deploy import export_deploy, load_deploy

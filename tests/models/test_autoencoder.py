@@ -208,6 +208,11 @@ def test_upsample_phase_convolution_is_the_same_maths(layout, monkeypatch) -> No
 
 
 def test_upsample_under_bf16_matches_float32_within_bf16_rounding() -> None:
+    """The phase form under bf16 is as far from float32 as the stock bf16 route, by rms: 1.0x with
+    native bf16 (oneDNN's transposed conv rounds once); ~1.41x where PyTorch's own transposed conv
+    runs (AVX2 only: each of the 4 phase taps' partial sums is rounded to bf16 before they are
+    added, sqrt(2) by theory and measured 1.40-1.46x). A wrong fold is O(1) off. Max errors are
+    not compared: both are about one bf16 ulp of the output and jump by whole ulps between CPUs."""
     torch.manual_seed(4)
     up = Upsample(64).eval().requires_grad_(False)
     x = torch.randn(1, 64, 8, 9)
@@ -216,9 +221,12 @@ def test_upsample_under_bf16_matches_float32_within_bf16_rounding() -> None:
         fast = up(x)
         stock = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     assert fast.dtype == torch.bfloat16
-    err_fast = (fast.float() - ref).abs().max().item()
-    err_stock = (stock.float() - ref).abs().max().item()
-    assert err_fast <= 2 * err_stock and err_fast < 0.02 * ref.abs().max().item()
+
+    def rms(y: torch.Tensor) -> float:
+        return (y.float() - ref).pow(2).mean().sqrt().item()
+
+    assert rms(fast) <= 2 * rms(stock)
+    assert (fast.float() - ref).abs().max().item() < 0.02 * ref.abs().max().item()
     assert torch.equal(up(x.bfloat16()), fast)  # bf16 input without autocast: the same path
 
 
