@@ -230,8 +230,9 @@ def plan(opts: InferenceOptions) -> Plan:
     precision = "fp32" if opts.fp32 else opts.precision
     if build.resolve_precision(precision, device, cfg).name == "bf16" and device.type == "cpu" \
             and not build.native_bf16():  # e.g. fp16 without CUDA raised in resolve_precision
-        print("note: this CPU has no native bf16 (AVX512-BF16 or AMX), so --precision bf16 is "
-              "emulated and slower than fp32-fast, which --precision auto picks here", flush=True)
+        print("note: this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated, its convolutions "
+              "2-3x slower than float32 with AVX-512 and 100x or more with AVX2 only (docs/speed.md §2); "
+              "--precision auto picks fp32-fast here", flush=True)
     return Plan(cfg, build.inference_files(cfg, ckpt, opts.deploy), device, sampler, precision)
 
 

@@ -2,8 +2,8 @@
 
 ``avx2``: AVX2 only (an AMD Zen 3): ATen, oneDNN and MKL held to AVX2, the 1-bit kernel built
 ``-mno-avx512f`` (its AVX2 table path), no native bf16, so ``--precision auto`` is ``fp32-fast``.
-``avx512``: AVX-512 without bf16 (Intel Ice Lake / Cascade Lake): the kernel built
-``-mno-avx512bf16``, no native bf16. The timings are this machine's cores at that instruction
+``avx512``: AVX-512 without bf16 (Intel Ice Lake / Cascade Lake): oneDNN held to AVX512_CORE_VNNI,
+the kernel built ``-mno-avx512bf16``, no native bf16. The timings are this machine's cores at that instruction
 set, not another CPU's; say so beside every figure (docs/speed.md, *Per CPU class*).
 
     python scripts/as_cpu.py avx2 scripts/benchmark.py --variants sinsr deploy realesrgan --sizes 64
@@ -21,7 +21,7 @@ from bimacosr.cli import argument_parser  # imports no torch: the environment be
 CLASSES = {
     "avx2": ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
              "-mno-avx512f", ("avx512", "amx")),
-    "avx512": ({}, "-mno-avx512bf16", ("avx512_bf16", "amx")),
+    "avx512": ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}, "-mno-avx512bf16", ("avx512_bf16", "amx")),
 }
 
 

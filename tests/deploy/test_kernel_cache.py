@@ -106,12 +106,19 @@ def built(tmp_path_factory) -> Path:
     return root
 
 
+def copy_build(built: Path, root: Path) -> Path:
+    """``built``'s cache copied to ``root``; its one build folder there (the fresh process's, named
+    from its own CPU flags: under ``scripts/as_cpu.py`` this process's differ)."""
+    shutil.copytree(built, root, dirs_exist_ok=True)
+    (folder,) = [p for p in root.iterdir() if p.is_dir()]
+    return folder
+
+
 @pytest.mark.slow
 def test_a_truncated_cached_kernel_is_rebuilt_not_loaded(built, tmp_path):
     """The real kernel, truncated in its cache: the next process rebuilds it in a fresh folder and
     runs it (a truncated library used to crash every process with SIGBUS, exit 135)."""
-    shutil.copytree(built, tmp_path, dirs_exist_ok=True)
-    first = tmp_path / kernels.build_dir().name
+    first = copy_build(built, tmp_path)
     so = library(first)
     so.write_bytes(so.read_bytes()[:5000])
     again = probe(tmp_path)
@@ -123,8 +130,7 @@ def test_a_truncated_cached_kernel_is_rebuilt_not_loaded(built, tmp_path):
 def test_a_cached_kernel_whose_lock_cannot_be_taken_is_loaded(built, tmp_path):
     """As in a read-only cache (root writes anywhere, so the lock is made a folder instead): the
     verified library is loaded, not the stock path (it fell back with '... /lock')."""
-    shutil.copytree(built, tmp_path, dirs_exist_ok=True)
-    first = tmp_path / kernels.build_dir().name
+    first = copy_build(built, tmp_path)
     (first / "lock").unlink(missing_ok=True)
     (first / "lock").mkdir()
     result = probe(tmp_path)
