@@ -33,7 +33,7 @@ from bimacosr.inference import default
 from bimacosr.pipeline import BLENDS, SRPipeline
 from bimacosr.visualize import compare_panel
 
-__all__ = ["UI_PRECISIONS", "Result", "Upscaler", "build_ui", "check_upload"]
+__all__ = ["UI_PRECISIONS", "Result", "Upscaler", "build_ui", "check_upload", "precision_info"]
 
 UI_PRECISIONS = ("auto", "fp32", "fp32-fast", "bf16")
 
@@ -176,6 +176,15 @@ class Upscaler:
         return folder
 
 
+def precision_info(device: torch.device, cfg: DictConfig) -> str:
+    """The precision choice's hint: what ``auto`` is here, and a warning where bf16 is emulated
+    (its convolutions 2-3x to 100x+ slower than float32, docs/speed.md §2)."""
+    info = f"auto is {build.resolve_precision('auto', device, cfg).name} here"
+    if device.type == "cpu" and not build.native_bf16():
+        info += "; this CPU has no native bf16: bf16 is emulated, many times slower"
+    return info
+
+
 def build_ui(upscaler: Upscaler, note: str = "", title: str = "BiMaCoSR x4 super-resolution") -> gr.Blocks:
     """The page: input image, tile size, seed, blending, precision and a button on the left; the
     before/after slider, the comparison panel, the SR PNG and a status line on the right; ``note``
@@ -214,7 +223,8 @@ def build_ui(upscaler: Upscaler, note: str = "", title: str = "BiMaCoSR x4 super
                 seed = gr.Number(value=default("seed"), precision=0, label="seed")
                 blend = gr.Radio(list(BLENDS), value=default("blend"), label="tile blending",
                                  info="average: the original's; gaussian: seam-free")
-                precision = gr.Radio(list(UI_PRECISIONS), value=default("precision"), label="precision")
+                precision = gr.Radio(list(UI_PRECISIONS), value=default("precision"), label="precision",
+                                     info=precision_info(upscaler.device, upscaler.cfg))
                 button = gr.Button("Upscale x4", variant="primary")
                 if examples:
                     gr.Examples([[str(p)] for p in examples], inputs=[image], label="examples/ (degraded photographs)")

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -205,3 +206,15 @@ def test_busy_port_is_one_error_line(tmp_path):
                                 cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr == f"error: port {port} is in use: pass --port N (a free port)\n"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_precision_hint_names_auto_and_warns_where_bf16_is_emulated(monkeypatch, smoke_config, native):
+    from bimacosr import build
+    from bimacosr.demo import precision_info
+
+    monkeypatch.setattr(build, "native_bf16", lambda: native)
+    info = precision_info(torch.device("cpu"), smoke_config)
+    assert info.startswith(f"auto is {'bf16' if native else 'fp32-fast'} here")
+    assert ("bf16 is emulated" in info) == (not native)
+    assert precision_info(torch.device("meta"), smoke_config) == "auto is fp32 here"  # not a CPU: no CPU warning
