@@ -35,7 +35,7 @@ from bimacosr.weights import MissingWeightsError, resolve_weight, resolve_weight
 __all__ = ["INFERENCE_KEYS", "Precision", "PRECISIONS", "InferenceFiles", "build_autoencoder",
            "build_denoiser_from_config", "build_inference_denoiser", "build_pipeline", "build_schedule",
            "build_student", "build_teacher", "deployable_denoiser", "freeze",
-           "inference_files", "native_bf16", "resolve_precision"]
+           "inference_files", "native_bf16", "resolve_precision", "emulated_bf16_note"]
 
 PRECISIONS = ("auto", "fp32", "fp32-fast", "bf16", "fp16")
 INFERENCE_KEYS = ("model.params", "diffusion.params", "autoencoder.params", "autoencoder.ckpt_path")
@@ -83,6 +83,16 @@ def resolve_precision(name: str, device: torch.device, cfg: DictConfig | None = 
         fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
         return Precision("bf16", torch.float32, torch.bfloat16, fmt)
     return Precision(name, torch.float32, None, fast_float32=name == "fp32-fast")
+
+
+def emulated_bf16_note(device: torch.device) -> str:
+    """One line where bf16 on ``device`` is emulated (a CPU without :func:`native_bf16`), else ``""``:
+    its convolutions are 2-3x slower than float32 with AVX-512 and 100x or more with AVX2 only
+    (docs/speed.md §2), which an explicit bf16 choice should hear before it waits."""
+    if device.type != "cpu" or native_bf16():
+        return ""
+    return ("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated, its convolutions 2-3x "
+            "slower than float32 with AVX-512 and 100x or more with AVX2 only (docs/speed.md §2)")
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -177,12 +177,9 @@ class Upscaler:
 
 
 def precision_info(device: torch.device, cfg: DictConfig) -> str:
-    """The precision choice's hint: what ``auto`` is here, and a warning where bf16 is emulated
-    (its convolutions 2-3x to 100x+ slower than float32, docs/speed.md §2)."""
-    info = f"auto is {build.resolve_precision('auto', device, cfg).name} here"
-    if device.type == "cpu" and not build.native_bf16():
-        info += "; this CPU has no native bf16: bf16 is emulated, many times slower"
-    return info
+    """The precision choice's hint: what ``auto`` is here, and :func:`build.emulated_bf16_note`."""
+    note = build.emulated_bf16_note(device)
+    return f"auto is {build.resolve_precision('auto', device, cfg).name} here" + (f"; {note}" if note else "")
 
 
 def build_ui(upscaler: Upscaler, note: str = "", title: str = "BiMaCoSR x4 super-resolution") -> gr.Blocks:

@@ -228,11 +228,9 @@ def plan(opts: InferenceOptions) -> Plan:
         raise ConfigError(f"--scale {opts.scale} but {config} is a x{sf} model (diffusion.params.sf)")
     sampler = apply_schedule_flags(cfg, opts)
     precision = "fp32" if opts.fp32 else opts.precision
-    if build.resolve_precision(precision, device, cfg).name == "bf16" and device.type == "cpu" \
-            and not build.native_bf16():  # e.g. fp16 without CUDA raised in resolve_precision
-        print("note: this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated, its convolutions "
-              "2-3x slower than float32 with AVX-512 and 100x or more with AVX2 only (docs/speed.md §2); "
-              "--precision auto picks fp32-fast here", flush=True)
+    note = build.emulated_bf16_note(device)  # resolve_precision raises first, e.g. fp16 without CUDA
+    if build.resolve_precision(precision, device, cfg).name == "bf16" and note:
+        print(f"note: {note}; --precision auto picks fp32-fast here", flush=True)
     return Plan(cfg, build.inference_files(cfg, ckpt, opts.deploy), device, sampler, precision)
 
 

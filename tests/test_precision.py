@@ -66,6 +66,14 @@ def test_cli_precision_flag_and_fp32_alias(smoke_assets, tmp_path, monkeypatch):
         inference_quant.parse_args(base + ["--precision", "int8"])
 
 
+def test_the_emulated_bf16_note(monkeypatch):
+    monkeypatch.setattr(build, "native_bf16", lambda: False)
+    assert "no native bf16" in build.emulated_bf16_note(torch.device("cpu"))
+    assert build.emulated_bf16_note(torch.device("meta")) == ""  # not a CPU
+    monkeypatch.setattr(build, "native_bf16", lambda: True)
+    assert build.emulated_bf16_note(torch.device("cpu")) == ""
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_without_native_bf16_is_noted(smoke_assets, tmp_path, monkeypatch, capsys, native):
     """An explicit bf16 on a CPU that emulates it says so before anything loads; auto never picks it there."""

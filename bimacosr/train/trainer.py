@@ -251,6 +251,8 @@ class Trainer:
             if self.env.main:
                 OmegaConf.save(self.cfg, self.run_dir / "config.yaml")
                 print(self._start_line(), flush=True)
+                if self.amp is torch.bfloat16 and (note := build.emulated_bf16_note(self.env.device)):
+                    print(f"note: train.amp bf16: {note}", flush=True)
             with tqdm(total=self.iterations, initial=self.step, desc="distill", unit="it",
                       disable=not self.env.main, dynamic_ncols=True) as bar:  # closed before any error line
                 stopped = self._train(bar)

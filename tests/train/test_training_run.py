@@ -77,13 +77,18 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(root):
 def test_one_step_under_bf16_autocast(root):
     """train.amp=bf16 (the trainer's autocast; the UNet's forms below float32, shifted-window
     attention included, under gradients): a step that moves the weights and keeps them all finite,
-    and not to where the same step in float32 takes them (autocast did run)."""
+    and not to where the same step in float32 takes them (autocast did run). Where this CPU
+    emulates bf16 the run says so (asked of a fresh process: ``scripts/as_cpu.py`` hides flags
+    from this one only)."""
+    native = subprocess.run([sys.executable, "-c", "from bimacosr import build; print(build.native_bf16())"],
+                            capture_output=True, text=True, check=True, env=ENV).stdout.strip() == "True"
     runs = {}
     for amp in ("bf16", "none"):
         cfg = config(root, f"amp_{amp}", **{"train.amp": amp, "train.queue_size": 0, "train.val_freq": 0,
                                             "train.iterations": 1})
         result = distill(root, cfg, root / f"amp_{amp}")
         assert result.returncode == 0, result.stderr[-3000:]
+        assert ("note: train.amp bf16: this CPU has no native bf16" in result.stdout) == (amp == "bf16" and not native)
         runs[amp] = weights(root / f"amp_{amp}", 1)
     trained, start = runs["bf16"], torch.load(root / "data/smoke/weights/sinsr.pth", weights_only=True)
     assert all(torch.isfinite(v).all() for v in trained.values() if v.is_floating_point())
