@@ -11,33 +11,24 @@ PROBE = """
 import torch
 from bimacosr import build, cpu, kernels
 print(torch.backends.cpu.get_cpu_capability(), build.resolve_precision("auto", torch.device("cpu")).name,
-      kernels.FLAGS[-1], any(f.startswith("avx512") for f in cpu.cpu_flags()), "avx512_bf16" in cpu.cpu_flags())
+      kernels.FLAGS[-1], any(f.startswith("avx512") for f in cpu.cpu_flags()), "avx512_bf16" in cpu.cpu_flags(),
+      build.native_bf16("cpuinfo"))
 """
 
 
-@pytest.mark.parametrize("cls, want", [
-    ("avx2", ["AVX2", "fp32-fast", "-mno-avx512f", "False", "False"]),
-    ("avx512", [None, "fp32-fast", "-mno-avx512bf16", None, "False"]),
+@pytest.mark.parametrize("cls, as_module, want", [
+    ("avx2", False, ["AVX2", "fp32-fast", "-mno-avx512f", "False", "False", "True"]),
+    ("avx512", True, [None, "fp32-fast", "-mno-avx512bf16", None, "False", "True"]),
 ])
-@pytest.mark.parametrize("as_module", [False, True])
-def test_a_script_runs_as_on_the_lesser_cpu_class(tmp_path, cls, want, as_module):
-    """As a script, or as a module from the working directory (``--module pytest`` runs the suite)."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(PROBE)
-    target = ["--module", "probe"] if as_module else [str(probe)]
+def test_a_script_runs_as_on_the_lesser_cpu_class(tmp_path, cls, as_module, want):
+    """As a script, or as a module from the working directory (``--module pytest`` runs the suite).
+    Only this machine's flags are hidden: a cpuinfo file of the suite's own reads as written."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    (tmp_path / "cpuinfo").write_text("flags\t: avx2 avx512f avx512_bf16\n")
+    target = ["--module", "probe"] if as_module else [str(tmp_path / "probe.py")]
     out = subprocess.run([sys.executable, str(REPO / "scripts/as_cpu.py"), cls, *target],
                          capture_output=True, text=True, check=True, cwd=tmp_path).stdout.split()
-    assert len(out) == 5 and all(w is None or o == w for o, w in zip(out, want)), out
-
-
-def test_a_cpuinfo_file_other_than_the_machines_keeps_its_flags(tmp_path):
-    """Only this machine's flags are hidden: the suite's own cpuinfo files read as written."""
-    probe = tmp_path / "probe.py"
-    (tmp_path / "cpuinfo").write_text("flags\t: avx2 avx512f avx512_bf16\n")
-    probe.write_text("from bimacosr import build\nprint(build.native_bf16(), build.native_bf16('cpuinfo'))\n")
-    out = subprocess.run([sys.executable, str(REPO / "scripts/as_cpu.py"), "avx2", str(probe)],
-                         capture_output=True, text=True, check=True, cwd=tmp_path).stdout.split()
-    assert out == ["False", "True"]
+    assert len(out) == 6 and all(w is None or o == w for o, w in zip(out, want)), out
 
 
 def test_an_unknown_class_is_refused():
