@@ -228,8 +228,8 @@ def plan(opts: InferenceOptions) -> Plan:
         raise ConfigError(f"--scale {opts.scale} but {config} is a x{sf} model (diffusion.params.sf)")
     sampler = apply_schedule_flags(cfg, opts)
     precision = "fp32" if opts.fp32 else opts.precision
-    note = build.emulated_bf16_note(device)  # resolve_precision raises first, e.g. fp16 without CUDA
-    if build.resolve_precision(precision, device, cfg).name == "bf16" and note:
+    name = build.resolve_precision(precision, device, cfg).name  # raises e.g. for fp16 without CUDA
+    if name == "bf16" and (note := build.emulated_bf16_note(device)):
         print(f"note: {note}; --precision auto picks fp32-fast here", flush=True)
     return Plan(cfg, build.inference_files(cfg, ckpt, opts.deploy), device, sampler, precision)
 

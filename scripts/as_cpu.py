@@ -3,8 +3,10 @@
 ``avx2``: AVX2 only (an AMD Zen 3): ATen, oneDNN and MKL held to AVX2, the 1-bit kernel built
 ``-mno-avx512f`` (its AVX2 table path), no native bf16, so ``--precision auto`` is ``fp32-fast``.
 ``avx512``: AVX-512 without bf16 (Intel Ice Lake / Cascade Lake): oneDNN held to AVX512_CORE_VNNI,
-the kernel built ``-mno-avx512bf16``, no native bf16. The timings are this machine's cores at that instruction
-set, not another CPU's; say so beside every figure (docs/speed.md, *Per CPU class*).
+the kernel built ``-mno-avx512bf16``, no native bf16. The timings are this machine's cores at that
+instruction set, not another CPU's; say so beside every figure (docs/speed.md, *Per CPU class*).
+Only this process sees the hidden flags; the instruction-set limits (environment variables) reach
+the processes it starts too (docs/tolerances.md).
 
     python scripts/as_cpu.py avx2 scripts/benchmark.py --variants sinsr deploy realesrgan --sizes 64
     python scripts/as_cpu.py avx2 --module pytest -q -m "not slow"   # the suite as on that class
