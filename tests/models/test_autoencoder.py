@@ -232,7 +232,9 @@ def test_upsample_under_bf16_matches_float32_within_bf16_rounding() -> None:
 
 def test_upsample_in_a_half_precision_model() -> None:
     """The original's GPU setting (the whole autoencoder in float16), run here on CPU: kernels
-    summed in float32 from the half weights, error of the order of the stock half path's."""
+    summed in float32 from the half weights, error of the order of the stock half path's. By rms:
+    PyTorch's CPU transposed conv rounds each phase's partial sums to half before adding them,
+    1.54-1.61x the stock rms over 12 seeds; the max ratio spread 1.7-2.8x over the same seeds."""
     torch.manual_seed(8)
     up = Upsample(32).eval().requires_grad_(False)
     x = torch.randn(1, 32, 6, 7)
@@ -244,7 +246,12 @@ def test_upsample_in_a_half_precision_model() -> None:
         fast = half(x.half())
         stock = half.conv(F.interpolate(x.half(), scale_factor=2.0, mode="nearest"))
     assert fast.dtype == torch.float16 and fast.shape == (1, 32, 12, 14)
-    assert (fast.float() - ref).abs().max() <= 2 * (stock.float() - ref).abs().max()
+
+    def rms(y: torch.Tensor) -> float:
+        return (y.float() - ref).pow(2).mean().sqrt().item()
+
+    assert rms(fast) <= 2 * rms(stock)
+    assert (fast.float() - ref).abs().max().item() < 0.005 * ref.abs().max().item()
 
 
 def test_upsample_phase_kernels_follow_weight_changes() -> None:
