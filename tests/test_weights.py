@@ -254,6 +254,7 @@ def run_script(*args, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
+@pytest.mark.slow  # four and three fresh processes of the script (torch imported in each)
 def test_script_targets_exit_status_and_lock(tmp_path):
     dest = tmp_path / "w"
     dest.mkdir()
@@ -303,6 +304,7 @@ def test_every_missing_file_of_a_run_in_one_error(tmp_path, monkeypatch, smoke_c
     assert lines[3:] == ["fetch them with:  python scripts/download_weights.py BiMaCoSR.pth autoencoder_vq_f4.pth --dest w"]
 
 
+@pytest.mark.slow  # four and three fresh processes of the script (torch imported in each)
 def test_script_list_verifies_and_an_unwritable_dest_is_one_line(tmp_path):
     dest = tmp_path / "w"
     dest.mkdir()
