@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bimacosr import kernels
-from bimacosr.models.layers import (WinogradConv2d, autocast_dtype, autocast_off, fast_float32_enabled,
+from bimacosr.models.layers import (WinogradConv2d, autocast_dtype, autocast_off, faster_forms,
                                     reduced_precision, residual, silu_fresh)
 from bimacosr.quant.common import eval_cached
 
@@ -35,7 +35,7 @@ def norm_swish(norm: nn.GroupNorm, x: Tensor) -> Tensor:
     if kernels.group_norm_applies(x, norm.weight, norm.bias):
         return kernels.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True)
     h = norm(x)
-    if reduced_precision(h) or fast_float32_enabled():
+    if faster_forms(h):
         return silu_fresh(h)
     return h * torch.sigmoid(h)
 
@@ -95,7 +95,7 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         hn = self.norm(x)
-        if (reduced_precision(x) or fast_float32_enabled()) and not x.is_cuda:
+        if faster_forms(x) and not x.is_cuda:
             # (B, C, H, W) -> (B, HW, C) tokens: views (no copy) of channels-last maps
             q, k, v = (m(hn).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))
             out = _attend_tokens(q, k, v, max(self.min_queries, self.max_weights_reduced // (h * w)))

@@ -63,6 +63,12 @@ def fast_float32_enabled() -> bool:
     return _FAST_FLOAT32.get()
 
 
+def faster_forms(x: Tensor) -> bool:
+    """Whether layers fed by ``x`` run the faster forms of the same maths: below float32
+    (:func:`reduced_precision`) or inside :func:`fast_float32` (docs/deviations.md D16)."""
+    return reduced_precision(x) or fast_float32_enabled()
+
+
 @functools.cache
 def nnpack_available() -> bool:
     """Whether PyTorch's NNPACK works on this CPU (x86-64 with AVX2 and FMA3, or ARM NEON); the
@@ -70,7 +76,7 @@ def nnpack_available() -> bool:
     return bool(torch.backends.nnpack.is_available())
 
 
-_nnpack_failed: list[str] = []
+_nnpack_failure: str | None = None  # NNPACK's first error this process, noted once on stderr
 
 
 class WinogradConv2d(nn.Conv2d):
@@ -95,8 +101,9 @@ class WinogradConv2d(nn.Conv2d):
             try:
                 return self._winograd(x)
             except RuntimeError as err:  # e.g. NNPACK's workspace allocation: oneDNN computes the same
-                if not _nnpack_failed:
-                    _nnpack_failed.append(str(err))
+                global _nnpack_failure
+                if _nnpack_failure is None:
+                    _nnpack_failure = str(err)
                     print(f"bimacosr: NNPACK's Winograd convolution failed ({err}); oneDNN's direct "
                           f"convolution runs instead", file=sys.stderr, flush=True)
         return super().forward(x)

@@ -105,7 +105,7 @@ def test_a_failing_nnpack_call_falls_back_with_one_notice(monkeypatch, capsys):
         raise RuntimeError("NNPACK SpatialConvolution_updateOutput failed")
 
     monkeypatch.setattr(torch, "_nnpack_spatial_convolution", fail)
-    monkeypatch.setattr(layers, "_nnpack_failed", [])
+    monkeypatch.setattr(layers, "_nnpack_failure", None)
     with fast_float32():
         outs = [conv(x), conv(x)]
     plain = F.conv2d(x, conv.weight, conv.bias, padding=1)
