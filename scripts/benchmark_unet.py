@@ -22,7 +22,9 @@ the same rounds.
 ``--kernel-rates`` records every fused-kernel call of one step of ``deploy_bf16`` (``deploy_fused``
 where bf16 is not native: the project's defaults) and replays each beside the bound probe, the
 plain XOR-popcount GEMM at the layer's K (bimacosr/deploy/rates.py): per layer the
-kernel's and the bound's G binary MAC/s, and over the step the summed kernel / bound time.
+kernel's and the bound's G binary MAC/s, and over the step the summed kernel / bound time; then
+where the kernel's time goes: the calls replayed whole, without the SMB, without the LRMB and
+with neither (the binary part), beside the bound, by layer kind.
 """
 import contextlib
 import copy
@@ -159,7 +161,7 @@ def profile(name: str, size: int, batch: int, top: int) -> str:
 def rates(size: int, batch: int, reps: int) -> dict:
     """Per-layer kernel and bound-probe rates over one step of the default deploy variant."""
     from bimacosr.build import native_bf16
-    from bimacosr.deploy.rates import kernel_rates, record_calls
+    from bimacosr.deploy.rates import kernel_rates, record_calls, step_parts
 
     name = "deploy_bf16" if native_bf16() else "deploy_fused"
     variants = build_variants([name])
@@ -172,7 +174,7 @@ def rates(size: int, batch: int, reps: int) -> dict:
     kernel_s, bound_s = sum(r["kernel_s"] for r in layers), sum(r["bound_s"] for r in layers)
     return {"variant": name, "size": size, "batch": batch, "reps": reps, "threads": torch.get_num_threads(),
             "path": torch.ops.bimacosr.path(), "layers": layers, "kernel_s": kernel_s, "bound_s": bound_s,
-            "ratio": kernel_s / bound_s, "macs": sum(r["macs"] for r in layers)}
+            "ratio": kernel_s / bound_s, "macs": sum(r["macs"] for r in layers), "parts": step_parts(calls, reps)}
 
 
 def print_rates(result: dict) -> None:
@@ -185,6 +187,15 @@ def print_rates(result: dict) -> None:
               f"{r['kernel_gmacs']:10.0f} {r['bound_gmacs']:9.0f} {r['ratio']:6.2f}")
     print(f"step: {result['macs'] / 1e9:.1f} G binary MACs, kernel {result['kernel_s'] * 1e3:.1f} ms, "
           f"bound {result['bound_s'] * 1e3:.1f} ms, kernel / bound = {result['ratio']:.2f}")
+    parts = result["parts"]
+    kinds = list(next(iter(parts.values())))
+    print(f"where the kernel's time goes: the step's calls replayed with side branches off, the five "
+          f"interleaved, medians of {result['reps']} (ms)")
+    print(f"{'':14s} " + " ".join(f"{k:>8s}" for k in (*kinds, "step")) + f" {'/ bound':>8s}")
+    bound = sum(parts["bound"].values())
+    for part, by_kind in parts.items():
+        cells = [v * 1e3 for v in by_kind.values()]
+        print(f"{part:14s} " + " ".join(f"{v:8.1f}" for v in (*cells, sum(cells))) + f" {sum(by_kind.values()) / bound:8.2f}")
 
 
 def main() -> None:

@@ -30,12 +30,9 @@ from benchmark_unet import build_variants, inputs, step  # noqa: E402
 from bimacosr.build import native_bf16  # noqa: E402
 from bimacosr.cli import argument_parser  # noqa: E402
 from bimacosr import kernels  # noqa: E402
-from bimacosr.deploy.rates import record_calls  # noqa: E402
+from bimacosr.deploy.rates import KINDS, kind, record_calls  # noqa: E402
 
 FILES = ("binary.cpp", "popcount.h", "side.h", "vec.h")
-KINDS = ("3x3", "1x1", "1 pixel")
-
-
 def sources(spec: str) -> dict[str, str]:
     """The kernel's files from a folder, or from a git revision of this repository: those of
     ``FILES`` it has (revisions before 61fa625 have no ``side.h``)."""
@@ -67,10 +64,6 @@ def build(texts: dict[str, str], tag: str, root: Path, flags: list[str]):
          extra_cflags=kernels.FLAGS + ["-fvisibility=hidden", "-fvisibility-inlines-hidden", *flags],
          extra_ldflags=["-fopenmp"], verbose=False)
     return getattr(torch.ops, namespace).binary_conv
-
-
-def kind(shape: dict[str, int]) -> str:
-    return "1 pixel" if shape["pixels"] == 1 else ("3x3" if shape["taps"] == 9 else "1x1")
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """The fused kernel's rate beside the bound probe's, per layer of one model call (docs/kernel.md §5).
 
 :func:`record_calls` runs a model once and keeps every ``binary_conv`` call (layer name, inputs);
-:func:`kernel_rates` replays each call and times it interleaved with the bound probe
+:func:`step_parts` replays them with the side branches switched off one by one, to split the
+kernel's time; :func:`kernel_rates` replays each call and times it interleaved with the bound probe
 (``torch.ops.bimacosr.xor_popcount``, the plain XOR-popcount GEMM on the same micro-kernel) on
 random words of the same shape: rows = output pixels, the layer's K = taps x Cin bits (padded to
 whole words as the kernel pads them), columns = output channels in blocks of 16. Both are credited
@@ -9,6 +10,7 @@ with the layer's binary MACs, ``pixels x Cout x Cin x taps``, so their rates com
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -64,6 +66,54 @@ def record_calls(model: nn.Module, run: Callable[[], object]) -> list[Call]:
         for h in hooks:
             h.remove()
     return calls
+
+
+KINDS = ("3x3", "1x1", "1 pixel")
+PARTS = ("kernel", "without SMB", "without LRMB", "binary only", "bound")
+
+
+def kind(shape: dict[str, int]) -> str:
+    """A call's layer kind, one of :data:`KINDS`: a 1-pixel call (the time-embedding linears), else
+    by its taps."""
+    return "1 pixel" if shape["pixels"] == 1 else ("3x3" if shape["taps"] == 9 else "1x1")
+
+
+def without_side(args: tuple, lowrank: bool, sparse: bool) -> tuple:
+    """The op's positional arguments (:func:`bimacosr.kernels.op_arguments`) with the LRMB
+    (``lowrank=False``) and/or the SMB (``sparse=False``) replaced by the empty tensors of a layer
+    that has none."""
+    out, empty = list(args), args[4].new_empty(0)
+    if not lowrank:
+        out[8], out[9] = empty, empty
+    if not sparse:
+        out[10], out[11], out[12] = empty.long(), empty.long(), empty
+    return tuple(out)
+
+
+def step_parts(calls: list[Call], rounds: int = 5) -> dict[str, dict[str, float]]:
+    """Where the kernel's time goes: every call replayed whole, without its SMB, without its LRMB,
+    with neither (the binary part: packing, popcounts, epilogue), and the bound probe at its shape,
+    the five in an order rotating each round; per part (:data:`PARTS`) the medians in seconds,
+    summed by layer kind (:data:`KINDS`)."""
+    gen = torch.Generator().manual_seed(0)
+    total = {part: dict.fromkeys(KINDS, 0.0) for part in PARTS}
+    with torch.inference_mode():
+        for call in calls:
+            a, b = _probe_inputs(call.shape, gen)
+            jobs = {part: functools.partial(kernels.binary_conv_op, *without_side(call.args, lowrank, sparse))
+                    for part, (lowrank, sparse) in zip(PARTS, ((1, 1), (1, 0), (0, 1), (0, 0)))}
+            jobs["bound"] = functools.partial(torch.ops.bimacosr.xor_popcount, a, b)
+            times: dict[str, list[float]] = {part: [] for part in PARTS}
+            for job in jobs.values():  # warm-up
+                job()
+            for r in range(rounds):
+                for part in PARTS[r % len(PARTS):] + PARTS[:r % len(PARTS)]:
+                    start = time.perf_counter()
+                    jobs[part]()
+                    times[part].append(time.perf_counter() - start)
+            for part in PARTS:
+                total[part][kind(call.shape)] += statistics.median(times[part])
+    return total
 
 
 def _probe_inputs(shape: dict[str, int], gen: torch.Generator) -> tuple[Tensor, Tensor]:

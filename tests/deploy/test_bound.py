@@ -117,6 +117,21 @@ def test_kernel_rates_record_every_call_and_replay_it(fused, tiny_bimaco_denoise
     assert [r["layer"] for r in rows] == [c.name for c in calls[:3]]
     assert all(r["kernel_s"] > 0 and r["bound_s"] > 0 for r in rows)
 
+    # step_parts' replays without a side branch: the LRMB's share is x @ first_t @ second_t
+    from bimacosr.deploy.rates import KINDS, PARTS, kind, step_parts, without_side
+
+    call = next(c for c in calls if c.args[8].numel() and c.shape["taps"] == 1)
+    x, first_t, second_t, cout = call.args[0], call.args[8], call.args[9], call.args[3]
+    with torch.inference_mode():
+        with_lowrank, binary = (kernels.binary_conv_op(*without_side(call.args, lowrank, False)) for lowrank in (True, False))
+    lowrank = x.reshape(-1, x.shape[-1]).double() @ first_t.double() @ second_t[:, :cout].double()
+    torch.testing.assert_close((with_lowrank - binary).reshape(lowrank.shape).double(), lowrank, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(with_lowrank, binary)
+    parts = step_parts(calls[:3], rounds=1)
+    assert list(parts) == list(PARTS) and all(list(by_kind) == list(KINDS) for by_kind in parts.values())
+    present = {kind(c.shape) for c in calls[:3]}
+    assert all((t > 0) == (k in present) for by_kind in parts.values() for k, t in by_kind.items())
+
 
 @pytest.mark.slow
 def test_kernel_ab_builds_a_copy_of_the_op_that_gives_the_same_outputs(fused, tiny_bimaco_denoiser, tmp_path):
