@@ -4,7 +4,8 @@
 ``-mno-avx512f`` (its AVX2 table path), no native bf16, so ``--precision auto`` is ``fp32-fast``.
 ``avx512``: AVX-512 without bf16 (Intel Ice Lake / Cascade Lake): oneDNN held to AVX512_CORE_VNNI,
 the kernel built ``-mno-avx512bf16``, no native bf16. The timings are this machine's cores at that
-instruction set, not another CPU's; say so beside every figure (docs/speed.md, *Per CPU class*).
+instruction set, not another CPU's; say so beside every figure (docs/speed.md, *Per CPU class*):
+the CPU line the benchmarks print first ends with the class held.
 Only this process sees the hidden flags; the instruction-set limits (environment variables) reach
 the processes it starts too (docs/tolerances.md).
 
@@ -46,7 +47,15 @@ def main() -> None:
         """This machine's flags without the class's hidden ones (other files, e.g. a test's, as they are)."""
         return [f for f in real_flags(cpuinfo) if str(cpuinfo) != "/proc/cpuinfo" or not f.startswith(hidden)]
 
+    real_describe = cpu.describe
+
+    def describe(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+        """This machine's CPU line, saying which class it is held to (the benchmarks print it first)."""
+        line = real_describe(cpuinfo)
+        return line + f"; held to {args.cpu_class} by scripts/as_cpu.py" if str(cpuinfo) == "/proc/cpuinfo" else line
+
     cpu.cpu_flags = kernels.cpu_flags = flags  # the kernel's build tag, bf16 routes and precision auto
+    cpu.describe = describe
     kernels.FLAGS.append(flag)
     sys.argv = [args.script, *args.args]
     if args.module:

@@ -38,6 +38,7 @@ import torch
 from bimacosr import build
 from bimacosr.cli import argument_parser
 from bimacosr.config import DEFAULT_CONFIG, load_config
+from bimacosr.cpu import describe
 from bimacosr.deploy import export_deploy, load_deploy
 from bimacosr.pipeline import SRPipeline
 from bimacosr.smoke import randomize
@@ -207,6 +208,8 @@ def main() -> int:
     if args.one:
         print(json.dumps(peak_memory(args.one[0], int(args.one[1]), cfg, device, Path(args.one[2]))))
         return 0
+    machine = describe() + (f"; GPU: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
+    print(machine, flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         deploy_file = Path(tmp) / "bimacosr_deploy.safetensors"
@@ -225,7 +228,7 @@ def main() -> int:
                 rows += interleaved(args.variants, size, args.rounds, cfg, device, deploy_file)
                 print(table([r for r in rows if r["lr"] == size]), flush=True)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps([{**row, "machine": machine} for row in rows], indent=2))
     return 0
 
 

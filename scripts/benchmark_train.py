@@ -20,6 +20,7 @@ import torch
 from bimacosr import build
 from bimacosr.cli import argument_parser
 from bimacosr.config import DEFAULT_CONFIG, load_config
+from bimacosr.cpu import describe
 from bimacosr.data.datasets import BLUR1, BLUR2
 from bimacosr.data.degradation import degrade
 from bimacosr.data.kernels import sample_final_sinc
@@ -34,6 +35,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     dev = torch.device(args.device)
+    print(describe() + (f"; GPU: {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""), flush=True)
     cfg = load_config(DEFAULT_CONFIG)
     torch.manual_seed(0)
     teacher = build.freeze(build.build_denoiser_from_config(cfg, "teacher")).to(dev)

@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bimacosr.cli import argument_parser  # noqa: E402
+from bimacosr.cpu import describe  # noqa: E402
 from bimacosr.kernels import ATTENTION_ENV, NORM_ENV  # noqa: E402
 
 TWINS = {"_torch_attention": ATTENTION_ENV, "_torch_norm": NORM_ENV}  # suffix -> the switch it sets to "torch"
@@ -217,16 +218,18 @@ def main() -> None:
                     help="per layer, the fused kernel's rate beside the bound probe's (--rounds calls each)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    machine = describe()
+    print(machine, flush=True)
     if args.profile:
         print(profile(args.profile, args.size, args.batch, args.top))
         return
     if args.kernel_rates:
-        result = rates(args.size, args.batch, args.rounds)
+        result = {"cpu": machine, **rates(args.size, args.batch, args.rounds)}
         print_rates(result)
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))
         return
-    result = run(args.variants, args.size, args.rounds, args.batch)
+    result = {"cpu": machine, **run(args.variants, args.size, args.rounds, args.batch)}
     print(f"UNet step, {args.size}x{args.size} latent, batch {args.batch}, {result['threads']} threads, "
           f"{args.rounds} rounds interleaved (seconds)")
     print(f"{'variant':28s} {'min':>7s} {'median':>7s} {'max':>7s} {'cpu':>7s} {'vs fp32':>8s} {'vs bf16':>8s}")

@@ -29,6 +29,7 @@ from benchmark_unet import build_variants, inputs, step  # noqa: E402
 
 from bimacosr.build import native_bf16  # noqa: E402
 from bimacosr.cli import argument_parser  # noqa: E402
+from bimacosr.cpu import describe  # noqa: E402
 from bimacosr import kernels  # noqa: E402
 from bimacosr.deploy.rates import KINDS, kind, record_calls  # noqa: E402
 
@@ -99,6 +100,7 @@ def main() -> None:
                     times[side].append(time.perf_counter() - start)
             for side in ops:
                 total[side][kind(call.shape)] += statistics.median(times[side]) * 1e3
+    print(describe())
     print(f"{len(calls)} calls of one {name} step, {args.size}² latent, {args.threads} threads, medians of "
           f"{args.rounds}; a = {args.a}, b = {args.b} {args.flags}")
     print(f"outputs: {'identical' if not differ else f'{differ} call(s) differ, max |a - b| {worst:.3g}'}")

@@ -73,3 +73,20 @@ def test_unet_benchmark_twins_run_their_base_model_with_one_kernel_switched_off(
     bench.profile("deploy_bf16_torch_attention", 8, 1, 5)  # --profile: warm-up and profiled step alike
     assert seen == [(None, "torch")] * 2
     assert os.environ.get(kernels.NORM_ENV) is None and os.environ.get(kernels.ATTENTION_ENV) is None
+
+
+def test_the_benchmarks_name_the_cpu_first_and_in_their_json(monkeypatch, capsys, tmp_path):
+    """Every figure a benchmark prints or writes carries the machine it came from (bimacosr.cpu.describe)."""
+    import json
+    import sys
+
+    from bimacosr.cpu import describe
+
+    spec = importlib.util.spec_from_file_location("benchmark_unet", REPO / "scripts/benchmark_unet.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "run", lambda *a: {"threads": 2, "variants": {}})
+    monkeypatch.setattr(sys, "argv", ["benchmark_unet.py", "--variants", "fp32", "--json", str(tmp_path / "u.json")])
+    bench.main()
+    assert capsys.readouterr().out.splitlines()[0] == describe() and describe().startswith("CPU: ")
+    assert json.loads((tmp_path / "u.json").read_text())["cpu"] == describe()
