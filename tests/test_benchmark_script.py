@@ -1,6 +1,7 @@
 """scripts/benchmark.py's Real-ESRGAN row: the x4plus network runs as a pipeline, and the table
 says how many times slower each variant is than it."""
 import importlib.util
+import time
 
 import pytest
 import torch
@@ -90,3 +91,26 @@ def test_the_benchmarks_name_the_cpu_first_and_in_their_json(monkeypatch, capsys
     bench.main()
     assert capsys.readouterr().out.splitlines()[0] == describe() and describe().startswith("CPU: ")
     assert json.loads((tmp_path / "u.json").read_text())["cpu"] == describe()
+
+
+def test_the_convolution_benchmark_times_the_autoencoders_own_shapes_on_every_route():
+    """scripts/benchmark_conv.py: the 3x3 convolutions of one encode + decode (40 of them, by shape),
+    each route computing the same convolution (within its rounding), timed interleaved."""
+    spec = importlib.util.spec_from_file_location("benchmark_conv", REPO / "scripts/benchmark_conv.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shapes = bench.conv_shapes(16)
+    assert sum(shapes.values()) == 40 and (512, 512, 4, 4) in shapes and (128, 128, 16, 16) in shapes
+    assert {(cin, h) for cin, _, h, _ in shapes} >= {(128, 16), (256, 8), (512, 4), (512, 8), (256, 16)}  # Upsamples'
+    jobs = bench.route_jobs(64, 32, 12, 10, list(bench.ROUTES))
+    with torch.inference_mode():
+        out = {r: job().float().contiguous() for r, job in jobs.items()}
+    assert out["fp32"].shape == (1, 32, 12, 10) and out["fp32"].abs().max() > 0.1
+    def rel_rms(a: torch.Tensor) -> float:
+        return ((a.double() - out["fp32"].double()).square().mean() / out["fp32"].double().square().mean()).sqrt().item()
+
+    assert rel_rms(out["fp32-fast"]) < 2e-5 and rel_rms(out["bf16"]) < 2e-2  # float32's, bf16's rounding
+    from bimacosr.models.layers import nnpack_available
+    assert torch.equal(out["fp32-fast"], out["fp32"]) != nnpack_available()  # NNPACK's result where it runs
+    secs = bench.interleaved({"a": lambda: time.sleep(0.002), "b": lambda: None}, rounds=3)
+    assert secs["a"] >= 0.002 > secs["b"]
