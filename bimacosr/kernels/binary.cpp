@@ -276,6 +276,13 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
         const bool zeros = kWeightZeros && p.block_zeros[blk];
         if (sd.any())
           side_block(sd, tile, lowt, blocks * kLanes, o0, side_out);
+        flanes alpha[kHalves], shift[kHalves], slope[kHalves], beta1[kHalves];  // the block's, in registers
+        for (int h = 0; h < kHalves; ++h) {
+          const int64_t o = o0 + kOut * h;
+          alpha[h] = load_lanes<flanes>(ep.alpha.data() + o), shift[h] = load_lanes<flanes>(ep.shift.data() + o);
+          slope[h] = ep.rprelu ? load_lanes<flanes>(ep.slope.data() + o) : zero;
+          beta1[h] = ep.rprelu ? load_lanes<flanes>(ep.beta1.data() + o) : zero;
+        }
         for (int64_t q0 = 0; q0 < n; q0 += kRows) {
           flanes acc[kRows][kHalves];  // the 16 outputs of each pixel (popcount.h)
           for (int r = 0; r < kRows; ++r)
@@ -310,11 +317,9 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
             if (q0 + r >= n) break;
             T* y = p.cout - o0 >= kLanes ? out + (m0 + q0 + r) * p.cout + o0 : tail[r];
             for (int h = 0; h < kHalves; ++h) {
-              const int64_t o = o0 + kOut * h;
-              flanes v = acc[r][h] * load_lanes<flanes>(ep.alpha.data() + o) + load_lanes<flanes>(ep.shift.data() + o);
+              flanes v = acc[r][h] * alpha[h] + shift[h];
               if (ep.rprelu)  // PReLU then beta1, branch-free: max(v, 0) + slope * min(v, 0)
-                v = (v > zero ? v : zero) + load_lanes<flanes>(ep.slope.data() + o) * (v < zero ? v : zero) +
-                    load_lanes<flanes>(ep.beta1.data() + o);
+                v = (v > zero ? v : zero) + slope[h] * (v < zero ? v : zero) + beta1[h];
               if (sd.any()) v += load_lanes<flanes>(side_out + (q0 + r) * kLanes + kOut * h);
               store_lanes(y + kOut * h, v);
             }
