@@ -22,8 +22,6 @@ and ``torch.mm`` 2048³ in float32 (and bf16 with its route) timed the same way.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +34,7 @@ from bimacosr.cli import argument_parser
 from bimacosr.config import DEFAULT_CONFIG, load_config
 from bimacosr.cpu import describe
 from bimacosr.models.layers import WinogradConv2d, fast_float32
+from bimacosr.timing import interleaved_medians
 
 ROUTES = ("fp32", "fp32-fast", "bf16")
 
@@ -70,21 +69,6 @@ def route_jobs(cin: int, cout: int, h: int, w: int, routes: list[str]) -> dict[s
     return {r: jobs[r] for r in routes}
 
 
-def interleaved(jobs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median wall seconds of each job over ``rounds`` rounds (after one warm-up), the order rotated
-    each round."""
-    names, times = list(jobs), {n: [] for n in jobs}
-    with torch.inference_mode():
-        for job in jobs.values():
-            job()
-        for r in range(rounds):
-            for n in names[r % len(names):] + names[:r % len(names)]:
-                start = time.perf_counter()
-                jobs[n]()
-                times[n].append(time.perf_counter() - start)
-    return {n: statistics.median(t) for n, t in times.items()}
-
-
 def main() -> None:
     p = argument_parser(__doc__)
     p.add_argument("--size", type=int, default=256, help="image side (a multiple of 4)")
@@ -104,7 +88,7 @@ def main() -> None:
     print("| Cin -> Cout at H x W | calls | " + " | ".join(args.routes) + " |")
     print("|---|---|" + "---|" * len(args.routes))
     for (cin, cout, h, w), calls in conv_shapes(args.size).items():
-        secs = interleaved(route_jobs(cin, cout, h, w, args.routes), args.rounds)
+        secs = interleaved_medians(route_jobs(cin, cout, h, w, args.routes), args.rounds)
         macs = cin * cout * 9 * h * w
         rows.append({"cin": cin, "cout": cout, "h": h, "w": w, "calls": calls, "seconds": secs})
         cells = [f"{secs[r] * 1e3:.1f} ({macs / secs[r] / 1e9:.0f})" + (f" [{secs['fp32'] / secs[r]:.2f}x]" if "fp32" in secs else "")
@@ -116,7 +100,7 @@ def main() -> None:
           + " | ".join(f"{total[r] * 1e3:.0f}" for r in args.routes) + " |")
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048).bfloat16()
     mm = {"float32": lambda: a @ a, "bf16": lambda: b @ b}  # bf16 only with its route: emulated it takes minutes
-    peaks = interleaved({k: f for k, f in mm.items() if k == "float32" or "bf16" in args.routes}, args.rounds)
+    peaks = interleaved_medians({k: f for k, f in mm.items() if k == "float32" or "bf16" in args.routes}, args.rounds)
     gemm = {k: 2048 ** 3 / v / 1e9 for k, v in peaks.items()}
     print("torch.mm 2048³: " + ", ".join(f"{k} {v:.0f} G MAC/s" for k, v in gemm.items()))
     if args.json:

@@ -12,11 +12,10 @@ processes disagree by more than the changes worth measuring (docs/kernel.md §5)
     python scripts/kernel_ab.py --a HEAD                       # the working tree against the last commit
     python scripts/kernel_ab.py --a HEAD~2 --b HEAD --flags=-mno-avx512f --rounds 9
 """
-import statistics
+import functools
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from bimacosr.cli import argument_parser  # noqa: E402
 from bimacosr.cpu import describe  # noqa: E402
 from bimacosr import kernels  # noqa: E402
 from bimacosr.deploy.rates import KINDS, kind, record_calls  # noqa: E402
+from bimacosr.timing import interleaved_medians  # noqa: E402
 
 FILES = ("binary.cpp", "popcount.h", "side.h", "vec.h")
 def sources(spec: str) -> dict[str, str]:
@@ -92,14 +92,9 @@ def main() -> None:
             out = {side: op(*arguments).float() for side, op in ops.items()}
             if not torch.equal(out["a"], out["b"]):
                 differ, worst = differ + 1, max(worst, (out["a"] - out["b"]).abs().max().item())
-            times = {side: [] for side in ops}
-            for r in range(args.rounds):
-                for side in ("a", "b") if r % 2 == 0 else ("b", "a"):
-                    start = time.perf_counter()
-                    ops[side](*arguments)
-                    times[side].append(time.perf_counter() - start)
+            secs = interleaved_medians({side: functools.partial(op, *arguments) for side, op in ops.items()}, args.rounds)
             for side in ops:
-                total[side][kind(call.shape)] += statistics.median(times[side]) * 1e3
+                total[side][kind(call.shape)] += secs[side] * 1e3
     print(describe())
     print(f"{len(calls)} calls of one {name} step, {args.size}² latent, {args.threads} threads, medians of "
           f"{args.rounds}; a = {args.a}, b = {args.b} {args.flags}")

@@ -1,7 +1,6 @@
 """scripts/benchmark.py's Real-ESRGAN row: the x4plus network runs as a pipeline, and the table
 says how many times slower each variant is than it."""
 import importlib.util
-import time
 
 import pytest
 import torch
@@ -112,5 +111,3 @@ def test_the_convolution_benchmark_times_the_autoencoders_own_shapes_on_every_ro
     assert rel_rms(out["fp32-fast"]) < 2e-5 and rel_rms(out["bf16"]) < 2e-2  # float32's, bf16's rounding
     from bimacosr.models.layers import nnpack_available
     assert torch.equal(out["fp32-fast"], out["fp32"]) != nnpack_available()  # NNPACK's result where it runs
-    secs = bench.interleaved({"a": lambda: time.sleep(0.002), "b": lambda: None}, rounds=3)
-    assert secs["a"] >= 0.002 > secs["b"]

@@ -11,8 +11,6 @@ with the layer's binary MACs, ``pixels x Cout x Cin x taps``, so their rates com
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from bimacosr import kernels
+from bimacosr.timing import interleaved_medians
 
 
 @dataclass
@@ -97,22 +96,13 @@ def step_parts(calls: list[Call], rounds: int = 5) -> dict[str, dict[str, float]
     summed by layer kind (:data:`KINDS`)."""
     gen = torch.Generator().manual_seed(0)
     total = {part: dict.fromkeys(KINDS, 0.0) for part in PARTS}
-    with torch.inference_mode():
-        for call in calls:
-            a, b = _probe_inputs(call.shape, gen)
-            jobs = {part: functools.partial(kernels.binary_conv_op, *without_side(call.args, lowrank, sparse))
-                    for part, (lowrank, sparse) in zip(PARTS, ((1, 1), (1, 0), (0, 1), (0, 0)))}
-            jobs["bound"] = functools.partial(torch.ops.bimacosr.xor_popcount, a, b)
-            times: dict[str, list[float]] = {part: [] for part in PARTS}
-            for job in jobs.values():  # warm-up
-                job()
-            for r in range(rounds):
-                for part in PARTS[r % len(PARTS):] + PARTS[:r % len(PARTS)]:
-                    start = time.perf_counter()
-                    jobs[part]()
-                    times[part].append(time.perf_counter() - start)
-            for part in PARTS:
-                total[part][kind(call.shape)] += statistics.median(times[part])
+    for call in calls:
+        a, b = _probe_inputs(call.shape, gen)
+        jobs = {part: functools.partial(kernels.binary_conv_op, *without_side(call.args, lowrank, sparse))
+                for part, (lowrank, sparse) in zip(PARTS, ((1, 1), (1, 0), (0, 1), (0, 0)))}
+        jobs["bound"] = functools.partial(torch.ops.bimacosr.xor_popcount, a, b)
+        for part, secs in interleaved_medians(jobs, rounds).items():
+            total[part][kind(call.shape)] += secs
     return total
 
 
@@ -130,22 +120,12 @@ def kernel_rates(calls: list[Call], reps: int = 5) -> list[dict]:
     alternating), both rates in G binary MAC/s, and ``ratio`` = kernel / bound time."""
     gen = torch.Generator().manual_seed(0)
     rows = []
-    with torch.inference_mode():
-        for call in calls:
-            shape = call.shape
-            a, b = _probe_inputs(shape, gen)
-            jobs = {"kernel": call.run,
-                    "bound": lambda: torch.ops.bimacosr.xor_popcount(a, b)}
-            times: dict[str, list[float]] = {k: [] for k in jobs}
-            for job in jobs.values():  # warm-up
-                job()
-            for r in range(reps):
-                for name in (("kernel", "bound") if r % 2 == 0 else ("bound", "kernel")):
-                    start = time.perf_counter()
-                    jobs[name]()
-                    times[name].append(time.perf_counter() - start)
-            kernel_s, bound_s = statistics.median(times["kernel"]), statistics.median(times["bound"])
-            rows.append({"layer": call.name, **shape, "kernel_s": kernel_s, "bound_s": bound_s,
-                         "kernel_gmacs": shape["macs"] / kernel_s / 1e9, "bound_gmacs": shape["macs"] / bound_s / 1e9,
-                         "ratio": kernel_s / bound_s})
+    for call in calls:
+        shape = call.shape
+        a, b = _probe_inputs(shape, gen)
+        secs = interleaved_medians({"kernel": call.run, "bound": functools.partial(torch.ops.bimacosr.xor_popcount, a, b)},
+                                   reps)
+        rows.append({"layer": call.name, **shape, "kernel_s": secs["kernel"], "bound_s": secs["bound"],
+                     "kernel_gmacs": shape["macs"] / secs["kernel"] / 1e9, "bound_gmacs": shape["macs"] / secs["bound"] / 1e9,
+                     "ratio": secs["kernel"] / secs["bound"]})
     return rows
