@@ -5,9 +5,9 @@
 ``avx512``: AVX-512 without bf16 (Intel Ice Lake / Cascade Lake): oneDNN held to AVX512_CORE_VNNI,
 the kernel built ``-mno-avx512bf16``, no native bf16. The timings are this machine's cores at that
 instruction set, not another CPU's; say so beside every figure (docs/speed.md, *Per CPU class*):
-the CPU line the benchmarks print first ends with the class held.
-Only this process sees the hidden flags; the instruction-set limits (environment variables) reach
-the processes it starts too (docs/tolerances.md).
+the CPU line the benchmarks print first ends with the class held. It is all environment
+(``bimacosr.cpu.CLASSES``, ``$BIMACOSR_CPU_CLASS``), so the processes the script starts (torchrun's
+workers, a test's subprocess, ``benchmark.py --memory``'s) run as that class too (docs/tolerances.md).
 
     python scripts/as_cpu.py avx2 scripts/benchmark.py --variants sinsr deploy realesrgan --sizes 64
     python scripts/as_cpu.py avx2 --module pytest -q -m "not slow"   # the suite as on that class
@@ -20,12 +20,7 @@ import runpy
 import sys
 
 from bimacosr.cli import argument_parser  # imports no torch: the environment below still applies
-
-CLASSES = {
-    "avx2": ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-             "-mno-avx512f", ("avx512", "amx")),
-    "avx512": ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}, "-mno-avx512bf16", ("avx512_bf16", "amx")),
-}
+from bimacosr.cpu import CLASS_ENV, CLASSES
 
 
 def main() -> None:
@@ -36,27 +31,8 @@ def main() -> None:
     p.add_argument("script", help="the script to run")
     p.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
     args = p.parse_args()
-    env, flag, hidden = CLASSES[args.cpu_class]
-    os.environ.update(env)  # before torch is imported: ATen reads its capability once, at load
-
-    from bimacosr import cpu, kernels
-
-    real_flags = cpu.cpu_flags
-
-    def flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> list[str]:
-        """This machine's flags without the class's hidden ones (other files, e.g. a test's, as they are)."""
-        return [f for f in real_flags(cpuinfo) if str(cpuinfo) != "/proc/cpuinfo" or not f.startswith(hidden)]
-
-    real_describe = cpu.describe
-
-    def describe(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
-        """This machine's CPU line, saying which class it is held to (the benchmarks print it first)."""
-        line = real_describe(cpuinfo)
-        return line + f"; held to {args.cpu_class} by scripts/as_cpu.py" if str(cpuinfo) == "/proc/cpuinfo" else line
-
-    cpu.cpu_flags = kernels.cpu_flags = flags  # the kernel's build tag, bf16 routes and precision auto
-    cpu.describe = describe
-    kernels.FLAGS.append(flag)
+    # before torch is imported: ATen reads its capability once, at load
+    os.environ.update({**CLASSES[args.cpu_class].env, CLASS_ENV: args.cpu_class})
     sys.argv = [args.script, *args.args]
     if args.module:
         sys.path.insert(0, os.getcwd())

@@ -14,6 +14,10 @@ print(torch.backends.cpu.get_cpu_capability(), build.resolve_precision("auto", t
       kernels.FLAGS[-1], any(f.startswith("avx512") for f in cpu.cpu_flags()), "avx512_bf16" in cpu.cpu_flags(),
       build.native_bf16("cpuinfo"))
 print(cpu.describe())
+import subprocess, sys
+print(subprocess.run([sys.executable, "-c", "from bimacosr import build, cpu, kernels; "
+                      "print(build.native_bf16(), cpu.held_class(), kernels.FLAGS[-1])"],
+                     capture_output=True, text=True, check=True).stdout.strip())
 """
 
 
@@ -24,7 +28,8 @@ print(cpu.describe())
 def test_a_script_runs_as_on_the_lesser_cpu_class(tmp_path, cls, as_module, want):
     """As a script, or as a module from the working directory (``--module pytest`` runs the suite).
     Only this machine's flags are hidden: a cpuinfo file of the suite's own reads as written. The
-    CPU line (what the benchmarks print first) says which class the machine is held to."""
+    CPU line (what the benchmarks print first) says which class the machine is held to, and a
+    process the script starts runs as that class too (the environment carries it)."""
     (tmp_path / "probe.py").write_text(PROBE)
     (tmp_path / "cpuinfo").write_text("flags\t: avx2 avx512f avx512_bf16\n")
     target = ["--module", "probe"] if as_module else [str(tmp_path / "probe.py")]
@@ -32,7 +37,8 @@ def test_a_script_runs_as_on_the_lesser_cpu_class(tmp_path, cls, as_module, want
                          capture_output=True, text=True, check=True, cwd=tmp_path).stdout.splitlines()
     first = out[0].split()
     assert len(first) == 6 and all(w is None or o == w for o, w in zip(first, want)), first
-    assert out[1].startswith("CPU: ") and out[1].endswith(f"; held to {cls} by scripts/as_cpu.py")  # what benchmarks print
+    assert out[1].startswith("CPU: ") and out[1].endswith(f"; held to {cls} by BIMACOSR_CPU_CLASS (scripts/as_cpu.py)")
+    assert out[2].split() == ["False", cls, want[2]]  # a process it starts runs as that class too
 
 
 def test_an_unknown_class_is_refused():

@@ -37,3 +37,32 @@ def test_ci_starts_with_the_cpu_line():
     readme = (REPO / "README.md").read_text()
     test_command = readme.split("```bash\n", 1)[1].split("\n", 1)[0]
     assert commands[-1] == test_command
+
+
+def test_a_held_class_hides_its_flags_from_this_machine_only_and_an_unknown_one_is_refused(monkeypatch, tmp_path):
+    """$BIMACOSR_CPU_CLASS (what scripts/as_cpu.py sets): /proc/cpuinfo reads without the class's
+    flags, another cpuinfo file as written, the CPU line says so; a name that is no class fails
+    with the names that are."""
+    import pytest
+
+    from bimacosr.cpu import CLASS_ENV, CLASSES, cpu_flags, held_class
+
+    monkeypatch.delenv(CLASS_ENV, raising=False)
+    real = cpu_flags()
+    (tmp_path / "intel").write_text(INTEL_AMX)
+    for name, cls in CLASSES.items():
+        monkeypatch.setenv(CLASS_ENV, name)
+        assert held_class() == name
+        held = cpu_flags()
+        assert held == [f for f in real if not f.startswith(cls.hidden)]
+        assert not any(f.startswith(("amx", "avx512_bf16")) for f in held) and ("avx2" in held) == ("avx2" in real)
+        assert "amx_int8" in cpu_flags(tmp_path / "intel")
+        assert describe().endswith(f"; held to {name} by {CLASS_ENV} (scripts/as_cpu.py)")
+        assert "held" not in describe(tmp_path / "intel")
+    monkeypatch.setenv(CLASS_ENV, "avx2")
+    assert not any(f.startswith("avx512") for f in cpu_flags())
+    monkeypatch.setenv(CLASS_ENV, "")
+    assert held_class() is None and cpu_flags() == real
+    monkeypatch.setenv(CLASS_ENV, "sse")
+    with pytest.raises(ValueError, match="BIMACOSR_CPU_CLASS='sse' is not a CPU class: one of avx2, avx512"):
+        cpu_flags()

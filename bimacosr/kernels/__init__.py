@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from bimacosr.atomic import atomic_write_text, file_digest
-from bimacosr.cpu import cpu_flags
+from bimacosr.cpu import CLASSES, cpu_flags, held_class
 
 __all__ = ["ATTENTION_ENV", "ENV", "LANES", "NORM_ENV", "available", "binary_conv", "binary_conv_op", "build_dir",
            "group_norm", "group_norm_applies", "op_arguments", "pack_lowrank", "pack_sparse", "pack_weight_bits",
@@ -52,6 +52,8 @@ GroupNorm (+ SiLU) where :func:`group_norm_applies`."""
 SOURCES = [Path(__file__).with_name(name) for name in ("binary.cpp", "bound.cpp", "attention.cpp", "norm.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("popcount.h", "side.h", "vec.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]  # -fopenmp: at::parallel_for is OpenMP in the headers
+if held_class():  # built for the lesser class this machine is held to (scripts/as_cpu.py)
+    FLAGS.append(CLASSES[held_class()].kernel_flag)
 
 _state: dict[str, object] = {}  # "ok": bool, "reason": str (why not), "folder", "passed_over", "line": the notice
 

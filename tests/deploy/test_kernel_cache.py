@@ -107,8 +107,8 @@ def built(tmp_path_factory) -> Path:
 
 
 def copy_build(built: Path, root: Path) -> Path:
-    """``built``'s cache copied to ``root``; its one build folder there (the fresh process's, named
-    from its own CPU flags: under ``scripts/as_cpu.py`` this process's differ)."""
+    """``built``'s cache copied to ``root``; its one build folder there (the one the fresh process
+    named and built)."""
     shutil.copytree(built, root, dirs_exist_ok=True)
     (folder,) = [p for p in root.iterdir() if p.is_dir()]
     return folder
