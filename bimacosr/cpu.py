@@ -6,7 +6,6 @@ the line CI starts with so that a result can be tied to the machine that produce
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass
 
 __all__ = ["CLASSES", "CLASS_ENV", "PATH_FLAGS", "CpuClass", "cpu_flags", "describe", "held_class", "native_bf16"]
