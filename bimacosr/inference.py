@@ -230,7 +230,8 @@ def plan(opts: InferenceOptions) -> Plan:
     precision = "fp32" if opts.fp32 else opts.precision
     name = build.resolve_precision(precision, device, cfg).name  # raises e.g. for fp16 without CUDA
     if name == "bf16" and (note := build.emulated_bf16_note(device)):
-        print(f"note: {note}; --precision auto picks fp32-fast here", flush=True)
+        print(f"note: {note}; --precision auto picks {build.resolve_precision('auto', device, cfg).name} here",
+              flush=True)
     return Plan(cfg, build.inference_files(cfg, ckpt, opts.deploy), device, sampler, precision)
 
 

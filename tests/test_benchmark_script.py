@@ -1,15 +1,20 @@
-"""scripts/benchmark.py's Real-ESRGAN row: the x4plus network runs as a pipeline, and the table
-says how many times slower each variant is than it."""
+"""The benchmark scripts (scripts/benchmark*.py): benchmark.py's Real-ESRGAN row, benchmark_unet.py's
+twins and CPU line, benchmark_conv.py's shapes and routes."""
 import importlib.util
+import json
+import sys
 
 import pytest
 import torch
 
+from bimacosr.cpu import describe
+from bimacosr.models.layers import nnpack_available
 from tests.conftest import REPO
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts/benchmark.py")
+def load_script(name: str):
+    """scripts/<name>.py as a module (not run)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / f"scripts/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -17,7 +22,7 @@ def load_benchmark():
 
 @pytest.mark.slow
 def test_realesrgan_runs_as_a_pipeline_and_the_table_compares_with_it():
-    bench = load_benchmark()
+    bench = load_script("benchmark")
     torch.manual_seed(0)
     esr = bench.RealESRGAN(torch.device("cpu"), autocast=None)
     assert sum(p.numel() for p in esr.denoiser.parameters()) == 16_697_987  # RRDBNet x4plus, 23 blocks
@@ -40,9 +45,7 @@ def test_unet_benchmark_twins_run_their_base_model_with_one_kernel_switched_off(
 
     from bimacosr import kernels
 
-    spec = importlib.util.spec_from_file_location("benchmark_unet", REPO / "scripts/benchmark_unet.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmark_unet")
     assert bench.twin_of("deploy_bf16_torch_norm") == ("deploy_bf16", kernels.NORM_ENV)
     assert bench.twin_of("fp_bf16_torch_attention") == ("fp_bf16", kernels.ATTENTION_ENV)
     assert bench.twin_of("deploy_bf16") == ("deploy_bf16", None)
@@ -77,14 +80,7 @@ def test_unet_benchmark_twins_run_their_base_model_with_one_kernel_switched_off(
 
 def test_the_benchmarks_name_the_cpu_first_and_in_their_json(monkeypatch, capsys, tmp_path):
     """Every figure a benchmark prints or writes carries the machine it came from (bimacosr.cpu.describe)."""
-    import json
-    import sys
-
-    from bimacosr.cpu import describe
-
-    spec = importlib.util.spec_from_file_location("benchmark_unet", REPO / "scripts/benchmark_unet.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmark_unet")
     monkeypatch.setattr(bench, "run", lambda *a: {"threads": 2, "variants": {}})
     monkeypatch.setattr(sys, "argv", ["benchmark_unet.py", "--variants", "fp32", "--json", str(tmp_path / "u.json")])
     bench.main()
@@ -95,9 +91,7 @@ def test_the_benchmarks_name_the_cpu_first_and_in_their_json(monkeypatch, capsys
 def test_the_convolution_benchmark_times_the_autoencoders_own_shapes_on_every_route():
     """scripts/benchmark_conv.py: the 3x3 convolutions of one encode + decode (40 of them, by shape),
     each route computing the same convolution (within its rounding), timed interleaved."""
-    spec = importlib.util.spec_from_file_location("benchmark_conv", REPO / "scripts/benchmark_conv.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmark_conv")
     shapes = bench.conv_shapes(16)
     assert sum(shapes.values()) == 40 and (512, 512, 4, 4) in shapes and (128, 128, 16, 16) in shapes
     assert {(cin, h) for cin, _, h, _ in shapes} >= {(128, 16), (256, 8), (512, 4), (512, 8), (256, 16)}  # Upsamples'
@@ -105,9 +99,9 @@ def test_the_convolution_benchmark_times_the_autoencoders_own_shapes_on_every_ro
     with torch.inference_mode():
         out = {r: job().float().contiguous() for r, job in jobs.items()}
     assert out["fp32"].shape == (1, 32, 12, 10) and out["fp32"].abs().max() > 0.1
+
     def rel_rms(a: torch.Tensor) -> float:
         return ((a.double() - out["fp32"].double()).square().mean() / out["fp32"].double().square().mean()).sqrt().item()
 
     assert rel_rms(out["fp32-fast"]) < 2e-5 and rel_rms(out["bf16"]) < 2e-2  # float32's, bf16's rounding
-    from bimacosr.models.layers import nnpack_available
     assert torch.equal(out["fp32-fast"], out["fp32"]) != nnpack_available()  # NNPACK's result where it runs

@@ -2,7 +2,9 @@
 import subprocess
 import sys
 
-from bimacosr.cpu import describe
+import pytest
+
+from bimacosr.cpu import CLASS_ENV, CLASSES, cpu_flags, describe, held_class
 from tests.conftest import REPO
 
 INTEL_AMX = """processor\t: 0
@@ -43,10 +45,6 @@ def test_a_held_class_hides_its_flags_from_this_machine_only_and_an_unknown_one_
     """$BIMACOSR_CPU_CLASS (what scripts/as_cpu.py sets): /proc/cpuinfo reads without the class's
     flags, another cpuinfo file as written, the CPU line says so; a name that is no class fails
     with the names that are."""
-    import pytest
-
-    from bimacosr.cpu import CLASS_ENV, CLASSES, cpu_flags, held_class
-
     monkeypatch.delenv(CLASS_ENV, raising=False)
     real = cpu_flags()
     (tmp_path / "intel").write_text(INTEL_AMX)
