@@ -34,6 +34,8 @@ from bimacosr.deploy.rates import KINDS, kind, record_calls  # noqa: E402
 from bimacosr.timing import interleaved_medians  # noqa: E402
 
 FILES = ("binary.cpp", "popcount.h", "side.h", "vec.h")
+
+
 def sources(spec: str) -> dict[str, str]:
     """The kernel's files from a folder, or from a git revision of this repository: those of
     ``FILES`` it has (revisions before 61fa625 have no ``side.h``)."""
