@@ -194,8 +194,9 @@ std::vector<uint8_t> blocks_with_zeros(const uint64_t* wmask, int64_t taps, int6
 // kRows pixels and block, 16 accumulators each over the taps (the pixels' rows through the
 // micro-kernel together, masked where one has zeros; a block with weight zeros per pixel through
 // tap_masked), then the epilogue and side branches. kWeightZeros: the layer has weight zeros
-// (compiled apart, so that the usual layer's loop has no masked branch).
-template <bool kWeightZeros, class T>
+// (compiled apart, so that the usual layer's loop has no masked branch); kRPReLU: the epilogue has
+// RPReLU (the convs; compiled apart, so that a linear's loop holds two epilogue vectors, not four).
+template <bool kWeightZeros, bool kRPReLU, class T>
 void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
   const int64_t taps = pr.k * pr.k, pixels = pr.batch * pr.ho * pr.wo;
   const int64_t blocks = (pr.cout + kLanes - 1) / kLanes, words = pr.words;
@@ -280,8 +281,8 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
         for (int h = 0; h < kHalves; ++h) {
           const int64_t o = o0 + kOut * h;
           alpha[h] = load_lanes<flanes>(ep.alpha.data() + o), shift[h] = load_lanes<flanes>(ep.shift.data() + o);
-          slope[h] = ep.rprelu ? load_lanes<flanes>(ep.slope.data() + o) : zero;
-          beta1[h] = ep.rprelu ? load_lanes<flanes>(ep.beta1.data() + o) : zero;
+          slope[h] = kRPReLU ? load_lanes<flanes>(ep.slope.data() + o) : zero;
+          beta1[h] = kRPReLU ? load_lanes<flanes>(ep.beta1.data() + o) : zero;
         }
         for (int64_t q0 = 0; q0 < n; q0 += kRows) {
           flanes acc[kRows][kHalves];  // the 16 outputs of each pixel (popcount.h)
@@ -318,7 +319,7 @@ void gemm(const Problem& pr, const Epilogue& ep, const Side<T>& side, T* out) {
             T* y = p.cout - o0 >= kLanes ? out + (m0 + q0 + r) * p.cout + o0 : tail[r];
             for (int h = 0; h < kHalves; ++h) {
               flanes v = acc[r][h] * alpha[h] + shift[h];
-              if (ep.rprelu)  // PReLU then beta1, branch-free: max(v, 0) + slope * min(v, 0)
+              if constexpr (kRPReLU)  // PReLU then beta1, branch-free: max(v, 0) + slope * min(v, 0)
                 v = (v > zero ? v : zero) + slope[h] * (v < zero ? v : zero) + beta1[h];
               if (sd.any()) v += load_lanes<flanes>(side_out + (q0 + r) * kLanes + kOut * h);
               store_lanes(y + kOut * h, v);
@@ -436,7 +437,8 @@ at::Tensor binary_conv(const at::Tensor& x, const at::Tensor& wbits, const at::T
         side.val_pairs = vals2.data();
       }
     }
-    (weight_zeros ? gemm<true, T> : gemm<false, T>)(problem, ep, side, yp);
+    (weight_zeros ? (rprelu ? gemm<true, true, T> : gemm<true, false, T>)
+                  : (rprelu ? gemm<false, true, T> : gemm<false, false, T>))(problem, ep, side, yp);
   };
   if (half)
     run(x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
