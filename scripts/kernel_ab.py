@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64, help="latent side (multiple of 64)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    print(describe(), flush=True)
     torch.set_num_threads(args.threads)
     name = "deploy_bf16" if native_bf16() else "deploy_fused"
     model, autocast = build_variants([name])[name]
@@ -97,7 +98,6 @@ def main() -> None:
             secs = interleaved_medians({side: functools.partial(op, *arguments) for side, op in ops.items()}, args.rounds)
             for side in ops:
                 total[side][kind(call.shape)] += secs[side] * 1e3
-    print(describe())
     print(f"{len(calls)} calls of one {name} step, {args.size}² latent, {args.threads} threads, medians of "
           f"{args.rounds}; a = {args.a}, b = {args.b} {args.flags}")
     print(f"outputs: {'identical' if not differ else f'{differ} call(s) differ, max |a - b| {worst:.3g}'}")

@@ -52,8 +52,8 @@ GroupNorm (+ SiLU) where :func:`group_norm_applies`."""
 SOURCES = [Path(__file__).with_name(name) for name in ("binary.cpp", "bound.cpp", "attention.cpp", "norm.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("popcount.h", "side.h", "vec.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]  # -fopenmp: at::parallel_for is OpenMP in the headers
-if held_class():  # built for the lesser class this machine is held to (scripts/as_cpu.py)
-    FLAGS.append(CLASSES[held_class()].kernel_flag)
+if (_held := held_class()):  # built for the lesser class this machine is held to (scripts/as_cpu.py)
+    FLAGS.append(CLASSES[_held].kernel_flag)
 
 _state: dict[str, object] = {}  # "ok": bool, "reason": str (why not), "folder", "passed_over", "line": the notice
 

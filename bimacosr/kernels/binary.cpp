@@ -133,9 +133,8 @@ E* scratch(std::vector<E>& v, int64_t n) {
   return v.data();
 }
 
-struct Epilogue {  // per output channel, padded to OB*16
+struct Epilogue {  // per output channel, padded to OB*16 (slope, beta1: zeros without RPReLU, gemm's kRPReLU)
   std::vector<float> alpha, shift, slope, beta1;
-  bool rprelu;
 };
 
 struct Problem {  // one call: the packed input, the weights and the output geometry
@@ -401,8 +400,7 @@ at::Tensor binary_conv(const at::Tensor& x, const at::Tensor& wbits, const at::T
   at::Tensor out = at::empty({batch, ho, wo, cout}, x.options());  // x's dtype
   auto u64 = [](const at::Tensor& t) { return reinterpret_cast<uint64_t*>(t.data_ptr<int64_t>()); };
   const int64_t lanes = blocks * kLanes;
-  const Epilogue ep{padded(alpha, lanes), padded(shift, lanes), padded(slope, lanes),
-                    padded(beta1, lanes), rprelu};
+  const Epilogue ep{padded(alpha, lanes), padded(shift, lanes), padded(slope, lanes), padded(beta1, lanes)};
   const std::vector<uint8_t> block_zeros =
       weight_zeros ? blocks_with_zeros(u64(wmask), k * k, blocks, words, c, cout) : std::vector<uint8_t>();
   const Problem problem{u64(xbits), u64(xmask), u64(wbits), weight_zeros ? u64(wmask) : nullptr, block_zeros.data(),
